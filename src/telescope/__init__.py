@@ -1,0 +1,15 @@
+"""telescope: see how a neural network learns through its tangent kernels.
+
+Public API (see README.md and DESIGN.md):
+
+- :func:`ntk` -- empirical neural tangent kernel of any ``torch.nn.Module``
+- :func:`lowrank_ntk` -- matrix-free low-rank factorization ``K ~= U diag(s) U^T``
+- :func:`infinite_ntk` -- infinite-width NNGP/NTK kernels of fully-connected nets
+- :func:`kernel_regression` -- gradient-flow (NTK-theory) predictions with a kernel
+- :mod:`telescope.kernels` -- kernel metrics (alignment, distance, spectrum, effective rank)
+"""
+
+from telescope.kernels import infinite_ntk, kernel_regression, lowrank_ntk, ntk
+
+__all__ = ["ntk", "lowrank_ntk", "infinite_ntk", "kernel_regression"]
+__version__ = "0.1.0"
