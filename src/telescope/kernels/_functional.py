@@ -44,6 +44,14 @@ def check_model(model: nn.Module) -> None:
                 f"{where} ({type(module).__name__}, p={module.p}) is in train mode: the network "
                 "is random, so its tangent kernel is undefined. Call model.eval() first."
             )
+        if isinstance(module, nn.Embedding) and (module.max_norm is not None
+                                                 or module.scale_grad_by_freq):
+            raise UnsupportedModelError(
+                f"{where} (Embedding) uses max_norm or scale_grad_by_freq: max_norm rewrites the "
+                "weight in place during forward and scale_grad_by_freq changes gradients to "
+                "something that is not the derivative of the function, so the tangent kernel is "
+                "not well defined. Construct the Embedding without these options."
+            )
     if not any(p.requires_grad for p in model.parameters()):
         raise UnsupportedModelError(
             "the model has no trainable parameters (requires_grad=True): its tangent kernel is 0"

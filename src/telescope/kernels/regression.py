@@ -1,0 +1,369 @@
+"""Kernel-regression predictions of gradient flow with a fixed kernel (the NTK-theory prediction).
+
+Convention
+----------
+Training points ``x_1..x_n`` with targets ``y_i`` (``[n]`` or ``[n, O]``), a fixed kernel ``K``
+(``[n, n]``, e.g. an empirical or infinite-width NTK), the initial function ``f_0`` and a
+linearized model ``f(x) = f_0(x) + <grad f_0(x), theta - theta_0>`` trained by gradient flow
+``d theta / dt = -lr * grad L`` on
+
+.. math::
+
+    L(\\theta) = \\frac{1}{2n} \\sum_{i=1}^n \\lVert f(x_i) - y_i \\rVert^2
+        + \\frac{\\lambda}{2n} \\lVert \\theta - \\theta_0 \\rVert^2 ,
+
+i.e. ``0.5 * mean_i ||f(x_i) - y_i||^2`` (mean over training points, sum over outputs) plus a
+ridge term ``lambda = ridge`` that is divided by ``n`` like the data term, so that the
+minimizer is the textbook kernel ridge regressor. Writing ``K`` for the train kernel and
+``r = y - f_0(X)`` for the initial residual, the function moves by
+
+.. math::
+
+    \\frac{d f_t(X)}{dt} = -\\frac{\\mathrm{lr}}{n}\\big[K (f_t(X) - y) + \\lambda (f_t(X) - f_0(X))
+    \\big],
+
+and the closed-form solution at time ``t`` (Jacot et al. 2018; Lee et al. 2019, eq. 9) is
+
+.. math::
+
+    f_t(x_*) = f_0(x_*) + K_* (K + \\lambda I)^{-1}
+        \\big(I - e^{-\\mathrm{lr}\\, t\\, (K + \\lambda I)/n}\\big)\\, r ,
+    \\qquad
+    f_t(X) = f_0(X) + K (K + \\lambda I)^{-1}
+        \\big(I - e^{-\\mathrm{lr}\\, t\\, (K + \\lambda I)/n}\\big)\\, r .
+
+At ``t = infinity`` this is kernel ridge regression ``f_0(x_*) + K_* (K + lambda I)^{-1} r``; with
+``ridge = 0`` the inverse is the pseudo-inverse on the range of ``K`` (gradient flow never moves
+the null space of ``K``), i.e. the minimum-RKHS-norm interpolant ``f_0(x_*) + K_* K^+ r``.
+Multi-output targets share the kernel: every output column evolves independently with the
+same ``K`` (the trace kernel of an ``[N, O]`` model is ``K ⊗ I_O`` under this assumption).
+Only the product ``lr * t`` matters: gradient descent with step ``lr`` for ``s`` steps is
+approximated by ``t = s`` (the time unit is one step of size ``lr``), or equivalently by
+``lr=1, t = s * lr``; gradient flow is the ``lr -> 0`` limit at fixed ``lr * t``.
+
+Numerics: one symmetric eigendecomposition ``K = V diag(s) V^T`` (in float64) serves every
+``t``; eigenvalues ``s_i <= rcond * max_j |s_j|`` are treated as exactly zero (the null space).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["KernelRegressor", "kernel_regression"]
+
+TimeLike = float | int | Sequence[float] | Tensor | None
+
+
+def _as_matrix(k: object, name: str) -> Tensor:
+    if not isinstance(k, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(k).__name__}")
+    if k.dim() != 2:
+        raise ValueError(f"{name} must be a 2-D matrix, got shape {tuple(k.shape)}")
+    if k.is_complex():
+        raise TypeError(f"{name} must be real, got dtype {k.dtype}")
+    if not bool(torch.isfinite(k).all()):
+        raise ValueError(f"{name} contains NaN or infinite values")
+    return k.detach()
+
+
+def _as_targets(y: object, name: str, rows: int, rows_name: str, outputs: int | None) -> Tensor:
+    """Validate ``[rows]`` or ``[rows, O]`` targets and return them as float64 ``[rows, O]``."""
+    if not isinstance(y, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(y).__name__}")
+    if y.dim() not in (1, 2):
+        raise ValueError(f"{name} must have shape [{rows_name}] or [{rows_name}, O], got "
+                         f"shape {tuple(y.shape)}")
+    if y.shape[0] != rows:
+        raise ValueError(f"{name} has {y.shape[0]} rows (shape {tuple(y.shape)}) but "
+                         f"{rows_name} = {rows}")
+    y2 = y.detach().reshape(rows, -1).to(torch.float64)
+    if outputs is not None and y2.shape[1] != outputs:
+        raise ValueError(f"{name} has {y2.shape[1]} output(s) (shape {tuple(y.shape)}) but "
+                         f"y_train has {outputs}")
+    if not bool(torch.isfinite(y2).all()):
+        raise ValueError(f"{name} contains NaN or infinite values")
+    return y2
+
+
+def _check_scalar(value: object, name: str, *, positive: bool) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value) or value < 0 or (positive and value == 0):
+        bound = "> 0" if positive else ">= 0"
+        raise ValueError(f"{name} must be finite and {bound}, got {value}")
+    return value
+
+
+def _as_times(t: TimeLike) -> tuple[Tensor, bool]:
+    """Times as float64 ``[T]`` (``inf`` = converged) and whether a single time was given."""
+    if t is None:
+        return torch.tensor([math.inf], dtype=torch.float64), True
+    if isinstance(t, bool):
+        raise TypeError("t must be a number, a 1-D sequence/tensor of numbers, or None")
+    if isinstance(t, numbers.Real):
+        times, single = torch.tensor([float(t)], dtype=torch.float64), True
+    else:
+        try:
+            times = torch.as_tensor(t).detach().to(device="cpu", dtype=torch.float64)
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise TypeError(
+                f"t must be a number, a 1-D sequence/tensor of numbers, or None, got {t!r}"
+            ) from err
+        if times.dim() > 1:
+            raise ValueError(f"t must be a scalar or 1-D, got shape {tuple(times.shape)}")
+        single = times.dim() == 0
+        times = times.reshape(-1)
+    if bool(torch.isnan(times).any()):
+        raise ValueError("t contains NaN")
+    if bool((times < 0).any()):
+        raise ValueError(f"t must be >= 0, got {times.tolist()}")
+    return times, single
+
+
+class KernelRegressor:
+    """Gradient-flow kernel regression with a cached eigendecomposition of the train kernel.
+
+    Solves the linear ODE of the module docstring once, in the eigenbasis of ``K``, so that
+    predictions at many times and test sets cost one ``[m, n] x [n, n]`` product plus
+    ``O(T m n O)``.
+
+    Parameters
+    ----------
+    k_train_train : Tensor
+        Train kernel ``K`` ``[n, n]`` (symmetrized as ``(K + K^T)/2``; should be PSD).
+    y_train : Tensor
+        Targets ``[n]`` or ``[n, O]``.
+    f0_train : Tensor, optional
+        Initial function on the training points, same shape as ``y_train`` (default 0).
+    lr : float
+        Learning rate (``> 0``); time is measured in units of steps of size ``lr``.
+    ridge : float
+        Ridge ``lambda >= 0`` of the module docstring (converges to ``K_*(K + lambda I)^{-1} r``).
+    rcond : float, optional
+        Relative cutoff below which eigenvalues of ``K`` count as zero (default
+        ``n * eps(dtype of K)``).
+    """
+
+    def __init__(
+        self,
+        k_train_train: Tensor,
+        y_train: Tensor,
+        *,
+        f0_train: Tensor | None = None,
+        lr: float = 1.0,
+        ridge: float = 0.0,
+        rcond: float | None = None,
+    ) -> None:
+        k = _as_matrix(k_train_train, "k_train_train")
+        n = k.shape[0]
+        if k.shape[1] != n:
+            raise ValueError(f"k_train_train must be square [n, n], got shape {tuple(k.shape)}")
+        if n == 0:
+            raise ValueError("k_train_train is empty: need at least one training point")
+        self.n = n
+        self.lr = _check_scalar(lr, "lr", positive=True)
+        self.ridge = _check_scalar(ridge, "ridge", positive=False)
+        y = _as_targets(y_train, "y_train", n, "n", None)
+        self.vector_output = y_train.dim() == 1
+        self.outputs = y.shape[1]
+        r = y
+        if f0_train is not None:
+            if not isinstance(f0_train, Tensor):
+                raise TypeError(f"f0_train must be a torch.Tensor, got {type(f0_train).__name__}")
+            if f0_train.shape != y_train.shape:
+                raise ValueError(f"f0_train must have the shape of y_train {tuple(y_train.shape)}"
+                                 f", got {tuple(f0_train.shape)}")
+            f0 = _as_targets(f0_train, "f0_train", n, "n", self.outputs)
+            r = y - f0
+        else:
+            f0 = torch.zeros_like(y)
+        self.f0_train = f0
+        self.device = k.device
+        dtypes = [d for d in (k.dtype, y_train.dtype) if d.is_floating_point]
+        self.dtype = torch.promote_types(*dtypes) if len(dtypes) == 2 else (
+            dtypes[0] if dtypes else torch.get_default_dtype()
+        )
+
+        k64 = k.to(torch.float64)
+        k64 = 0.5 * (k64 + k64.T)
+        evals, evecs = torch.linalg.eigh(k64)
+        scale = float(evals.abs().max())
+        if rcond is None:
+            rcond = n * torch.finfo(k.dtype if k.dtype.is_floating_point else torch.float64).eps
+        tol = float(rcond) * scale
+        if scale > 0 and float(evals.min()) < -max(tol, 1e-6 * scale):
+            warnings.warn(
+                f"k_train_train is not positive semi-definite (smallest eigenvalue "
+                f"{float(evals.min()):.3g}, largest {scale:.3g}); negative eigenvalues are "
+                "treated as zero",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        self.eigenvalues = torch.where(evals > tol, evals, torch.zeros_like(evals))
+        self.eigenvectors = evecs
+        self.residual_eig = evecs.T @ r.to(k.device)  # V^T r, [n, O]
+
+    def _gains(self, times: Tensor) -> Tensor:
+        """``g(s) = (1 - exp(-lr t (s + lambda)/n)) / (s + lambda)`` per time and eigenvalue,
+        ``[T, n]``; zero where ``s + lambda = 0`` (the null space does not move)."""
+        s = self.eigenvalues + self.ridge
+        active = s > 0
+        safe = torch.where(active, s, torch.ones_like(s))
+        times = times.to(s.device).unsqueeze(1)
+        finite = torch.isfinite(times)
+        rate = -torch.expm1(-self.lr * torch.where(finite, times, 0.0) * safe / self.n)
+        rate = torch.where(finite, rate, torch.ones_like(rate))
+        return torch.where(active, rate / safe, torch.zeros_like(rate))
+
+    def coefficients(self, t: TimeLike = None) -> Tensor:
+        """Dual coefficients ``alpha_t = (K + lambda I)^{-1}(I - e^{-lr t (K + lambda I)/n}) r``,
+        ``[n, O]`` (or ``[T, n, O]`` for several times), float64; ``f_t = f_0 + K alpha_t``."""
+        times, single = _as_times(t)
+        gains = self._gains(times)  # [T, n]
+        alpha = torch.einsum("ij,tj,jo->tio", self.eigenvectors, gains, self.residual_eig)
+        return alpha[0] if single else alpha
+
+    def _finish(self, out: Tensor, single: bool) -> Tensor:
+        """``[T, m, O]`` float64 -> the caller's shape and dtype."""
+        if self.vector_output:
+            out = out.squeeze(-1)
+        if single:
+            out = out[0]
+        return out.to(self.dtype)
+
+    def predict(
+        self, k_test_train: Tensor, t: TimeLike = None, *, f0_test: Tensor | None = None
+    ) -> Tensor:
+        """Test predictions ``f_t(x_*)`` at time(s) ``t``.
+
+        Parameters
+        ----------
+        k_test_train : Tensor
+            Kernel between test and training points ``K_*`` ``[m, n]``.
+        t : float, sequence of floats, 1-D tensor, or None
+            Time(s) ``>= 0``; ``None`` or ``inf`` means converged.
+        f0_test : Tensor, optional
+            Initial function on the test points, ``[m]`` or ``[m, O]`` matching ``y_train``.
+
+        Returns
+        -------
+        Tensor
+            ``[m]`` / ``[m, O]`` for a single time, ``[T, m]`` / ``[T, m, O]`` for a sequence.
+        """
+        ks = _as_matrix(k_test_train, "k_test_train")
+        if ks.shape[1] != self.n:
+            raise ValueError(
+                f"k_test_train must be [m, n] with n = {self.n} training points (the size of "
+                f"k_train_train), got shape {tuple(ks.shape)}"
+            )
+        m = ks.shape[0]
+        times, single = _as_times(t)
+        proj = ks.to(device=self.device, dtype=torch.float64) @ self.eigenvectors  # [m, n]
+        gains = self._gains(times)
+        out = torch.einsum("mj,tj,jo->tmo", proj, gains, self.residual_eig)
+        if f0_test is not None:
+            if not isinstance(f0_test, Tensor):
+                raise TypeError(f"f0_test must be a torch.Tensor, got {type(f0_test).__name__}")
+            if f0_test.dim() != (1 if self.vector_output else 2):
+                raise ValueError(
+                    f"f0_test must have shape [m]{'' if self.vector_output else ', O'} like "
+                    f"y_train (shape [n{'' if self.vector_output else ', O'}]), got shape "
+                    f"{tuple(f0_test.shape)}"
+                )
+            f0 = _as_targets(f0_test, "f0_test", m, "m (rows of k_test_train)", self.outputs)
+            out = out + f0.to(self.device)
+        return self._finish(out, single)
+
+    def predict_train(self, t: TimeLike = None) -> Tensor:
+        """Training-set predictions ``f_t(X) = f_0(X) + K alpha_t``, shaped like ``predict``."""
+        times, single = _as_times(t)
+        gains = self._gains(times) * self.eigenvalues
+        out = torch.einsum("ij,tj,jo->tio", self.eigenvectors, gains, self.residual_eig)
+        out = out + self.f0_train.to(self.device)
+        return self._finish(out, single)
+
+
+def kernel_regression(
+    k_train_train: Tensor,
+    k_test_train: Tensor,
+    y_train: Tensor,
+    *,
+    f0_train: Tensor | None = None,
+    f0_test: Tensor | None = None,
+    t: TimeLike = None,
+    lr: float = 1.0,
+    ridge: float = 0.0,
+    return_train: bool = False,
+    rcond: float | None = None,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Predictions of gradient flow with a fixed kernel on ``0.5 * mean ||f - y||^2`` (+ ridge).
+
+    .. math::
+
+        f_t(x_*) = f_0(x_*) + K_* (K + \\lambda I)^{-1}
+            \\big(I - e^{-\\mathrm{lr}\\, t\\, (K + \\lambda I)/n}\\big) (y - f_0(X)),
+
+    the solution of ``df/dt = -(lr/n)[K (f - y) + lambda (f - f_0)]`` on the training set, i.e.
+    gradient flow of a linearized model on ``(1/2n) sum_i ||f(x_i) - y_i||^2 +
+    (lambda/2n) ||theta - theta_0||^2`` (Jacot et al. 2018; Lee et al. 2019). At ``t=None``
+    (converged) this is ``f_0(x_*) + K_* (K + lambda I)^{-1} (y - f_0(X))``, kernel ridge
+    regression; with ``ridge=0`` the inverse is the pseudo-inverse on the range of ``K``
+    (minimum-norm interpolant). See the module docstring for the full convention.
+
+    Parameters
+    ----------
+    k_train_train : Tensor
+        ``K`` ``[n, n]`` between training points.
+    k_test_train : Tensor
+        ``K_*`` ``[m, n]`` between test and training points.
+    y_train : Tensor
+        Targets ``[n]`` or ``[n, O]``; every output column uses the same kernel.
+    f0_train, f0_test : Tensor, optional
+        Initial network outputs on train ``[n(, O)]`` and test ``[m(, O)]`` (default 0).
+    t : float, sequence, 1-D tensor, or None
+        Training time(s) ``>= 0`` in units of steps of size ``lr`` (``None``/``inf``:
+        converged). A sequence gives a leading time axis.
+    lr : float
+        Learning rate ``> 0``.
+    ridge : float
+        ``lambda >= 0``.
+    return_train : bool
+        Also return the training-set predictions ``f_t(X)``.
+    rcond : float, optional
+        Relative eigenvalue cutoff of ``K`` (default ``n * eps``), see :class:`KernelRegressor`.
+
+    Returns
+    -------
+    Tensor or (Tensor, Tensor)
+        Test predictions ``[m(, O)]``, or ``[T, m(, O)]`` for several times; with
+        ``return_train=True`` the pair ``(test, train)``. Float dtype of the inputs.
+
+    Raises
+    ------
+    ValueError
+        Mismatched shapes (the message names the dimensions), NaN/inf values, negative ``t`` or
+        ``ridge``, non-positive ``lr``.
+    """
+    if isinstance(k_test_train, Tensor) and isinstance(k_train_train, Tensor):
+        if k_test_train.dim() == 2 and k_train_train.dim() == 2 and (
+            k_test_train.shape[1] != k_train_train.shape[0]
+        ):
+            raise ValueError(
+                f"k_test_train has {k_test_train.shape[1]} columns but k_train_train has "
+                f"{k_train_train.shape[0]} rows: both must index the same n training points "
+                f"(shapes {tuple(k_test_train.shape)} and {tuple(k_train_train.shape)})"
+            )
+    reg = KernelRegressor(
+        k_train_train, y_train, f0_train=f0_train, lr=lr, ridge=ridge, rcond=rcond
+    )
+    test = reg.predict(k_test_train, t, f0_test=f0_test)
+    if return_train:
+        return test, reg.predict_train(t)
+    return test

@@ -1,0 +1,500 @@
+"""Structured (per-layer factorized) empirical NTK.
+
+The NTK is a sum over parameters, so it splits into one kernel per layer. For a layer that maps
+its input ``a`` to ``y = W a + b`` at every token ``s`` (a linear layer on ``[N, S, in]``, a
+convolution on unfolded patches), the gradient of output ``o`` with respect to ``W`` is
+``sum_s delta_{o,s} a_s^T`` where ``delta_{o,s} = d f_o / d y_s``. Hence
+
+    Theta_W(x, x')[o, o'] = sum_{s, s'} <a_s, a'_{s'}> <delta_{o,s}, delta'_{o',s'}>
+
+and the bias adds the same sum with ``<a_s, a'_s'>`` replaced by 1 (we append a constant 1 to
+``a``). An embedding is a linear layer on one-hot inputs, so ``<a_s, a'_s'>`` becomes the
+indicator ``[idx_s == idx'_{s'}]``. LayerNorm's affine parameters give per-example gradients
+``sum_s delta_s * xhat_s`` and ``sum_s delta_s`` directly.
+
+Activations ``a`` are captured with forward hooks and all ``delta`` come from one batched
+reverse-mode pass per output (``vmap`` over the output basis of a single ``vjp``): a zero tensor is
+added to each layer's output and differentiated. Per block of examples and per layer the code picks
+the cheaper of two contractions:
+
+- *token Gram*: ``sum_{s,s'} <a_s, a'_s'> <delta_s, delta'_s'>`` -- cost ``(B S)^2 (in + m out)``;
+- *per-example gradients*: ``G = sum_s delta_s a_s^T`` then ``<G, G'>`` -- cost ``B^2 m out in``,
+
+with ``m = O`` (trace, diagonal) or ``O^2`` (full). Tokens whose ``delta`` is identically zero (for
+instance every token but the last after the last block of a last-token readout) are dropped first.
+
+Modules without a rule (and parameters shared between modules) fall back to per-example Jacobians
+of their own parameters only. Before use every rule is checked once against autograd on two
+examples with a random cotangent; a rule whose reconstruction of the gradient disagrees (weights
+used outside their module's ``forward``, e.g. tied embeddings) is replaced by the fallback, with a
+warning, so the kernel is never silently wrong.
+
+Reference: Novak, Sohl-Dickstein & Schoenholz (2022), "Fast Finite Width Neural Tangent Kernel"
+(structured derivatives).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call, vjp, vmap
+
+from telescope.kernels._functional import (
+    batched_fn,
+    flatten_output,
+    frozen_state,
+    model_dtype_device,
+    single_fn,
+    trainable_params,
+)
+from telescope.kernels.empirical import blocked_kernel, contract, per_example_jacobian
+
+# --------------------------------------------------------------------------------------------
+# Factors: what a rule extracts from one block of examples
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TokenFactor:
+    """``Theta[o,o'] = sum_{s,s'} k(s, s') <d[o,:,s], d'[o',:,s']>`` for a linear-like layer.
+
+    ``a [B, S, q]`` gives ``k = <a_s, a'_s'>`` (dense); ``idx [B, S]`` gives
+    ``k = [idx_s == idx'_s']`` (gather, ``q`` = vocabulary size). ``d`` is ``[O, B, S, p]``.
+    ``to_params`` maps per-example gradients ``G [O, B, p, q]`` to the layer's parameters.
+    """
+
+    d: Tensor
+    a: Tensor | None
+    idx: Tensor | None
+    q: int
+    to_params: Callable[[Tensor], dict[str, Tensor]]
+
+    def select(self, rows: slice) -> TokenFactor:
+        return TokenFactor(self.d[:, rows], None if self.a is None else self.a[rows],
+                           None if self.idx is None else self.idx[rows], self.q, self.to_params)
+
+    def prune_tokens(self) -> TokenFactor:
+        """Drop tokens whose delta is zero for every output, example and unit."""
+        if self.d.shape[2] <= 1:
+            return self
+        keep = self.d.abs().amax(dim=(0, 1, 3)) > 0
+        if bool(keep.all()):
+            return self
+        if not bool(keep.any()):
+            keep[0] = True
+        return TokenFactor(self.d[:, :, keep], None if self.a is None else self.a[:, keep],
+                           None if self.idx is None else self.idx[:, keep], self.q,
+                           self.to_params)
+
+    def grads(self) -> Tensor:
+        """Per-example gradients ``G [O, B, p, q]`` (``sum_s d_s a_s^T``)."""
+        if self.a is not None:
+            return torch.einsum("obsp,bsq->obpq", self.d, self.a)
+        o, b, s, p = self.d.shape
+        g = self.d.new_zeros(o, b, self.q, p)
+        index = self.idx.unsqueeze(0).unsqueeze(-1).expand(o, b, s, p)
+        valid = (self.idx >= 0).unsqueeze(0).unsqueeze(-1)
+        g.scatter_add_(2, index.clamp(min=0), self.d * valid)
+        return g.transpose(2, 3)
+
+
+@dataclass
+class GradFactor:
+    """Per-example gradients ``g [B, O, P]`` of some parameters (LayerNorm affine, fallback)."""
+
+    g: Tensor
+    to_params: Callable[[Tensor], dict[str, Tensor]]
+
+    def select(self, rows: slice) -> GradFactor:
+        return GradFactor(self.g[rows], self.to_params)
+
+
+# --------------------------------------------------------------------------------------------
+# Rules: module -> factor, from the captured inputs and output deltas of every call
+# --------------------------------------------------------------------------------------------
+
+
+def _dense_factor(prefix: str, a: Tensor, d: Tensor, weight: Tensor, bias: Tensor | None,
+                  weight_scale: float = 1.0, bias_scale: float = 1.0) -> TokenFactor:
+    """Factor of ``y_s = weight_scale * W a_s + bias_scale * b`` with ``W`` viewed as ``[p, q]``.
+
+    ``a`` is ``[B, S, q]`` and ``d`` is ``[O, B, S, p]``; a constant column ``bias_scale`` is
+    appended to ``a`` for the bias, so the bias gradient is the last column of ``sum_s d_s a_s^T``.
+    """
+    has_w = weight.requires_grad
+    has_b = bias is not None and bias.requires_grad
+    n_in = a.shape[-1]
+    cols = [a * weight_scale] if has_w else []
+    if has_b:
+        cols.append(torch.full_like(a[..., :1], bias_scale))
+    a_aug = torch.cat(cols, dim=-1)
+    w_shape = tuple(weight.shape)
+
+    def to_params(g: Tensor) -> dict[str, Tensor]:
+        o, b = g.shape[:2]
+        out = {}
+        if has_w:
+            out[f"{prefix}weight"] = g[..., :n_in].reshape(o, b, *w_shape)
+        if has_b:
+            out[f"{prefix}bias"] = g[..., -1]
+        return out
+
+    return TokenFactor(d, a_aug, None, a_aug.shape[-1], to_params)
+
+
+def _tokens(ts: list[Tensor], width: int, lead: int = 1) -> Tensor:
+    """Concatenate the calls' tensors as ``[..., tokens, width]`` (``lead`` leading dims kept)."""
+    return torch.cat([t.reshape(*t.shape[:lead], -1, width) for t in ts], dim=lead)
+
+
+def _linear_rule(module: nn.Module, prefix: str, inputs: list[Tensor],
+                 deltas: list[Tensor]) -> list:
+    w = module.weight
+    a, d = _tokens(inputs, w.shape[1]), _tokens(deltas, w.shape[0], lead=2)
+    if isinstance(module, nn.Linear):
+        return [_dense_factor(prefix, a, d, w, module.bias)]
+    # NTKLinear: y = (weight_std / sqrt(n_in)) W a + bias_std b
+    return [_dense_factor(prefix, a, d, w, module.bias, module.weight_scale, module.bias_std)]
+
+
+def _embedding_rule(module: nn.Embedding, prefix: str, inputs, deltas) -> list:
+    idx = torch.cat([x.reshape(x.shape[0], -1) for x in inputs], dim=1).long()
+    if module.padding_idx is not None:  # the padding row receives no gradient
+        idx = idx.masked_fill(idx == module.padding_idx, -1)
+    d = _tokens(deltas, module.embedding_dim, lead=2)
+    name = f"{prefix}weight"
+    return [TokenFactor(d, None, idx, module.num_embeddings,
+                        lambda g: {name: g.transpose(2, 3)})]
+
+
+def _conv_rule(module: nn.Module, prefix: str, inputs, deltas) -> list:
+    """A convolution is a linear layer on its input patches (tokens = output positions)."""
+    two_d = isinstance(module, nn.Conv2d)
+    pads = module._reversed_padding_repeated_twice
+    mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+    patches = []
+    for x in inputs:
+        x = F.pad(x, pads, mode=mode) if any(pads) else x
+        if two_d:
+            ks, dil, st = module.kernel_size, module.dilation, module.stride
+        else:
+            x = x.unsqueeze(2)
+            ks, dil, st = (1, *module.kernel_size), (1, *module.dilation), (1, *module.stride)
+        patches.append(F.unfold(x, ks, dilation=dil, stride=st).transpose(1, 2))  # [B, L, C*k]
+    c_out = module.out_channels
+    d = torch.cat([dl.reshape(*dl.shape[:2], c_out, -1).transpose(2, 3) for dl in deltas], dim=2)
+    return [_dense_factor(prefix, torch.cat(patches, dim=1), d, module.weight, module.bias)]
+
+
+def _norm_rule(module: nn.Module, prefix: str, inputs, deltas) -> list:
+    shape = tuple(module.normalized_shape)
+    k = len(shape)
+    if isinstance(module, nn.LayerNorm):
+        xhat = [F.layer_norm(x, shape, None, None, module.eps) for x in inputs]
+    else:
+        xhat = [F.rms_norm(x, shape, None, module.eps) for x in inputs]
+    grads, names = [], []
+    w, b = module.weight, getattr(module, "bias", None)
+    # sum over every leading (token) dimension: [O, B, *shape]
+    def tok_sum(t: Tensor) -> Tensor:
+        return t.reshape(t.shape[0], t.shape[1], -1, *shape).sum(2)
+
+    if w is not None and w.requires_grad:
+        gw = sum(tok_sum(dl * xh.unsqueeze(0)) for dl, xh in zip(deltas, xhat, strict=True))
+        grads.append(gw.flatten(2))
+        names.append(f"{prefix}weight")
+    if b is not None and b.requires_grad:
+        grads.append(sum(tok_sum(dl) for dl in deltas).flatten(2))
+        names.append(f"{prefix}bias")
+    g = torch.cat(grads, dim=2).transpose(0, 1)  # [B, O, P]
+    numel = [int(torch.Size(shape).numel())] * len(names)
+    del k
+
+    def to_params(gr: Tensor) -> dict[str, Tensor]:
+        return {n: c.reshape(*c.shape[:2], *shape)
+                for n, c in zip(names, gr.split(numel, dim=2), strict=True)}
+
+    return [GradFactor(g, to_params)]
+
+
+def _rules() -> dict[type, Callable]:
+    from telescope.models.mlp import NTKLinear
+
+    rules = {nn.Linear: _linear_rule, NTKLinear: _linear_rule, nn.Embedding: _embedding_rule,
+             nn.Conv1d: _conv_rule, nn.Conv2d: _conv_rule, nn.LayerNorm: _norm_rule}
+    if hasattr(nn, "RMSNorm"):
+        rules[nn.RMSNorm] = _norm_rule
+    return rules
+
+
+def _has_rule(module: nn.Module, rules: dict) -> bool:
+    rule_type = type(module)
+    if rule_type not in rules:
+        return False
+    if isinstance(module, nn.Conv1d | nn.Conv2d) and module.groups != 1:
+        return False
+    if isinstance(module, nn.RMSNorm if hasattr(nn, "RMSNorm") else nn.LayerNorm) and \
+            not isinstance(module, nn.LayerNorm) and module.eps is None:
+        return False
+    # parametrized modules (torch.nn.utils.parametrize) compute their weight on the fly
+    return not hasattr(module, "parametrizations")
+
+
+# --------------------------------------------------------------------------------------------
+# The structured engine
+# --------------------------------------------------------------------------------------------
+
+
+class _Engine:
+    def __init__(self, model: nn.Module, x_probe: Tensor, excluded: set[str] = frozenset()):
+        self.model = model
+        self.dtype, _ = model_dtype_device(model)
+        self.rules = _rules()
+        self.params = trainable_params(model)
+        self.frozen = frozen_state(model)
+        owners: dict[int, list[str]] = {}
+        for mname, module in model.named_modules(remove_duplicate=False):
+            for pname, p in module._parameters.items():
+                if p is not None:
+                    owners.setdefault(id(p), []).append(f"{mname}.{pname}" if mname else pname)
+        shared = {i for i, names in owners.items() if len(names) > 1}
+        self.modules: list[tuple[str, nn.Module]] = []
+        covered: set[str] = set()
+        for mname, module in model.named_modules():
+            own = [(n, p) for n, p in module._parameters.items() if p is not None]
+            if not own or mname in excluded or not _has_rule(module, self.rules):
+                continue
+            if any(id(p) in shared for _, p in own) or not any(p.requires_grad for _, p in own):
+                continue
+            prefix = f"{mname}." if mname else ""
+            self.modules.append((mname, module))
+            covered.update(prefix + n for n, p in own if p.requires_grad)
+        self.fallback = [n for n in self.params if n not in covered]
+        self._discover(x_probe)
+
+    def _discover(self, x: Tensor) -> None:
+        """One forward pass to find each rule module's call count and output shapes."""
+        shapes: dict[str, list[torch.Size]] = {m: [] for m, _ in self.modules}
+        bad: set[str] = set()
+        handles = []
+        for mname, module in self.modules:
+            def hook(mod, args, out, mname=mname):
+                if not args or not isinstance(out, Tensor) or out.shape[:1] != x.shape[:1]:
+                    bad.add(mname)
+                else:
+                    shapes[mname].append(out.shape[1:])
+            handles.append(module.register_forward_hook(hook))
+        try:
+            with torch.no_grad():
+                batched_fn(self.model, self.frozen)(self.params, x)
+        finally:
+            for h in handles:
+                h.remove()
+        # no batch dimension, keyword-only call, or never called: use the fallback instead
+        drop = bad | {m for m, s in shapes.items() if not s}
+        for mname, module in self.modules:
+            if mname in drop:
+                prefix = f"{mname}." if mname else ""
+                self.fallback += [prefix + n for n, p in module._parameters.items()
+                                  if p is not None and p.requires_grad]
+        self.modules = [(m, mod) for m, mod in self.modules if m not in drop]
+        self.shapes = {m: shapes[m] for m, _ in self.modules}
+
+    # ---- factors for one block ---------------------------------------------------------------
+
+    def factors(self, x: Tensor, n_out: int, out_chunk: int | None = None) -> list:
+        b = x.shape[0]
+        zs = {m: [torch.zeros(b, *s, dtype=self.dtype, device=x.device) for s in shp]
+              for m, shp in self.shapes.items()}
+        modules = dict(self.modules)
+        params, frozen, model = self.params, self.frozen, self.model
+
+        def f(zs):
+            captured: dict[str, list[Tensor]] = {m: [] for m in zs}
+            handles = []
+            for mname, z_list in zs.items():
+                def hook(mod, args, out, mname=mname, z_list=z_list):
+                    k = len(captured[mname])
+                    captured[mname].append(args[0])
+                    return out + z_list[k]
+                handles.append(modules[mname].register_forward_hook(hook))
+            try:
+                out = functional_call(model, {**frozen, **params}, (x,), strict=False)
+            finally:
+                for h in handles:
+                    h.remove()
+            return flatten_output(out, b), captured
+
+        factors: list = []
+        if self.modules:
+            _, vjp_fn, captured = vjp(f, zs, has_aux=True)
+            basis = torch.eye(n_out, dtype=self.dtype, device=x.device)
+            basis = basis.unsqueeze(1).expand(n_out, b, n_out)
+            (deltas,) = vmap(vjp_fn, chunk_size=out_chunk)(basis)
+            for mname, module in self.modules:
+                prefix = f"{mname}." if mname else ""
+                rule = self.rules[type(module)]
+                factors += rule(module, prefix, captured[mname], deltas[mname])
+        if self.fallback:
+            fb = {n: self.params[n] for n in self.fallback}
+            rest = {n: p for n, p in self.params.items() if n not in fb}
+            f_single = single_fn(self.model, {**self.frozen, **rest})
+            g = per_example_jacobian(f_single, fb, x)
+            sizes = [fb[n].numel() for n in self.fallback]
+            names, shapes = list(self.fallback), [fb[n].shape for n in self.fallback]
+
+            def to_params(gr, names=names, shapes=shapes, sizes=sizes):
+                return {n: c.reshape(*c.shape[:2], *s)
+                        for n, c, s in zip(names, gr.split(sizes, dim=2), shapes, strict=True)}
+
+            factors.append(GradFactor(g, to_params))
+        return factors
+
+    # ---- checking the rules against autograd -------------------------------------------------
+
+    def verify(self, x: Tensor, n_out: int) -> set[str]:
+        """Names of rule modules whose gradients disagree with autograd on ``x`` (2 examples)."""
+        x = x[:2]
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        c = torch.randn(x.shape[0], n_out, generator=gen, dtype=self.dtype).to(x.device)
+        f = batched_fn(self.model, self.frozen)
+        _, pull = vjp(lambda p: f(p, x), self.params)
+        (true,) = pull(c)
+        recon: dict[str, Tensor] = {}
+        saved_fallback, self.fallback = self.fallback, []
+        try:
+            factors = self.factors(x, n_out)
+        finally:
+            self.fallback = saved_fallback
+        cw = c.T  # [O, B]
+        for fac in factors:
+            if isinstance(fac, TokenFactor):
+                per = fac.to_params(fac.grads())  # [O, B, *shape]
+            else:
+                per = fac.to_params(fac.g.transpose(0, 1))
+            for n, g in per.items():
+                recon[n] = torch.einsum("ob,ob...->...", cw, g)
+        tol = 1e-3 if self.dtype in (torch.float32, torch.float16, torch.bfloat16) else 1e-8
+        # compared per module (weight and bias together): a parameter whose exact gradient is 0
+        # (e.g. an attention key bias) only carries round-off, judged against its module's scale
+        total = sum(float(g.norm()) ** 2 for g in true.values()) ** 0.5
+        bad: set[str] = set()
+        for mname, module in self.modules:
+            prefix = f"{mname}." if mname else ""
+            names = [prefix + p for p, t in module._parameters.items()
+                     if t is not None and prefix + p in recon]
+            if not names:
+                continue
+            err = sum(float((recon[n] - true[n]).norm()) ** 2 for n in names) ** 0.5
+            scale = sum(float(true[n].norm()) ** 2 for n in names) ** 0.5
+            if err > tol * scale + tol * 1e-3 * total + 1e-30:
+                bad.add(mname)
+        return bad
+
+
+def _block_kernel_fn(engine: _Engine, n_out: int, output: str):
+    def kernel(xa, xb, cache_a, cache_b):
+        fa = cache_a if cache_a is not None else engine.factors(xa, n_out)
+        fb = cache_b if cache_b is not None else engine.factors(xb, n_out)
+        total = None
+        for f1, f2 in zip(fa, fb, strict=True):
+            k = _factor_kernel(f1, f2, output)
+            total = k if total is None else total + k
+        return total, fa, fb
+
+    return kernel
+
+
+def _factor_kernel(f1, f2, output: str) -> Tensor:
+    if isinstance(f1, GradFactor):
+        return contract(f1.g, f2.g, output)
+    f1, f2 = f1.prune_tokens(), f2.prune_tokens()
+    o, b1, s1, p = f1.d.shape
+    b2, s2 = f2.d.shape[1], f2.d.shape[2]
+    q = f1.q
+    m = o * o if output == "full" else o
+    cost_gram = b1 * s1 * b2 * s2 * ((q if f1.a is not None else 1) + m * p)
+    cost_grad = o * (b1 * s1 + b2 * s2) * p * q + b1 * b2 * m * p * q
+    if cost_grad < cost_gram:
+        g1 = f1.grads().transpose(0, 1).reshape(b1, o, -1)
+        g2 = f2.grads().transpose(0, 1).reshape(b2, o, -1)
+        return contract(g1, g2, output)
+    return _token_gram_kernel(f1, f2, output)
+
+
+def _token_gram_kernel(f1: TokenFactor, f2: TokenFactor, output: str) -> Tensor:
+    """``sum_{s,s'} k(s,s') <d_s, d'_s'>`` without forming per-example gradients."""
+    o, b1, s1, p = f1.d.shape
+    b2, s2 = f2.d.shape[1], f2.d.shape[2]
+    if f1.a is not None:
+        ga = f1.a.reshape(b1 * s1, -1) @ f2.a.reshape(b2 * s2, -1).T
+    else:
+        ga = (f1.idx.reshape(-1, 1) == f2.idx.reshape(1, -1)) & (f1.idx.reshape(-1, 1) >= 0)
+        ga = ga.to(f1.d.dtype)
+    ga = ga.view(b1, s1, b2, s2)
+    if output == "trace":
+        gd = f1.d.permute(1, 2, 0, 3).reshape(b1 * s1, o * p) @ \
+            f2.d.permute(1, 2, 0, 3).reshape(b2 * s2, o * p).T
+        return (ga * gd.view(b1, s1, b2, s2)).sum(dim=(1, 3))
+    if output == "diagonal":
+        gd = torch.bmm(f1.d.reshape(o, b1 * s1, p), f2.d.reshape(o, b2 * s2, p).transpose(1, 2))
+        gd = gd.view(o, b1, s1, b2, s2)
+        if s1 == 1 and s2 == 1:
+            return (ga.view(1, b1, b2) * gd.view(o, b1, b2)).permute(1, 2, 0)
+        return torch.einsum("isjt,oisjt->ijo", ga, gd)
+    gd = f1.d.reshape(o * b1 * s1, p) @ f2.d.reshape(o * b2 * s2, p).T
+    gd = gd.view(o, b1, s1, o, b2, s2)
+    if s1 == 1 and s2 == 1:
+        return ga.view(b1, b2, 1, 1) * gd.view(o, b1, o, b2).permute(1, 3, 0, 2)
+    return torch.einsum("isjt,oisqjt->ijoq", ga, gd)
+
+
+def _choose_block(engine: _Engine, n: int, n_out: int, output: str, budget: int,
+                  itemsize: int) -> int:
+    """Largest block whose factors (two blocks) and contraction intermediates fit the budget."""
+    per_example = 0
+    worst = 0
+    m = n_out * n_out if output == "full" else (n_out if output == "diagonal" else 1)
+    for mname, _ in engine.modules:
+        for shp in engine.shapes[mname]:
+            numel = int(torch.Size(shp).numel())
+            per_example += 2 * n_out * numel  # deltas and (roughly) inputs
+            worst = max(worst, numel)
+    n_params = sum(engine.params[k].numel() for k in engine.fallback)
+    per_example += n_out * n_params * 3
+    # per-example gradient of the widest layer, and a token Gram of the widest layer
+    per_example += 2 * n_out * max(worst, 1) * 4
+    b = n
+    while b > 1 and 2 * b * per_example * itemsize + b * b * m * 8 * itemsize > budget:
+        b = (b + 1) // 2
+    return max(1, b)
+
+
+def structured_ntk(model: nn.Module, x1: Tensor, x2: Tensor | None, *, output: str,
+                   block_size: int | None, budget: int, progress: bool) -> Tensor:
+    """The ``method="structured"`` path of :func:`telescope.ntk` (inputs already validated)."""
+    dtype, _ = model_dtype_device(model)
+    probe = x1[:2]
+    engine = _Engine(model, probe)
+    with torch.no_grad():
+        n_out = batched_fn(model, engine.frozen)(engine.params, probe).shape[1]
+    bad = engine.verify(probe, n_out)
+    if bad:
+        warnings.warn(
+            f"structured NTK: the per-layer rule for {sorted(bad)} does not reproduce autograd's "
+            "gradient (its parameters are probably also used outside the module's forward, "
+            "e.g. tied weights); these parameters use per-example Jacobians instead.",
+            stacklevel=3,
+        )
+        engine = _Engine(model, probe, excluded=bad)
+    itemsize = torch.finfo(dtype).bits // 8
+    n = max(x1.shape[0], 0 if x2 is None else x2.shape[0])
+    if block_size is None:
+        block_size = _choose_block(engine, n, n_out, output, budget, itemsize)
+    kernel = _block_kernel_fn(engine, n_out, output)
+    return blocked_kernel(kernel, x1, x2, block_size, output, n_out, dtype, progress)

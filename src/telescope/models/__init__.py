@@ -1,0 +1,7 @@
+"""Small, readable models for kernels, lenses and studies."""
+
+from telescope.models.cnn import ConvNet1d
+from telescope.models.mlp import MLP, NTKLinear
+from telescope.models.transformer import TinyTransformer
+
+__all__ = ["MLP", "NTKLinear", "ConvNet1d", "TinyTransformer"]

@@ -1,0 +1,222 @@
+"""Every NTK method against an independent oracle: per-example autograd loops."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import telescope
+from telescope.kernels._functional import UnsupportedModelError
+from telescope.models import MLP, ConvNet1d, TinyTransformer
+
+METHODS = ["jacobian", "vector", "structured"]
+OUTPUTS = ["trace", "full", "diagonal"]
+
+
+def oracle_jacobian(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """[N, O, P] per-example Jacobians by plain autograd, one example and output at a time."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    rows = []
+    for i in range(x.shape[0]):
+        out = model(x[i:i + 1]).reshape(-1)
+        per_out = []
+        for o in range(out.shape[0]):
+            grads = torch.autograd.grad(out[o], params, retain_graph=True, allow_unused=True)
+            per_out.append(torch.cat([
+                (g if g is not None else torch.zeros_like(p)).reshape(-1)
+                for g, p in zip(grads, params, strict=True)]))
+        rows.append(torch.stack(per_out))
+    return torch.stack(rows).detach()
+
+
+def oracle_ntk(model, x1, x2, output):
+    j1 = oracle_jacobian(model, x1)
+    j2 = j1 if x2 is None else oracle_jacobian(model, x2)
+    full = torch.einsum("aop,bqp->aboq", j1, j2)
+    if output == "full":
+        return full
+    diag = full.diagonal(dim1=2, dim2=3)
+    return diag.sum(-1) if output == "trace" else diag
+
+
+def assert_close(k, ref):
+    scale = ref.abs().max()
+    torch.testing.assert_close(k, ref, rtol=0, atol=2e-5 * float(scale) + 1e-6)
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return MLP(12, [24, 16], 3, activation="tanh")
+
+
+def _cnn():
+    torch.manual_seed(1)
+    return ConvNet1d(in_channels=2, length=12, channels=4, out_features=3)
+
+
+def _transformer():
+    torch.manual_seed(2)
+    return TinyTransformer(vocab=11, d_model=16, n_heads=2, n_layers=2, seq_len=6,
+                           out_features=4)
+
+
+CASES = {
+    "mlp": (_mlp, lambda g: torch.randn(7, 12, generator=g), lambda g: torch.randn(5, 12,
+                                                                                 generator=g)),
+    "cnn": (_cnn, lambda g: torch.randn(6, 2, 12, generator=g),
+            lambda g: torch.randn(4, 2, 12, generator=g)),
+    "transformer": (_transformer, lambda g: torch.randint(0, 11, (6, 6), generator=g),
+                    lambda g: torch.randint(0, 11, (5, 6), generator=g)),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("output", OUTPUTS)
+def test_methods_match_oracle(case, method, output):
+    make, gen1, gen2 = CASES[case]
+    model = make()
+    g = torch.Generator().manual_seed(3)
+    x1, x2 = gen1(g), gen2(g)
+    ref = oracle_ntk(model, x1, x2, output)
+    assert_close(telescope.ntk(model, x1, x2, method=method, output=output), ref)
+    # symmetric path (x2=None) and a block size that forces several blocks
+    ref_sym = oracle_ntk(model, x1, None, output)
+    assert_close(telescope.ntk(model, x1, method=method, output=output, block_size=3), ref_sym)
+
+
+def test_transformer_readouts_and_float64():
+    torch.manual_seed(0)
+    for readout in ("mean", "token"):
+        model = TinyTransformer(vocab=7, d_model=8, n_heads=2, n_layers=1, seq_len=4,
+                                out_features=2, readout=readout).double()
+        x = torch.randint(0, 7, (4, 4))
+        k = telescope.ntk(model, x, output="full", method="structured")
+        assert k.dtype == torch.float64
+        torch.testing.assert_close(k, oracle_ntk(model, x, None, "full"), rtol=1e-10,
+                                   atol=1e-10)
+
+
+class TiedLM(nn.Module):
+    """Embedding weight reused functionally as the readout: the structured rule must notice."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(9, 6)
+        self.ln = nn.LayerNorm(6)
+        self.pos = nn.Parameter(torch.randn(5, 6))  # plain parameter: no rule, fallback
+
+    def forward(self, tok):
+        h = self.ln(self.emb(tok) + self.pos[: tok.shape[1]]).mean(1)
+        return h @ self.emb.weight.T
+
+
+def test_tied_weights_and_parameters_without_rules():
+    torch.manual_seed(0)
+    model = TiedLM().double()
+    x = torch.randint(0, 9, (5, 5))
+    with pytest.warns(UserWarning, match="does not reproduce"):
+        k = telescope.ntk(model, x, output="full", method="structured")
+    torch.testing.assert_close(k, oracle_ntk(model, x, None, "full"), rtol=1e-10, atol=1e-10)
+
+
+def test_conv_variants_and_layers_without_bias():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(2, 3, kernel_size=(3, 2), stride=(2, 1), padding=1, dilation=(1, 2)),
+        nn.Tanh(),
+        nn.Conv2d(3, 2, 3, padding="same", padding_mode="reflect", bias=False),
+        nn.Flatten(), nn.LazyLinear(2)).double()
+    x = torch.randn(3, 2, 6, 5, dtype=torch.float64)
+    model(x)  # materialize the lazy layer
+    k = telescope.ntk(model, x, output="full", method="structured")
+    torch.testing.assert_close(k, oracle_ntk(model, x, None, "full"), rtol=1e-10, atol=1e-10)
+
+
+def test_frozen_parameters_are_excluded():
+    model = _mlp()
+    model.net[0].weight.requires_grad_(False)
+    x = torch.randn(4, 12)
+    for method in METHODS:
+        assert_close(telescope.ntk(model, x, method=method), oracle_ntk(model, x, None, "trace"))
+
+
+def test_model_left_exactly_as_it_was():
+    model = _transformer()
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randint(0, 11, (3, 6))
+    for method in METHODS:
+        telescope.ntk(model, x, method=method)
+    assert model.training
+    assert all(p.grad is None for p in model.parameters())
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])
+    model.eval()
+    telescope.ntk(model, x)
+    assert not model.training
+
+
+def test_scalar_output_all_outputs_agree():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 1), nn.Flatten(0))
+    x = torch.randn(4, 3)
+    t = telescope.ntk(model, x, output="trace")
+    assert t.shape == (4, 4)
+    torch.testing.assert_close(telescope.ntk(model, x, output="full")[..., 0, 0], t)
+    torch.testing.assert_close(telescope.ntk(model, x, output="diagonal")[..., 0], t)
+
+
+def test_linear_model_closed_form():
+    """f(x) = W x + b has NTK (x.x' + 1) I exactly."""
+    model = nn.Linear(5, 3).double()
+    x = torch.randn(6, 5, dtype=torch.float64)
+    expected = (x @ x.T + 1)[:, :, None, None] * torch.eye(3, dtype=torch.float64)
+    for method in METHODS:
+        torch.testing.assert_close(telescope.ntk(model, x, output="full", method=method),
+                                   expected)
+
+
+def test_clear_errors():
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 1))
+    with pytest.raises(UnsupportedModelError, match="model.eval"):
+        telescope.ntk(model, torch.randn(4, 3))
+    model.eval()
+    telescope.ntk(model, torch.randn(4, 3))
+    drop = nn.Sequential(nn.Linear(3, 4), nn.Dropout(0.5))
+    with pytest.raises(UnsupportedModelError, match="random"):
+        telescope.ntk(drop, torch.randn(4, 3))
+    lin = nn.Linear(3, 2)
+    with pytest.raises(ValueError, match="method"):
+        telescope.ntk(lin, torch.randn(4, 3), method="magic")
+    with pytest.raises(ValueError, match="output"):
+        telescope.ntk(lin, torch.randn(4, 3), output="sum")
+    with pytest.raises(ValueError, match="same per-example shape"):
+        telescope.ntk(lin, torch.randn(4, 3), torch.randn(4, 2))
+    with pytest.raises(ValueError, match="NaN"):
+        telescope.ntk(lin, torch.full((2, 3), float("nan")))
+    with pytest.raises(TypeError, match="Module"):
+        telescope.ntk(lambda x: x, torch.randn(2, 3))
+
+
+def test_sdpa_attention_model_all_methods():
+    """Models using F.scaled_dot_product_attention work with forward-mode (vector) too."""
+
+    class Attn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv = nn.Linear(4, 12)
+            self.out = nn.Linear(4, 2)
+
+        def forward(self, x):
+            q, k, v = self.qkv(x).chunk(3, dim=-1)
+            h = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+            return self.out(h[:, -1])
+
+    torch.manual_seed(0)
+    model = Attn()
+    x = torch.randn(3, 5, 4)
+    ref = oracle_ntk(model, x, None, "trace")
+    for method in METHODS:
+        assert_close(telescope.ntk(model, x, method=method), ref)
