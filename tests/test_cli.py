@@ -73,9 +73,10 @@ def test_demo_width_list(tmp_path, capsys):
     assert [r["width"] for r in rows] == ["16", "32", "inf"]
 
 
-def test_ntk_mlp_preset(tmp_path, capsys):
-    out = tmp_path / "mlp"
-    assert main(["--threads", "1", "ntk", "--model", "mlp", "--n", "16",
+@pytest.mark.parametrize("model", ["mlp", "cnn"])
+def test_ntk_mnist1d_presets(model, tmp_path, capsys):
+    out = tmp_path / model
+    assert main(["--threads", "1", "ntk", "--model", model, "--n", "16",
                  "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "effective rank" in printed and "top eigenvalues" in printed
@@ -83,12 +84,12 @@ def test_ntk_mlp_preset(tmp_path, capsys):
     k = saved["kernel"]
     assert k.shape == (16, 16)
     assert torch.allclose(k, k.T, rtol=1e-4, atol=1e-5)
-    assert saved["model"] == "mlp" and saved["data"] == "mnist1d" and saved["n"] == 16
+    assert saved["model"] == model and saved["data"] == "mnist1d" and saved["n"] == 16
     assert saved["eigenvalues"].shape == (16,)
     assert (out / "spectrum.png").stat().st_size > 0
 
 
-def test_ntk_transformer_preset_full_output(tmp_path, capsys):
+def test_ntk_transformer_preset_diagonal_output(tmp_path, capsys):
     out = tmp_path / "tf"
     assert main(["ntk", "--model", "transformer", "--n", "8", "--output", "diagonal",
                  "--out", str(out), "--threads", "1"]) == 0

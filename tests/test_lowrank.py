@@ -1,4 +1,4 @@
-"""Tests for telescope.kernels.lowrank against an exact NTK built with a per-example autograd loop."""
+"""lowrank_ntk against an exact NTK built with a per-example torch.autograd.grad loop."""
 
 from __future__ import annotations
 

@@ -141,7 +141,7 @@ def ntk(
 
 
 def blocked_kernel(
-    block_kernel: Callable[[Tensor, Tensor, object, object], tuple[Tensor, object, object]],
+    block_kernel: Callable[[Tensor, Tensor | None, object, object], tuple[Tensor, object, object]],
     x1: Tensor,
     x2: Tensor | None,
     block_size: int,
@@ -153,11 +153,14 @@ def blocked_kernel(
     """Assemble a kernel from blocks, using the symmetry when ``x2`` is ``None``.
 
     ``block_kernel(xa, xb, cache_a, cache_b)`` returns the kernel block for ``(xa, xb)`` and the
-    per-block caches (e.g. Jacobians) so a block's expensive part is computed once per outer row.
+    per-block caches (e.g. Jacobians), so a block's expensive part is computed once per outer
+    row; ``xb=None`` means the diagonal block ``(xa, xa)``.
     """
     symmetric = x2 is None
     xb_all = x1 if symmetric else x2
     n1, n2 = x1.shape[0], xb_all.shape[0]
+    if n1 <= block_size and n2 <= block_size:  # a single block: no assembly copy
+        return block_kernel(x1, None if symmetric else x2, None, None)[0]
     shape = {"trace": (n1, n2), "full": (n1, n2, n_out, n_out), "diagonal": (n1, n2, n_out)}
     out = torch.empty(shape[output], dtype=dtype, device=x1.device)
     starts1 = range(0, n1, block_size)
@@ -171,8 +174,8 @@ def blocked_kernel(
             if symmetric and b < a:
                 continue
             xb = xb_all[b:b + block_size]
-            same = symmetric and a == b
-            block, cache_a, _ = block_kernel(xa, xb, cache_a, cache_a if same else None)
+            diagonal = symmetric and a == b
+            block, cache_a, _ = block_kernel(xa, None if diagonal else xb, cache_a, None)
             out[a:a + xa.shape[0], b:b + xb.shape[0]] = block
             if symmetric and b > a:
                 out[b:b + xb.shape[0], a:a + xa.shape[0]] = _transpose_block(block, output)
@@ -228,6 +231,8 @@ def _jacobian_block_fn(model, frozen, params, output):
 
     def block_kernel(xa, xb, cache_a, cache_b):
         ja = cache_a if cache_a is not None else per_example_jacobian(f_single, params, xa)
+        if xb is None:
+            return contract(ja, ja, output), ja, ja
         jb = cache_b if cache_b is not None else per_example_jacobian(f_single, params, xb)
         return contract(ja, jb, output), ja, jb
 
@@ -252,6 +257,7 @@ def _vector_block_fn(model, frozen, params, output, n_out, budget):
     def block_kernel(xa, xb, cache_a, cache_b):
         # one VJP per x1 point and output: the rows v = J(x1_i)^T e_o, [Ba, O, P]
         va = cache_a if cache_a is not None else per_example_jacobian(f_single, params, xa)
+        xb = xa if xb is None else xb
         rows = va.reshape(-1, va.shape[2])
         # batched JVPs over the whole xb block: one per row, chunked by activation memory
         act_bytes = 8 * xb.shape[0] * max(sum(sizes) // 64, n_out) * itemsize

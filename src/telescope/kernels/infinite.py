@@ -78,7 +78,7 @@ def _as_batch(x: object, name: str) -> Tensor:
         )
     if x.is_complex():
         raise TypeError(f"{name} must be real, got dtype {x.dtype}")
-    flat = x.detach().reshape(x.shape[0], -1).to(torch.float64)
+    flat = x.detach().flatten(1).to(torch.float64)
     if flat.shape[1] == 0:
         raise ValueError(f"{name} has no features (shape {tuple(x.shape)})")
     if not bool(torch.isfinite(flat).all()):

@@ -37,7 +37,8 @@ and only its output-``o`` entries are kept and summed over ``o``. (Equivalently
 parameters.) A trace-kernel product therefore costs ``O`` full-kernel products.
 
 **Randomized eigendecomposition** (Halko, Martinsson & Tropp 2011, Algorithms 4.3/4.4 and 5.3):
-with ``k = min(rank + oversample, M)`` (``M = N * O`` or ``N``) and a Gaussian ``Omega in R^{M x k}``
+with ``k = min(rank + oversample, M)`` (``M = N * O`` or ``N``) and a Gaussian
+``Omega in R^{M x k}``
 
 1. ``Q = orth(K Omega)`` (range finder);
 2. ``n_iter`` times: ``Q = orth(K Q)`` (subspace / power iteration, re-orthonormalized each time
@@ -157,7 +158,7 @@ class _NTKOperator:
 
     # -- J^T and J on one block of examples, vmapped over columns ---------------------------
     def _pullback(self, xb: Tensor, cots: Tensor) -> dict[str, Tensor]:
-        """``J_b^T c`` for each of the ``c`` cotangents ``cots [c, nb, O]`` -> dict of ``[c, ...]``."""
+        """``J_b^T c`` for each cotangent in ``cots [c, nb, O]`` -> dict of ``[c, ...]``."""
 
         def fb(p: dict[str, Tensor]) -> Tensor:
             return self.f(p, xb)

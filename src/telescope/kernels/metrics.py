@@ -143,7 +143,8 @@ def kernel_target_alignment(k: Tensor, y: Tensor, centered: bool = True) -> floa
     if y.dim() not in (1, 2) or y.shape[0] != kk.shape[0]:
         raise ValueError(f"y must have shape [N] or [N, O] with N = {kk.shape[0]} (the size of "
                          f"k), got shape {tuple(y.shape)}")
-    yy = y.detach().reshape(y.shape[0], -1).to(device=kk.device, dtype=torch.float64)
+    yy = (y if y.dim() == 2 else y.unsqueeze(1)).detach()
+    yy = yy.to(device=kk.device, dtype=torch.float64)
     if not bool(torch.isfinite(yy).all()):
         raise ValueError("y contains NaN or infinite values")
     target = yy @ yy.T

@@ -82,7 +82,7 @@ def _as_targets(y: object, name: str, rows: int, rows_name: str, outputs: int | 
     if y.shape[0] != rows:
         raise ValueError(f"{name} has {y.shape[0]} rows (shape {tuple(y.shape)}) but "
                          f"{rows_name} = {rows}")
-    y2 = y.detach().reshape(rows, -1).to(torch.float64)
+    y2 = (y if y.dim() == 2 else y.unsqueeze(1)).detach().to(torch.float64)
     if outputs is not None and y2.shape[1] != outputs:
         raise ValueError(f"{name} has {y2.shape[1]} output(s) (shape {tuple(y.shape)}) but "
                          f"y_train has {outputs}")
@@ -111,7 +111,10 @@ def _as_times(t: TimeLike) -> tuple[Tensor, bool]:
         times, single = torch.tensor([float(t)], dtype=torch.float64), True
     else:
         try:
-            times = torch.as_tensor(t).detach().to(device="cpu", dtype=torch.float64)
+            if isinstance(t, Tensor):
+                times = t.detach().to(device="cpu", dtype=torch.float64)
+            else:  # parse Python numbers in float64 (the default float32 would round them)
+                times = torch.as_tensor(t, dtype=torch.float64)
         except (TypeError, ValueError, RuntimeError) as err:
             raise TypeError(
                 f"t must be a number, a 1-D sequence/tensor of numbers, or None, got {t!r}"
@@ -352,7 +355,9 @@ def kernel_regression(
         ``ridge``, non-positive ``lr``.
     """
     if isinstance(k_test_train, Tensor) and isinstance(k_train_train, Tensor):
-        if k_test_train.dim() == 2 and k_train_train.dim() == 2 and (
+        # Checked before the eigendecomposition (KernelRegressor validates everything else).
+        square = k_train_train.dim() == 2 and k_train_train.shape[0] == k_train_train.shape[1]
+        if square and k_test_train.dim() == 2 and (
             k_test_train.shape[1] != k_train_train.shape[0]
         ):
             raise ValueError(

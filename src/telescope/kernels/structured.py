@@ -36,6 +36,7 @@ Reference: Novak, Sohl-Dickstein & Schoenholz (2022), "Fast Finite Width Neural 
 from __future__ import annotations
 
 import warnings
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -52,7 +53,7 @@ from telescope.kernels._functional import (
     single_fn,
     trainable_params,
 )
-from telescope.kernels.empirical import blocked_kernel, contract, per_example_jacobian
+from telescope.kernels.empirical import blocked_kernel, per_example_jacobian
 
 # --------------------------------------------------------------------------------------------
 # Factors: what a rule extracts from one block of examples
@@ -400,20 +401,59 @@ class _Engine:
 def _block_kernel_fn(engine: _Engine, n_out: int, output: str):
     def kernel(xa, xb, cache_a, cache_b):
         fa = cache_a if cache_a is not None else engine.factors(xa, n_out)
-        fb = cache_b if cache_b is not None else engine.factors(xb, n_out)
-        total = None
+        same = xb is None
+        if same:
+            xb, fb = xa, fa
+        else:
+            fb = cache_b if cache_b is not None else engine.factors(xb, n_out)
+        b1, b2 = xa.shape[0], xb.shape[0]
+        # full kernels accumulate as [B1, O, B2, O] (the natural layout of the Gram matmuls)
+        shape = {"trace": (b1, b2), "diagonal": (b1, b2, n_out),
+                 "full": (b1, n_out, b2, n_out)}[output]
+        acc = torch.zeros(shape, dtype=engine.dtype, device=xa.device)
         for f1, f2 in zip(fa, fb, strict=True):
-            k = _factor_kernel(f1, f2, output)
-            total = k if total is None else total + k
-        return total, fa, fb
+            _accumulate(acc, f1, f2, output, same)
+        return (acc.permute(0, 2, 1, 3) if output == "full" else acc), fa, fb
 
     return kernel
 
 
-def _factor_kernel(f1, f2, output: str) -> Tensor:
+def gram(x: Tensor, y: Tensor | None = None) -> Tensor:
+    """``x @ y.T``; for ``y=None`` only the upper block triangle of ``x @ x.T`` is multiplied."""
+    if y is not None:
+        return x @ y.T
+    n = x.shape[0]
+    chunk = max(256, -(-n // 8))
+    if n <= chunk:
+        return x @ x.T
+    out = torch.empty(n, n, dtype=x.dtype, device=x.device)
+    starts = range(0, n, chunk)
+    for i in starts:
+        xi = x[i:i + chunk]
+        out[i:i + chunk, i:] = xi @ x[i:].T
+        out[i + chunk:, i:i + chunk] = out[i:i + chunk, i + chunk:].T
+    return out
+
+
+def _contract_grads(acc: Tensor, g1: Tensor, g2: Tensor, output: str, same: bool) -> None:
+    """Add the kernel of per-example gradients ``g [B, O, P]`` to ``acc``."""
+    b1, o = g1.shape[:2]
+    b2 = g2.shape[0]
+    if output == "trace":
+        acc += gram(g1.reshape(b1, -1), None if same else g2.reshape(b2, -1))
+    elif output == "full":
+        acc += gram(g1.reshape(b1 * o, -1), None if same else g2.reshape(b2 * o, -1)).view(
+            acc.shape)
+    else:
+        acc += torch.bmm(g1.transpose(0, 1), g2.permute(1, 2, 0)).permute(1, 2, 0)
+
+
+def _accumulate(acc: Tensor, f1, f2, output: str, same: bool) -> None:
     if isinstance(f1, GradFactor):
-        return contract(f1.g, f2.g, output)
-    f1, f2 = f1.prune_tokens(), f2.prune_tokens()
+        _contract_grads(acc, f1.g, f2.g, output, same)
+        return
+    f1 = f1.prune_tokens()
+    f2 = f1 if same else f2.prune_tokens()
     o, b1, s1, p = f1.d.shape
     b2, s2 = f2.d.shape[1], f2.d.shape[2]
     q = f1.q
@@ -422,36 +462,44 @@ def _factor_kernel(f1, f2, output: str) -> Tensor:
     cost_grad = o * (b1 * s1 + b2 * s2) * p * q + b1 * b2 * m * p * q
     if cost_grad < cost_gram:
         g1 = f1.grads().transpose(0, 1).reshape(b1, o, -1)
-        g2 = f2.grads().transpose(0, 1).reshape(b2, o, -1)
-        return contract(g1, g2, output)
-    return _token_gram_kernel(f1, f2, output)
+        g2 = g1 if same else f2.grads().transpose(0, 1).reshape(b2, o, -1)
+        _contract_grads(acc, g1, g2, output, same)
+    else:
+        _token_gram(acc, f1, f2, output, same)
 
 
-def _token_gram_kernel(f1: TokenFactor, f2: TokenFactor, output: str) -> Tensor:
-    """``sum_{s,s'} k(s,s') <d_s, d'_s'>`` without forming per-example gradients."""
+def _token_gram(acc: Tensor, f1: TokenFactor, f2: TokenFactor, output: str, same: bool) -> None:
+    """Add ``sum_{s,s'} k(s,s') <d_s, d'_s'>`` to ``acc`` without per-example gradients."""
     o, b1, s1, p = f1.d.shape
     b2, s2 = f2.d.shape[1], f2.d.shape[2]
     if f1.a is not None:
-        ga = f1.a.reshape(b1 * s1, -1) @ f2.a.reshape(b2 * s2, -1).T
+        ga = gram(f1.a.reshape(b1 * s1, -1), None if same else f2.a.reshape(b2 * s2, -1))
     else:
-        ga = (f1.idx.reshape(-1, 1) == f2.idx.reshape(1, -1)) & (f1.idx.reshape(-1, 1) >= 0)
-        ga = ga.to(f1.d.dtype)
+        i1, i2 = f1.idx.reshape(-1, 1), f2.idx.reshape(1, -1)
+        ga = ((i1 == i2) & (i1 >= 0)).to(f1.d.dtype)
     ga = ga.view(b1, s1, b2, s2)
+    tokens = s1 > 1 or s2 > 1
     if output == "trace":
-        gd = f1.d.permute(1, 2, 0, 3).reshape(b1 * s1, o * p) @ \
-            f2.d.permute(1, 2, 0, 3).reshape(b2 * s2, o * p).T
-        return (ga * gd.view(b1, s1, b2, s2)).sum(dim=(1, 3))
-    if output == "diagonal":
+        d1 = f1.d.permute(1, 2, 0, 3).reshape(b1 * s1, o * p)
+        gd = gram(d1, None if same else f2.d.permute(1, 2, 0, 3).reshape(b2 * s2, o * p))
+        gd = gd.view(b1, s1, b2, s2)
+        if tokens:
+            acc += (ga * gd).sum(dim=(1, 3))
+        else:
+            acc.addcmul_(ga.view(b1, b2), gd.view(b1, b2))
+    elif output == "diagonal":
         gd = torch.bmm(f1.d.reshape(o, b1 * s1, p), f2.d.reshape(o, b2 * s2, p).transpose(1, 2))
-        gd = gd.view(o, b1, s1, b2, s2)
-        if s1 == 1 and s2 == 1:
-            return (ga.view(1, b1, b2) * gd.view(o, b1, b2)).permute(1, 2, 0)
-        return torch.einsum("isjt,oisjt->ijo", ga, gd)
-    gd = f1.d.reshape(o * b1 * s1, p) @ f2.d.reshape(o * b2 * s2, p).T
-    gd = gd.view(o, b1, s1, o, b2, s2)
-    if s1 == 1 and s2 == 1:
-        return ga.view(b1, b2, 1, 1) * gd.view(o, b1, o, b2).permute(1, 3, 0, 2)
-    return torch.einsum("isjt,oisqjt->ijoq", ga, gd)
+        if tokens:
+            acc += torch.einsum("isjt,oisjt->ijo", ga, gd.view(o, b1, s1, b2, s2))
+        else:
+            acc.addcmul_(ga.view(b1, b2, 1), gd.view(o, b1, b2).permute(1, 2, 0))
+    else:
+        d1 = f1.d.permute(1, 2, 0, 3).reshape(b1 * s1 * o, p)
+        gd = gram(d1, None if same else f2.d.permute(1, 2, 0, 3).reshape(b2 * s2 * o, p))
+        if tokens:
+            acc += torch.einsum("isjt,isojtq->iojq", ga, gd.view(b1, s1, o, b2, s2, o))
+        else:
+            acc.addcmul_(ga.view(b1, 1, b2, 1), gd.view(b1, o, b2, o))
 
 
 def _choose_block(engine: _Engine, n: int, n_out: int, output: str, budget: int,
@@ -475,11 +523,25 @@ def _choose_block(engine: _Engine, n: int, n_out: int, output: str, budget: int,
     return max(1, b)
 
 
-def structured_ntk(model: nn.Module, x1: Tensor, x2: Tensor | None, *, output: str,
-                   block_size: int | None, budget: int, progress: bool) -> Tensor:
-    """The ``method="structured"`` path of :func:`telescope.ntk` (inputs already validated)."""
-    dtype, _ = model_dtype_device(model)
-    probe = x1[:2]
+_PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _signature(model: nn.Module, x: Tensor) -> tuple:
+    """What the plan (rules, fallback, shapes, verification) depends on: structure, not values."""
+    params = tuple((n, id(p), tuple(p.shape), p.dtype, p.requires_grad)
+                   for n, p in model.named_parameters(remove_duplicate=False))
+    modules = tuple((n, id(m), m.training) for n, m in model.named_modules())
+    return params, modules, tuple(x.shape[1:]), x.dtype, x.device
+
+
+def _plan(model: nn.Module, probe: Tensor) -> tuple[_Engine, int]:
+    """The structured engine for ``model``, with every rule verified against autograd once."""
+    key = _signature(model, probe)
+    cached = _PLANS.get(model)
+    if cached is not None and cached[0] == key:
+        engine, n_out = cached[1], cached[2]
+        engine.params, engine.frozen = trainable_params(model), frozen_state(model)
+        return engine, n_out
     engine = _Engine(model, probe)
     with torch.no_grad():
         n_out = batched_fn(model, engine.frozen)(engine.params, probe).shape[1]
@@ -489,12 +551,20 @@ def structured_ntk(model: nn.Module, x1: Tensor, x2: Tensor | None, *, output: s
             f"structured NTK: the per-layer rule for {sorted(bad)} does not reproduce autograd's "
             "gradient (its parameters are probably also used outside the module's forward, "
             "e.g. tied weights); these parameters use per-example Jacobians instead.",
-            stacklevel=3,
+            stacklevel=4,
         )
         engine = _Engine(model, probe, excluded=bad)
-    itemsize = torch.finfo(dtype).bits // 8
+    _PLANS[model] = (key, engine, n_out)
+    return engine, n_out
+
+
+def structured_ntk(model: nn.Module, x1: Tensor, x2: Tensor | None, *, output: str,
+                   block_size: int | None, budget: int, progress: bool) -> Tensor:
+    """The ``method="structured"`` path of :func:`telescope.ntk` (inputs already validated)."""
+    engine, n_out = _plan(model, x1[:2])
+    itemsize = torch.finfo(engine.dtype).bits // 8
     n = max(x1.shape[0], 0 if x2 is None else x2.shape[0])
     if block_size is None:
         block_size = _choose_block(engine, n, n_out, output, budget, itemsize)
     kernel = _block_kernel_fn(engine, n_out, output)
-    return blocked_kernel(kernel, x1, x2, block_size, output, n_out, dtype, progress)
+    return blocked_kernel(kernel, x1, x2, block_size, output, n_out, engine.dtype, progress)
