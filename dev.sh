@@ -4,7 +4,7 @@
 #
 #   ./dev.sh run  [args...]         the main job: `telescope demo [args...]` (kernel demo, MNIST-1D)
 #   ./dev.sh test [pytest args...]  the whole test suite (pytest)
-#   ./dev.sh lint [ruff args...]    ruff check on src, tests and bench
+#   ./dev.sh lint [ruff args...]    ruff check (default: src, tests and bench)
 #   ./dev.sh setup                  only set up / update .venv
 #
 # Setup: python3.11 (else any python3 >= 3.10; override with PYTHON=...) creates .venv; torch is
@@ -29,7 +29,7 @@ usage() {
     cat >&2 <<'EOF'
 usage: ./dev.sh run  [telescope demo args...]   set up .venv if needed, run the kernel demo
        ./dev.sh test [pytest args...]           set up .venv if needed, run the test suite
-       ./dev.sh lint [ruff args...]             set up .venv if needed, run ruff check
+       ./dev.sh lint [ruff args...]             set up .venv if needed, ruff check (src tests bench)
        ./dev.sh setup                           only set up / update .venv
 EOF
 }
@@ -135,8 +135,11 @@ case "$cmd" in
         ;;
     lint)
         ensure_venv
+        if [[ $# -gt 0 ]]; then
+            exec "$VENV/bin/ruff" check "$@"
+        fi
         mapfile -t paths < <(lint_paths)
-        exec "$VENV/bin/ruff" check "${paths[@]}" "$@"
+        exec "$VENV/bin/ruff" check "${paths[@]}"
         ;;
     setup)
         ensure_venv

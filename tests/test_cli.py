@@ -56,7 +56,7 @@ def test_demo_writes_table_figure_and_csv(tmp_path, capsys):
     assert int(rows[0]["n_params"]) == 40 * 64 + 64 + 64 * 64 + 64 + 64 * 10 + 10
 
     assert (out / "kernels.png").stat().st_size > 0
-    assert str(out / "kernels.png") in printed
+    assert str((out / "kernels.png").resolve()) in printed
     with open(out / "results.csv", newline="") as f:
         table = list(csv.DictReader(f))
     assert [float(r["width"]) for r in table] == [64.0, math.inf]

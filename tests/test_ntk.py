@@ -220,3 +220,17 @@ def test_sdpa_attention_model_all_methods():
     ref = oracle_ntk(model, x, None, "trace")
     for method in METHODS:
         assert_close(telescope.ntk(model, x, method=method), ref)
+
+
+@pytest.mark.parametrize("output", OUTPUTS)
+def test_tiny_memory_budget_forces_output_chunks_and_blocks(output):
+    """A budget of a few KB splits outputs and examples; the kernel must not change."""
+    make, gen1, gen2 = CASES["transformer"]
+    model = make()
+    g = torch.Generator().manual_seed(4)
+    x1, x2 = gen1(g), gen2(g)
+    for method in METHODS:
+        k = telescope.ntk(model, x1, x2, method=method, output=output, max_memory_gb=2e-6)
+        assert_close(k, oracle_ntk(model, x1, x2, output))
+    k = telescope.ntk(model, x1, output=output, max_memory_gb=2e-6)
+    assert_close(k, oracle_ntk(model, x1, None, output))

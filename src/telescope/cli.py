@@ -90,13 +90,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _n_threads(n: int) -> str:
+    return f"{n} thread" if n == 1 else f"{n} threads"
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from telescope.demo import demo_widths, format_table, run_demo
 
     widths = demo_widths(args.width[0] if len(args.width) == 1 else args.width)
     print(f"telescope demo: MNIST-1D, {args.n} training / {args.n_test} test points, "
           f"MLP 40-W-W-10 (ReLU, NTK parametrization), widths {widths}, seed {args.seed}, "
-          f"{args.threads_used} threads", flush=True)
+          f"{_n_threads(args.threads_used)}", flush=True)
     rows = run_demo(args.out, n=args.n, widths=widths, seed=args.seed, n_test=args.n_test,
                     progress=not args.no_progress)
     print()
@@ -107,7 +111,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     print()
     print(f"kernel-regression test accuracy: infinite NTK {inf['test_accuracy']:.3f}, "
           f"width-{widest['width']} empirical NTK {widest['test_accuracy']:.3f}")
-    out = Path(args.out)
+    out = Path(args.out).resolve()
     print(f"figure:  {out / 'kernels.png'}")
     print(f"results: {out / 'results.csv'}")
     return 0
@@ -118,11 +122,11 @@ def _cmd_ntk(args: argparse.Namespace) -> int:
 
     out = args.out or f"out/ntk-{args.model}"
     s = run_ntk_preset(args.model, args.data, n=args.n, method=args.method, output=args.output,
-                       out=out, seed=args.seed, progress=args.progress)
+                       out=Path(out).resolve(), seed=args.seed, progress=args.progress)
     top = ", ".join(f"{v:.4g}" for v in s["eigenvalues"][:5].tolist())
     print(f"telescope ntk: {s['model']} on {s['data']}, N={s['n']}, "
           f"{s['n_params']:,} parameters, method {s['method']}, output {s['output']}, "
-          f"{s['threads']} threads")
+          f"{_n_threads(s['threads'])}")
     print(f"kernel {list(s['shape'])} in {s['seconds']:.3f} s")
     print(f"top eigenvalues (trace kernel): {top}")
     print(f"effective rank: {s['effective_rank']:.2f}")

@@ -62,11 +62,13 @@ from telescope.kernels.empirical import blocked_kernel, per_example_jacobian
 
 @dataclass
 class TokenFactor:
-    """``Theta[o,o'] = sum_{s,s'} k(s, s') <d[o,:,s], d'[o',:,s']>`` for a linear-like layer.
+    """``Theta[o,o'] = sum_{s,s'} k(s, s') <d[:,s,o], d'[:,s',o']>`` for a linear-like layer.
 
     ``a [B, S, q]`` gives ``k = <a_s, a'_s'>`` (dense); ``idx [B, S]`` gives
-    ``k = [idx_s == idx'_s']`` (gather, ``q`` = vocabulary size). ``d`` is ``[O, B, S, p]``.
-    ``to_params`` maps per-example gradients ``G [O, B, p, q]`` to the layer's parameters.
+    ``k = [idx_s == idx'_s']`` (gather, ``q`` = vocabulary size, ``idx < 0`` = no gradient).
+    ``d`` is ``[B, S, O, p]`` (contiguous; the layout every contraction below reads).
+    ``to_params`` maps per-example gradients ``G [B, O, p, q]`` to the layer's parameters
+    (each ``[B, O, *shape]``).
     """
 
     d: Tensor
@@ -75,33 +77,35 @@ class TokenFactor:
     q: int
     to_params: Callable[[Tensor], dict[str, Tensor]]
 
+    @classmethod
+    def create(cls, d: Tensor, a: Tensor | None, idx: Tensor | None, q: int,
+               to_params: Callable) -> TokenFactor:
+        """From ``d [O, B, S, p]`` (as the backward pass gives it), dropping the tokens whose
+        delta is zero for every output, example and unit (e.g. all but the last token above
+        the last attention layer of a last-token readout)."""
+        if d.shape[2] > 1:
+            keep = d.any(dim=3).any(dim=1).any(dim=0)
+            if not bool(keep.all()):
+                keep[0] = keep[0] | ~keep.any()
+                d = d[:, :, keep]
+                a = None if a is None else a[:, keep]
+                idx = None if idx is None else idx[:, keep]
+        return cls(d.permute(1, 2, 0, 3).contiguous(), a, idx, q, to_params)
+
     def select(self, rows: slice) -> TokenFactor:
-        return TokenFactor(self.d[:, rows], None if self.a is None else self.a[rows],
+        return TokenFactor(self.d[rows], None if self.a is None else self.a[rows],
                            None if self.idx is None else self.idx[rows], self.q, self.to_params)
 
-    def prune_tokens(self) -> TokenFactor:
-        """Drop tokens whose delta is zero for every output, example and unit."""
-        if self.d.shape[2] <= 1:
-            return self
-        keep = self.d.abs().amax(dim=(0, 1, 3)) > 0
-        if bool(keep.all()):
-            return self
-        if not bool(keep.any()):
-            keep[0] = True
-        return TokenFactor(self.d[:, :, keep], None if self.a is None else self.a[:, keep],
-                           None if self.idx is None else self.idx[:, keep], self.q,
-                           self.to_params)
-
     def grads(self) -> Tensor:
-        """Per-example gradients ``G [O, B, p, q]`` (``sum_s d_s a_s^T``)."""
+        """Per-example gradients ``G [B, O, p, q]`` (``sum_s d_s a_s^T``)."""
         if self.a is not None:
-            return torch.einsum("obsp,bsq->obpq", self.d, self.a)
-        o, b, s, p = self.d.shape
-        g = self.d.new_zeros(o, b, self.q, p)
-        index = self.idx.unsqueeze(0).unsqueeze(-1).expand(o, b, s, p)
-        valid = (self.idx >= 0).unsqueeze(0).unsqueeze(-1)
-        g.scatter_add_(2, index.clamp(min=0), self.d * valid)
-        return g.transpose(2, 3)
+            return torch.einsum("bsop,bsq->bopq", self.d, self.a)
+        b, s, o, p = self.d.shape
+        g = self.d.new_zeros(b, o, p, self.q)
+        index = self.idx.clamp(min=0).view(b, 1, 1, s).expand(b, o, p, s)
+        valid = (self.idx >= 0).view(b, s, 1, 1)
+        g.scatter_add_(3, index, (self.d * valid).permute(0, 2, 3, 1))
+        return g
 
 
 @dataclass
@@ -145,12 +149,13 @@ def _dense_factor(prefix: str, a: Tensor, d: Tensor, weight: Tensor, bias: Tenso
             out[f"{prefix}bias"] = g[..., -1]
         return out
 
-    return TokenFactor(d, a_aug, None, a_aug.shape[-1], to_params)
+    return TokenFactor.create(d, a_aug, None, a_aug.shape[-1], to_params)
 
 
 def _tokens(ts: list[Tensor], width: int, lead: int = 1) -> Tensor:
     """Concatenate the calls' tensors as ``[..., tokens, width]`` (``lead`` leading dims kept)."""
-    return torch.cat([t.reshape(*t.shape[:lead], -1, width) for t in ts], dim=lead)
+    parts = [t.reshape(*t.shape[:lead], -1, width) for t in ts]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=lead)
 
 
 def _linear_rule(module: nn.Module, prefix: str, inputs: list[Tensor],
@@ -169,8 +174,8 @@ def _embedding_rule(module: nn.Embedding, prefix: str, inputs, deltas) -> list:
         idx = idx.masked_fill(idx == module.padding_idx, -1)
     d = _tokens(deltas, module.embedding_dim, lead=2)
     name = f"{prefix}weight"
-    return [TokenFactor(d, None, idx, module.num_embeddings,
-                        lambda g: {name: g.transpose(2, 3)})]
+    return [TokenFactor.create(d, None, idx, module.num_embeddings,
+                               lambda g: {name: g.transpose(2, 3)})]
 
 
 def _conv_rule(module: nn.Module, prefix: str, inputs, deltas) -> list:
@@ -308,7 +313,8 @@ class _Engine:
 
     # ---- factors for one block ---------------------------------------------------------------
 
-    def factors(self, x: Tensor, n_out: int, out_chunk: int | None = None) -> list:
+    def factors(self, x: Tensor, n_out: int, outputs: Tensor | None = None) -> list:
+        """Factors of every rule module (and the fallback) on ``x`` for the given outputs."""
         b = x.shape[0]
         zs = {m: [torch.zeros(b, *s, dtype=self.dtype, device=x.device) for s in shp]
               for m, shp in self.shapes.items()}
@@ -335,8 +341,10 @@ class _Engine:
         if self.modules:
             _, vjp_fn, captured = vjp(f, zs, has_aux=True)
             basis = torch.eye(n_out, dtype=self.dtype, device=x.device)
-            basis = basis.unsqueeze(1).expand(n_out, b, n_out)
-            (deltas,) = vmap(vjp_fn, chunk_size=out_chunk)(basis)
+            if outputs is not None:
+                basis = basis[outputs]
+            basis = basis.unsqueeze(1).expand(basis.shape[0], b, n_out)
+            (deltas,) = vmap(vjp_fn)(basis)
             for mname, module in self.modules:
                 prefix = f"{mname}." if mname else ""
                 rule = self.rules[type(module)]
@@ -344,7 +352,8 @@ class _Engine:
         if self.fallback:
             fb = {n: self.params[n] for n in self.fallback}
             rest = {n: p for n, p in self.params.items() if n not in fb}
-            f_single = single_fn(self.model, {**self.frozen, **rest})
+            f_all = single_fn(self.model, {**self.frozen, **rest})
+            f_single = f_all if outputs is None else (lambda p, xi: f_all(p, xi)[outputs])
             g = per_example_jacobian(f_single, fb, x)
             sizes = [fb[n].numel() for n in self.fallback]
             names, shapes = list(self.fallback), [fb[n].shape for n in self.fallback]
@@ -372,14 +381,10 @@ class _Engine:
             factors = self.factors(x, n_out)
         finally:
             self.fallback = saved_fallback
-        cw = c.T  # [O, B]
         for fac in factors:
-            if isinstance(fac, TokenFactor):
-                per = fac.to_params(fac.grads())  # [O, B, *shape]
-            else:
-                per = fac.to_params(fac.g.transpose(0, 1))
-            for n, g in per.items():
-                recon[n] = torch.einsum("ob,ob...->...", cw, g)
+            per = fac.to_params(fac.grads() if isinstance(fac, TokenFactor) else fac.g)
+            for n, g in per.items():  # g: [B, O, *shape]
+                recon[n] = torch.einsum("bo,bo...->...", c, g)
         tol = 1e-3 if self.dtype in (torch.float32, torch.float16, torch.bfloat16) else 1e-8
         # compared per module (weight and bias together): a parameter whose exact gradient is 0
         # (e.g. an attention key bias) only carries round-off, judged against its module's scale
@@ -398,18 +403,33 @@ class _Engine:
         return bad
 
 
-def _block_kernel_fn(engine: _Engine, n_out: int, output: str):
+def _block_kernel_fn(engine: _Engine, n_out: int, output: str, outputs: Tensor | None,
+                     cache: dict | None):
+    """Kernel of one block pair for the given outputs; ``cache`` keeps every block's factors."""
+    n_sel = n_out if outputs is None else len(outputs)
+
+    def get(x: Tensor, known):
+        if known is not None:
+            return known
+        key = (x.data_ptr(), x.shape[0])
+        if cache is not None and key in cache:
+            return cache[key]
+        f = engine.factors(x, n_out, outputs)
+        if cache is not None:
+            cache[key] = f
+        return f
+
     def kernel(xa, xb, cache_a, cache_b):
-        fa = cache_a if cache_a is not None else engine.factors(xa, n_out)
+        fa = get(xa, cache_a)
         same = xb is None
         if same:
             xb, fb = xa, fa
         else:
-            fb = cache_b if cache_b is not None else engine.factors(xb, n_out)
+            fb = get(xb, cache_b)
         b1, b2 = xa.shape[0], xb.shape[0]
         # full kernels accumulate as [B1, O, B2, O] (the natural layout of the Gram matmuls)
-        shape = {"trace": (b1, b2), "diagonal": (b1, b2, n_out),
-                 "full": (b1, n_out, b2, n_out)}[output]
+        shape = {"trace": (b1, b2), "diagonal": (b1, b2, n_sel),
+                 "full": (b1, n_sel, b2, n_sel)}[output]
         acc = torch.zeros(shape, dtype=engine.dtype, device=xa.device)
         for f1, f2 in zip(fa, fb, strict=True):
             _accumulate(acc, f1, f2, output, same)
@@ -452,17 +472,15 @@ def _accumulate(acc: Tensor, f1, f2, output: str, same: bool) -> None:
     if isinstance(f1, GradFactor):
         _contract_grads(acc, f1.g, f2.g, output, same)
         return
-    f1 = f1.prune_tokens()
-    f2 = f1 if same else f2.prune_tokens()
-    o, b1, s1, p = f1.d.shape
-    b2, s2 = f2.d.shape[1], f2.d.shape[2]
+    b1, s1, o, p = f1.d.shape
+    b2, s2 = f2.d.shape[:2]
     q = f1.q
     m = o * o if output == "full" else o
     cost_gram = b1 * s1 * b2 * s2 * ((q if f1.a is not None else 1) + m * p)
     cost_grad = o * (b1 * s1 + b2 * s2) * p * q + b1 * b2 * m * p * q
     if cost_grad < cost_gram:
-        g1 = f1.grads().transpose(0, 1).reshape(b1, o, -1)
-        g2 = g1 if same else f2.grads().transpose(0, 1).reshape(b2, o, -1)
+        g1 = f1.grads().reshape(b1, o, -1)
+        g2 = g1 if same else f2.grads().reshape(b2, o, -1)
         _contract_grads(acc, g1, g2, output, same)
     else:
         _token_gram(acc, f1, f2, output, same)
@@ -470,8 +488,8 @@ def _accumulate(acc: Tensor, f1, f2, output: str, same: bool) -> None:
 
 def _token_gram(acc: Tensor, f1: TokenFactor, f2: TokenFactor, output: str, same: bool) -> None:
     """Add ``sum_{s,s'} k(s,s') <d_s, d'_s'>`` to ``acc`` without per-example gradients."""
-    o, b1, s1, p = f1.d.shape
-    b2, s2 = f2.d.shape[1], f2.d.shape[2]
+    b1, s1, o, p = f1.d.shape
+    b2, s2 = f2.d.shape[:2]
     if f1.a is not None:
         ga = gram(f1.a.reshape(b1 * s1, -1), None if same else f2.a.reshape(b2 * s2, -1))
     else:
@@ -480,47 +498,75 @@ def _token_gram(acc: Tensor, f1: TokenFactor, f2: TokenFactor, output: str, same
     ga = ga.view(b1, s1, b2, s2)
     tokens = s1 > 1 or s2 > 1
     if output == "trace":
-        d1 = f1.d.permute(1, 2, 0, 3).reshape(b1 * s1, o * p)
-        gd = gram(d1, None if same else f2.d.permute(1, 2, 0, 3).reshape(b2 * s2, o * p))
+        gd = gram(f1.d.view(b1 * s1, o * p), None if same else f2.d.view(b2 * s2, o * p))
         gd = gd.view(b1, s1, b2, s2)
         if tokens:
             acc += (ga * gd).sum(dim=(1, 3))
         else:
             acc.addcmul_(ga.view(b1, b2), gd.view(b1, b2))
     elif output == "diagonal":
-        gd = torch.bmm(f1.d.reshape(o, b1 * s1, p), f2.d.reshape(o, b2 * s2, p).transpose(1, 2))
+        d1 = f1.d.permute(2, 0, 1, 3).reshape(o, b1 * s1, p)
+        d2 = d1 if same else f2.d.permute(2, 0, 1, 3).reshape(o, b2 * s2, p)
+        gd = torch.bmm(d1, d2.transpose(1, 2))
         if tokens:
             acc += torch.einsum("isjt,oisjt->ijo", ga, gd.view(o, b1, s1, b2, s2))
         else:
             acc.addcmul_(ga.view(b1, b2, 1), gd.view(o, b1, b2).permute(1, 2, 0))
     else:
-        d1 = f1.d.permute(1, 2, 0, 3).reshape(b1 * s1 * o, p)
-        gd = gram(d1, None if same else f2.d.permute(1, 2, 0, 3).reshape(b2 * s2 * o, p))
+        gd = gram(f1.d.view(b1 * s1 * o, p), None if same else f2.d.view(b2 * s2 * o, p))
         if tokens:
             acc += torch.einsum("isjt,isojtq->iojq", ga, gd.view(b1, s1, o, b2, s2, o))
         else:
             acc.addcmul_(ga.view(b1, 1, b2, 1), gd.view(b1, o, b2, o))
 
 
-def _choose_block(engine: _Engine, n: int, n_out: int, output: str, budget: int,
-                  itemsize: int) -> int:
-    """Largest block whose factors (two blocks) and contraction intermediates fit the budget."""
-    per_example = 0
-    worst = 0
-    m = n_out * n_out if output == "full" else (n_out if output == "diagonal" else 1)
-    for mname, _ in engine.modules:
+def _sizes(engine: _Engine) -> tuple[int, int, int]:
+    """Per-example element counts: deltas per output, inputs, and the largest per-example
+    gradient of one layer per output (rough upper bounds, for choosing blocks)."""
+    per_output, inputs, widest = 0, 0, 1
+    for mname, module in engine.modules:
+        weight = getattr(module, "weight", None)
         for shp in engine.shapes[mname]:
             numel = int(torch.Size(shp).numel())
-            per_example += 2 * n_out * numel  # deltas and (roughly) inputs
-            worst = max(worst, numel)
-    n_params = sum(engine.params[k].numel() for k in engine.fallback)
-    per_example += n_out * n_params * 3
-    # per-example gradient of the widest layer, and a token Gram of the widest layer
-    per_example += 2 * n_out * max(worst, 1) * 4
-    b = n
-    while b > 1 and 2 * b * per_example * itemsize + b * b * m * 8 * itemsize > budget:
-        b = (b + 1) // 2
-    return max(1, b)
+            per_output += numel
+            inputs += 2 * numel
+        if weight is not None:
+            widest = max(widest, weight.numel() + weight.shape[0])
+    fallback = sum(engine.params[k].numel() for k in engine.fallback)
+    return per_output + fallback, inputs, max(widest, fallback)
+
+
+def _choose_blocks(engine: _Engine, n1: int, n2: int, n_out: int, output: str, budget: int,
+                   itemsize: int) -> tuple[int, int, bool]:
+    """Output chunk, example block and whether every block's factors can be kept.
+
+    Trace and diagonal kernels are sums/stacks over outputs, so they are computed for chunks of
+    outputs: each chunk's factors for *all* examples are computed once and kept, which avoids
+    recomputing them for every block pair. Half the budget holds factors, half the contraction.
+    """
+    per_output, inputs, widest = _sizes(engine)
+    n = n1 + n2
+
+    def factor_bytes(c: int, examples: int) -> int:
+        return examples * (c * per_output + inputs) * itemsize
+
+    chunk = n_out
+    if output != "full":
+        while chunk > 1 and factor_bytes(chunk, n) > budget // 2:
+            chunk = (chunk + 1) // 2
+    keep_all = factor_bytes(chunk, n) <= budget // 2
+    m = chunk * chunk if output == "full" else chunk
+    block = max(n1, n2)
+
+    def contraction_bytes(b: int) -> int:
+        # two per-example-gradient blocks of the widest layer, or a token Gram, plus the result
+        return (2 * b * chunk * widest + 2 * b * b * m) * itemsize
+
+    limit = budget // 2 if keep_all else budget // 4
+    while block > 1 and (contraction_bytes(block) > limit or
+                         (not keep_all and 2 * factor_bytes(chunk, block) > budget // 4)):
+        block = (block + 1) // 2
+    return chunk, block, keep_all
 
 
 _PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -563,8 +609,21 @@ def structured_ntk(model: nn.Module, x1: Tensor, x2: Tensor | None, *, output: s
     """The ``method="structured"`` path of :func:`telescope.ntk` (inputs already validated)."""
     engine, n_out = _plan(model, x1[:2])
     itemsize = torch.finfo(engine.dtype).bits // 8
-    n = max(x1.shape[0], 0 if x2 is None else x2.shape[0])
-    if block_size is None:
-        block_size = _choose_block(engine, n, n_out, output, budget, itemsize)
-    kernel = _block_kernel_fn(engine, n_out, output)
-    return blocked_kernel(kernel, x1, x2, block_size, output, n_out, engine.dtype, progress)
+    n1, n2 = x1.shape[0], 0 if x2 is None else x2.shape[0]
+    chunk, block, keep_all = _choose_blocks(engine, n1, n2, n_out, output, budget, itemsize)
+    if block_size is not None:
+        block = block_size
+    if chunk >= n_out:
+        kernel = _block_kernel_fn(engine, n_out, output, None, {} if keep_all else None)
+        return blocked_kernel(kernel, x1, x2, block, output, n_out, engine.dtype, progress)
+    result = None
+    for start in range(0, n_out, chunk):
+        outputs = torch.arange(start, min(start + chunk, n_out), device=x1.device)
+        kernel = _block_kernel_fn(engine, n_out, output, outputs, {} if keep_all else None)
+        part = blocked_kernel(kernel, x1, x2, block, output, len(outputs), engine.dtype,
+                              progress)
+        if output == "trace":
+            result = part if result is None else result.add_(part)
+        else:
+            result = [part] if result is None else [*result, part]
+    return result if output == "trace" else torch.cat(result, dim=2)
