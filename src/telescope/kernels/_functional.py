@@ -1,4 +1,4 @@
-"""Shared plumbing for the kernel code: validating a model, calling it functionally, shaping outputs.
+"""Shared plumbing for the kernel code: validating and calling a model, shaping its outputs.
 
 Everything here treats a model as a pure function ``f(theta, x)`` of its trainable parameters
 ``theta`` (the parameters with ``requires_grad=True``) evaluated at the model's current parameters,
@@ -111,7 +111,8 @@ def check_inputs(x1: Tensor, x2: Tensor | None) -> None:
         if x is None:
             continue
         if not isinstance(x, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor of shape [N, ...], got {type(x).__name__}")
+            raise TypeError(
+                f"{name} must be a torch.Tensor of shape [N, ...], got {type(x).__name__}")
         if x.ndim == 0 or x.shape[0] == 0:
             raise ValueError(f"{name} must have shape [N, ...] with N >= 1, got {tuple(x.shape)}")
         if x.is_floating_point() and not torch.isfinite(x).all():

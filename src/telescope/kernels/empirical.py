@@ -13,7 +13,7 @@ summed over every trainable parameter. Three methods compute it (all agree to ro
   vector ``v = J(x1_i)^T e_o``; one batched forward-mode JVP over the whole ``x2`` block with
   tangent ``v`` gives ``J(x2) v = Theta(x2, x1_i)[:, :, o]``. No pair ever gets its own
   weight-space tangent.
-- ``"structured"``: per-layer factorized kernels (see :mod:`telescope.kernels.structured`), e.g. for a
+- ``"structured"``: per-layer factorized kernels (:mod:`telescope.kernels.structured`), e.g. for a
   linear layer ``<a(x), a(x')> <delta(x), delta(x')>`` summed over tokens, far cheaper than
   materializing Jacobians. Modules without a rule fall back to the Jacobian method for their own
   parameters only.

@@ -6,7 +6,7 @@ from torch import Tensor, nn
 
 
 class ConvNet1d(nn.Module):
-    """``[N, C, L]`` (or ``[N, L]``) -> conv(k=5) -> ReLU -> conv(k=3, stride 2) -> ReLU -> linear."""
+    """``[N, C, L]`` or ``[N, L]`` -> conv(k=5) -> ReLU -> conv(k=3, stride 2) -> ReLU -> dense."""
 
     def __init__(self, in_channels: int = 1, length: int = 40, channels: int = 16,
                  out_features: int = 10) -> None:

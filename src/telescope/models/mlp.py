@@ -67,9 +67,11 @@ class MLP(nn.Module):
                  alpha: float = 1.0) -> None:
         super().__init__()
         if activation not in _ACTIVATIONS:
-            raise ValueError(f"activation must be one of {sorted(_ACTIVATIONS)}, got {activation!r}")
+            raise ValueError(
+                f"activation must be one of {sorted(_ACTIVATIONS)}, got {activation!r}")
         if parametrization not in ("standard", "ntk"):
-            raise ValueError(f"parametrization must be 'standard' or 'ntk', got {parametrization!r}")
+            raise ValueError(
+                f"parametrization must be 'standard' or 'ntk', got {parametrization!r}")
         widths = [int(in_features), *map(int, hidden), int(out_features)]
         if min(widths) < 1:
             raise ValueError(f"all layer widths must be >= 1, got {widths}")
