@@ -68,7 +68,8 @@ class TokenFactor:
     ``k = [idx_s == idx'_s']`` (gather, ``q`` = vocabulary size, ``idx < 0`` = no gradient).
     ``d`` is ``[B, S, O, p]`` (contiguous; the layout every contraction below reads).
     ``to_params`` maps per-example gradients ``G [B, O, p, q]`` to the layer's parameters
-    (each ``[B, O, *shape]``).
+    (each ``[B, O, *shape]``); ``from_params`` maps parameter-shaped tensors (a dict by name)
+    to the layer's ``[p, q]`` matrix (dense) or ``[q, p]`` table (gather).
     """
 
     d: Tensor
@@ -76,10 +77,11 @@ class TokenFactor:
     idx: Tensor | None
     q: int
     to_params: Callable[[Tensor], dict[str, Tensor]]
+    from_params: Callable[[dict[str, Tensor]], Tensor]
 
     @classmethod
     def create(cls, d: Tensor, a: Tensor | None, idx: Tensor | None, q: int,
-               to_params: Callable) -> TokenFactor:
+               to_params: Callable, from_params: Callable) -> TokenFactor:
         """From ``d [O, B, S, p]`` (as the backward pass gives it), dropping the tokens whose
         delta is zero for every output, example and unit (e.g. all but the last token above
         the last attention layer of a last-token readout)."""
@@ -90,11 +92,21 @@ class TokenFactor:
                 d = d[:, :, keep]
                 a = None if a is None else a[:, keep]
                 idx = None if idx is None else idx[:, keep]
-        return cls(d.permute(1, 2, 0, 3).contiguous(), a, idx, q, to_params)
+        return cls(d.permute(1, 2, 0, 3).contiguous(), a, idx, q, to_params, from_params)
 
     def select(self, rows: slice) -> TokenFactor:
         return TokenFactor(self.d[rows], None if self.a is None else self.a[rows],
-                           None if self.idx is None else self.idx[rows], self.q, self.to_params)
+                           None if self.idx is None else self.idx[rows], self.q, self.to_params,
+                           self.from_params)
+
+    def dot(self, theta: dict[str, Tensor]) -> Tensor:
+        """``<d f_o(x_b) / d theta_layer, theta>`` for every example and output: ``[B, O]``."""
+        m = self.from_params(theta)
+        if self.a is not None:
+            y = self.a @ m.T  # [B, S, p]
+        else:
+            y = m[self.idx.clamp(min=0)] * (self.idx >= 0).unsqueeze(-1)
+        return torch.einsum("bsop,bsp->bo", self.d, y)
 
     def grads(self) -> Tensor:
         """Per-example gradients ``G [B, O, p, q]`` (``sum_s d_s a_s^T``)."""
@@ -114,9 +126,13 @@ class GradFactor:
 
     g: Tensor
     to_params: Callable[[Tensor], dict[str, Tensor]]
+    names: list[str]
 
     def select(self, rows: slice) -> GradFactor:
-        return GradFactor(self.g[rows], self.to_params)
+        return GradFactor(self.g[rows], self.to_params, self.names)
+
+    def dot(self, theta: dict[str, Tensor]) -> Tensor:
+        return self.g @ torch.cat([theta[n].reshape(-1) for n in self.names])
 
 
 # --------------------------------------------------------------------------------------------
@@ -149,7 +165,13 @@ def _dense_factor(prefix: str, a: Tensor, d: Tensor, weight: Tensor, bias: Tenso
             out[f"{prefix}bias"] = g[..., -1]
         return out
 
-    return TokenFactor.create(d, a_aug, None, a_aug.shape[-1], to_params)
+    def from_params(theta: dict[str, Tensor]) -> Tensor:
+        cols = [theta[f"{prefix}weight"].reshape(weight.shape[0], -1)] if has_w else []
+        if has_b:
+            cols.append(theta[f"{prefix}bias"].reshape(-1, 1))
+        return torch.cat(cols, dim=1)
+
+    return TokenFactor.create(d, a_aug, None, a_aug.shape[-1], to_params, from_params)
 
 
 def _tokens(ts: list[Tensor], width: int, lead: int = 1) -> Tensor:
@@ -175,7 +197,7 @@ def _embedding_rule(module: nn.Embedding, prefix: str, inputs, deltas) -> list:
     d = _tokens(deltas, module.embedding_dim, lead=2)
     name = f"{prefix}weight"
     return [TokenFactor.create(d, None, idx, module.num_embeddings,
-                               lambda g: {name: g.transpose(2, 3)})]
+                               lambda g: {name: g.transpose(2, 3)}, lambda t: t[name])]
 
 
 def _conv_rule(module: nn.Module, prefix: str, inputs, deltas) -> list:
@@ -225,7 +247,7 @@ def _norm_rule(module: nn.Module, prefix: str, inputs, deltas) -> list:
         return {n: c.reshape(*c.shape[:2], *shape)
                 for n, c in zip(names, gr.split(numel, dim=2), strict=True)}
 
-    return [GradFactor(g, to_params)]
+    return [GradFactor(g, to_params, names)]
 
 
 def _rules() -> dict[type, Callable]:
@@ -362,7 +384,7 @@ class _Engine:
                 return {n: c.reshape(*c.shape[:2], *s)
                         for n, c, s in zip(names, gr.split(sizes, dim=2), shapes, strict=True)}
 
-            factors.append(GradFactor(g, to_params))
+            factors.append(GradFactor(g, to_params, names))
         return factors
 
     # ---- checking the rules against autograd -------------------------------------------------
@@ -627,3 +649,49 @@ def structured_ntk(model: nn.Module, x1: Tensor, x2: Tensor | None, *, output: s
         else:
             result = [part] if result is None else [*result, part]
     return result if output == "trace" else torch.cat(result, dim=2)
+
+
+def ntk_to_subset(model: nn.Module, x: Tensor, idx: Tensor, *, output: str = "full",
+                  max_memory_gb: float | None = None,
+                  tangent: dict[str, Tensor] | None = None) -> Tensor | tuple[Tensor, Tensor]:
+    """``ntk(model, x, x[idx])``, reusing the factors of ``x`` for the rows ``idx``.
+
+    The kernel between every tracked point and a training batch drawn from them is what the
+    :class:`telescope.Smoother` needs at every step; computing the batch's factors by slicing
+    saves a forward and backward pass over the batch. Falls back to :func:`telescope.ntk` when
+    the factors of all of ``x`` do not fit in the memory budget.
+
+    With ``tangent`` (parameter-shaped tensors by name) also returns the directional derivative
+    ``J(x) tangent`` ``[N, O]``, read off the same factors (no extra forward-mode pass).
+    """
+    from telescope.kernels._functional import check_model, parse_memory
+    from telescope.kernels.empirical import ad_safe_attention, ntk
+
+    check_model(model)
+    engine, n_out = _plan(model, x[:2])
+    per_output, inputs, _ = _sizes(engine)
+    itemsize = torch.finfo(engine.dtype).bits // 8
+    budget = parse_memory(max_memory_gb)
+    if x.shape[0] * (n_out * per_output + inputs) * itemsize > budget // 2:
+        k = ntk(model, x, x[idx], output=output, max_memory_gb=max_memory_gb)
+        return k if tangent is None else (k, _jvp(model, x, tangent))
+    with ad_safe_attention():
+        factors = engine.factors(x, n_out)
+    b1, b2 = x.shape[0], idx.numel()
+    shape = {"trace": (b1, b2), "diagonal": (b1, b2, n_out),
+             "full": (b1, n_out, b2, n_out)}[output]
+    acc = torch.zeros(shape, dtype=engine.dtype, device=x.device)
+    for f in factors:
+        _accumulate(acc, f, f.select(idx), output, same=False)
+    k = acc.permute(0, 2, 1, 3) if output == "full" else acc
+    if tangent is None:
+        return k
+    return k, sum(f.dot(tangent) for f in factors)
+
+
+def _jvp(model: nn.Module, x: Tensor, tangent: dict[str, Tensor]) -> Tensor:
+    from torch.func import jvp
+
+    params, frozen = trainable_params(model), frozen_state(model)
+    f = batched_fn(model, frozen)
+    return jvp(lambda p: f(p, x), (params,), ({n: tangent[n] for n in params},))[1]

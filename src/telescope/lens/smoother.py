@@ -71,10 +71,11 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, jvp
+from torch.func import functional_call
 
 from telescope.kernels._functional import flatten_output, frozen_state
-from telescope.kernels.empirical import ad_safe_attention, ntk, per_example_jacobian
+from telescope.kernels.empirical import ad_safe_attention, per_example_jacobian
+from telescope.kernels.structured import ntk_to_subset
 
 TRAIN = "train"
 LOSSES = ("mse", "cross_entropy")
@@ -160,6 +161,8 @@ class Smoother:
             a = torch.zeros(x.shape[0], o, n * o + 1, dtype=dtype, device=device)
             a[:, :, -1] = f0
             self.A[name] = a
+        self._x_all = torch.cat(list(self.sets.values()))  # train first: batch rows = indices
+        self._sizes = [x.shape[0] for x in self.sets.values()]
         self.theta0 = [p.detach().clone() for p in self.params]
         self._buffers: dict[str, Tensor] | None = None  # function-space momentum
         self._D: Tensor | None = None  # weight space: theta - theta0 = D [vecY; 1]
@@ -319,31 +322,20 @@ class Smoother:
                 "max_kernel_weight_norm": float(self.kernel_weight_norms(name).max()),
             })
 
-    def _theta0_jvp(self) -> dict[str, Tensor]:
-        """``J_x theta_0`` at the current parameters for every set (weight decay)."""
-        params = dict(zip(self._names, (p.detach() for p in self.params), strict=True))
-        tangent = dict(zip(self._names, self.theta0, strict=True))
-        frozen = frozen_state(self.model)
-        out = {}
-        with _eval(self.model), ad_safe_attention():
-            for name, x in self.sets.items():
-                def f(p, x=x):
-                    return flatten_output(functional_call(self.model, {**frozen, **p}, (x,)),
-                                          x.shape[0])
-                out[name] = jvp(f, (params,), (tangent,))[1].to(self.dtype)
-        return out
-
     # ---- function space (SGD) --------------------------------------------------------------
 
     def _function_kernels(self, batch: Tensor) -> dict:
-        group = self.optimizer.param_groups[0]
-        with _eval(self.model):
-            xb = self.x_train[batch]
-            kernels = {name: ntk(self.model, x, xb, output="full").to(self.dtype)
-                       for name, x in self.sets.items()}
-        out = {"kernels": kernels}
-        if group["weight_decay"] != 0:
-            out["jt0"] = self._theta0_jvp()
+        """``K_t(x, x_i)`` ``[m, |B|, O, O]`` for every set, from one structured pass over all
+        tracked points (the batch's factors are rows of the training set's); with weight decay
+        also ``J_x theta_0`` from the same pass."""
+        decay = self.optimizer.param_groups[0]["weight_decay"] != 0
+        tangent = dict(zip(self._names, self.theta0, strict=True)) if decay else None
+        with _eval(self.model), ad_safe_attention():
+            res = ntk_to_subset(self.model, self._x_all, batch, output="full", tangent=tangent)
+        k, jt0 = res if decay else (res, None)
+        out = {"kernels": dict(zip(self.sets, k.to(self.dtype).split(self._sizes), strict=True))}
+        if decay:
+            out["jt0"] = dict(zip(self.sets, jt0.to(self.dtype).split(self._sizes), strict=True))
         return out
 
     def _function_update(self, pending: dict) -> None:
@@ -354,8 +346,12 @@ class Smoother:
         resid = pending["resid"]
         grads = {}
         for name, k in pending["kernels"].items():
-            # sum_i K(x, x_i) rho_i : [m, O, nO+1]
-            grad = torch.einsum("mbop,bpk->mok", k, resid) * sign
+            # sum_i K(x, x_i) rho_i : [m, O, nO+1], as one matmul
+            m, b, o = k.shape[:3]
+            kk = k.permute(0, 2, 1, 3).reshape(m * o, b * o)
+            grad = (kk @ resid.reshape(b * o, -1)).view(m, o, -1)
+            if sign < 0:
+                grad = -grad
             if wd != 0:
                 w = self.A[name].clone()
                 w[:, :, -1] += pending["jt0"][name] - self.f0[name]
