@@ -157,8 +157,11 @@ def main() -> None:
             if proc.returncode:
                 sys.stderr.write(proc.stderr)
                 raise SystemExit(proc.returncode)
-            rows += [json.loads(line) for line in proc.stdout.splitlines()
-                     if line.startswith("{")]
+            new = [json.loads(line) for line in proc.stdout.splitlines()
+                   if line.startswith("{")]
+            for r in new:
+                print(json.dumps(r), flush=True)
+            rows += new
     cols = ["model", "n", "threads", "output", "method", "seconds", "peak_mb",
             "speedup_vs_jacobian", "gram_gflops", "matmul_peak_gflops"]
     print("\n" + " | ".join(cols))

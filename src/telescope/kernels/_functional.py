@@ -7,7 +7,8 @@ buffers and train/eval mode. Nothing in this module changes the model.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -143,3 +144,15 @@ def parse_memory(max_memory_gb: float | None) -> int:
     if not max_memory_gb > 0:
         raise ValueError(f"max_memory_gb must be positive, got {max_memory_gb}")
     return int(max_memory_gb * 2**30)
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Put every submodule in eval mode, then restore each one's own ``training`` flag."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training

@@ -73,7 +73,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from telescope.kernels._functional import flatten_output, frozen_state
+from telescope.kernels._functional import eval_mode, flatten_output, frozen_state
 from telescope.kernels.empirical import ad_safe_attention, per_example_jacobian
 from telescope.kernels.structured import ntk_to_subset
 
@@ -141,7 +141,7 @@ class Smoother:
         self.x_train = x_train.to(device)
         n = self.x_train.shape[0]
         self.n = n
-        with torch.no_grad(), _eval(model):
+        with torch.no_grad(), eval_mode(model):
             f0_train = flatten_output(model(self.x_train), n).to(dtype)
         self.n_out = o = f0_train.shape[1]
         self.y = _targets(y_train, n, o, loss).to(device=device, dtype=dtype)  # [n, O]
@@ -155,7 +155,7 @@ class Smoother:
             if name == TRAIN:
                 f0 = f0_train
             else:
-                with torch.no_grad(), _eval(model):
+                with torch.no_grad(), eval_mode(model):
                     f0 = flatten_output(model(x), x.shape[0]).to(dtype)
             self.f0[name] = f0
             a = torch.zeros(x.shape[0], o, n * o + 1, dtype=dtype, device=device)
@@ -280,7 +280,7 @@ class Smoother:
         sel.scatter_(2, cols.unsqueeze(-1), 1.0)
         if self.loss == "mse":
             return (2.0 / (b * o)) * (self.A[TRAIN][batch] - sel)
-        with torch.no_grad(), _eval(self.model):
+        with torch.no_grad(), eval_mode(self.model):
             logits = flatten_output(self.model(self.x_train[batch]), b).to(self.dtype)
         resid = -sel
         resid[:, :, -1] = logits.softmax(dim=1)
@@ -315,11 +315,12 @@ class Smoother:
 
     def _log(self) -> None:
         for name in self.A:
+            w = self.kernel_weight_norms(name)
             self.history.append({
                 "step": self.step, "probe": name,
-                "effective_parameters": self.effective_parameters(name),
-                "mean_kernel_weight_norm": float(self.kernel_weight_norms(name).mean()),
-                "max_kernel_weight_norm": float(self.kernel_weight_norms(name).max()),
+                "effective_parameters": float(self.n * (w**2).mean()),
+                "mean_kernel_weight_norm": float(w.mean()),
+                "max_kernel_weight_norm": float(w.max()),
             })
 
     # ---- function space (SGD) --------------------------------------------------------------
@@ -330,7 +331,7 @@ class Smoother:
         also ``J_x theta_0`` from the same pass."""
         decay = self.optimizer.param_groups[0]["weight_decay"] != 0
         tangent = dict(zip(self._names, self.theta0, strict=True)) if decay else None
-        with _eval(self.model), ad_safe_attention():
+        with eval_mode(self.model), ad_safe_attention():
             res = ntk_to_subset(self.model, self._x_all, batch, output="full", tangent=tangent)
         k, jt0 = res if decay else (res, None)
         out = {"kernels": dict(zip(self.sets, k.to(self.dtype).split(self._sizes), strict=True))}
@@ -379,7 +380,7 @@ class Smoother:
         def f_single(p, x):
             return flatten_output(functional_call(self.model, {**frozen, **p}, (x[None],)), 1)[0]
 
-        with _eval(self.model), ad_safe_attention():
+        with eval_mode(self.model), ad_safe_attention():
             jac = {name: per_example_jacobian(f_single, params, x).to(self.dtype)
                    for name, x in self.sets.items()}  # [m, O, P]
         return {"jac": jac}
@@ -495,21 +496,6 @@ def _targets(y: Tensor, n: int, o: int, loss: str) -> Tensor:
     if y2.is_floating_point() and not torch.isfinite(y2).all():
         raise ValueError("y_train contains NaN or infinite values")
     return y2
-
-
-class _eval:
-    """Context manager: the model in eval mode, restoring every module's mode afterwards."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
-
-    def __enter__(self) -> None:
-        self.modes = [(m, m.training) for m in self.model.modules()]
-        self.model.eval()
-
-    def __exit__(self, *exc) -> None:
-        for m, mode in self.modes:
-            m.training = mode
 
 
 __all__ = ["Smoother"]
