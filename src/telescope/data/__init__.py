@@ -5,9 +5,32 @@ for regression) and a name. Inputs are floating point in the requested dtype; cl
 ``int64`` tensors of shape ``[N]``; regression targets are floating ``[N, O]`` tensors. Use
 :func:`one_hot` (or :meth:`Dataset.one_hot`) to regress on class labels with the MSE loss.
 
+Bundled or generated (no files needed):
+
 - :func:`load_mnist1d` -- MNIST-1D (Greydanus & Kobak 2020), generated offline and cached.
+- :func:`load_digits` -- scikit-learn's bundled 8x8 digits (a stand-in for the paper's 8x8 MNIST).
+- :func:`load_bundled_table` -- small tables bundled with scikit-learn (diabetes, ...).
 - :func:`teacher_regression` -- Gaussian inputs, targets from a random-features ReLU teacher.
+- :func:`polynomial_task` -- Kumar et al.'s polynomial task of the grokking experiment.
+- :func:`modular_arithmetic` -- ``a op b mod p`` pairs for grokking transformers.
+- :func:`mnist1d_patches`, :func:`sequence_task` -- sequence tasks for transformers.
 - :func:`random_tokens` -- integer token batches for sequence models.
+
+Read from files the user provides (nothing is ever downloaded):
+
+- :func:`load_mnist_idx` -- MNIST IDX files (optionally downsampled to 8x8 like the paper).
+- :func:`load_cifar10` -- CIFAR-10 python batches (default: cats vs dogs, grayscale, 8x8).
+- :func:`load_table` -- CSV / Parquet tables; :func:`load_openml_cache` -- OpenML cache
+  directories as ``fetch_openml(data_home=...)`` leaves them (the Grinsztajn et al. benchmark).
+- :func:`read_idx`, :func:`read_arff` -- the file-format parsers.
+
+Transformations: :func:`binary_subset` (e.g. 3 vs 5, optional +/-1 targets),
+:func:`add_label_noise`, :func:`subsample`, :func:`irregularity_split` (test sets of increasing
+irregularity along the first principal component). :func:`load_dataset` picks a loader by name.
+
+Missing files raise :class:`MissingDataError` (both ``FileNotFoundError`` and ``ValueError``);
+malformed files, missing columns, wrong shapes and unknown classes raise ``ValueError`` saying
+what is wrong and how to fix it.
 """
 
 from __future__ import annotations
@@ -18,7 +41,43 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["Dataset", "one_hot", "load_mnist1d", "teacher_regression", "random_tokens"]
+__all__ = [
+    "Dataset",
+    "one_hot",
+    "MissingDataError",
+    # generated / bundled
+    "load_mnist1d",
+    "load_digits",
+    "load_bundled_table",
+    "teacher_regression",
+    "random_tokens",
+    "polynomial_task",
+    "polynomial_activation",
+    "modular_arithmetic",
+    "mnist1d_patches",
+    "sequence_task",
+    "SEQUENCE_TASKS",
+    # files
+    "read_idx",
+    "area_downsample",
+    "load_mnist_idx",
+    "load_cifar10",
+    "CIFAR10_CLASSES",
+    "table_dataset",
+    "load_table",
+    "read_arff",
+    "load_openml_cache",
+    # transformations
+    "binary_subset",
+    "add_label_noise",
+    "subsample",
+    "IrregularitySplit",
+    "irregularity_split",
+    "first_pc_scores",
+    # by name
+    "DATASETS",
+    "load_dataset",
+]
 
 
 def one_hot(y: Tensor, n_classes: int, *, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -122,5 +181,37 @@ class Dataset:
 
 
 # The loaders import Dataset from this module, so they are imported after it is defined.
+from telescope.data._util import MissingDataError  # noqa: E402
+from telescope.data.digits import load_digits  # noqa: E402
+from telescope.data.images import (  # noqa: E402
+    CIFAR10_CLASSES,
+    area_downsample,
+    load_cifar10,
+    load_mnist_idx,
+    read_idx,
+)
+from telescope.data.irregular import (  # noqa: E402
+    IrregularitySplit,
+    first_pc_scores,
+    irregularity_split,
+)
 from telescope.data.mnist1d import load_mnist1d  # noqa: E402
-from telescope.data.synthetic import random_tokens, teacher_regression  # noqa: E402
+from telescope.data.registry import DATASETS, load_dataset  # noqa: E402
+from telescope.data.synthetic import (  # noqa: E402
+    SEQUENCE_TASKS,
+    mnist1d_patches,
+    modular_arithmetic,
+    polynomial_activation,
+    polynomial_task,
+    random_tokens,
+    sequence_task,
+    teacher_regression,
+)
+from telescope.data.tables import (  # noqa: E402
+    load_bundled_table,
+    load_openml_cache,
+    load_table,
+    read_arff,
+    table_dataset,
+)
+from telescope.data.transforms import add_label_noise, binary_subset, subsample  # noqa: E402
