@@ -6,6 +6,11 @@
               [--out DIR] [--seed S]
     telescope [--threads N] lens [--out DIR] [--steps N] [--lr LR ...] [--adamw-lr LR ...]
               [--optimizer sgd|momentum|weight_decay|adamw ...] [--seed S]
+    telescope [--threads N] study NAME [--preset quick|full] [--out DIR] [--set key=value ...]
+              [--seeds N] [--executor local|ray] [--workers K] [--address ADDR]
+              [--cpus-per-point C] [--force] [--no-report] [--no-progress]
+    telescope study --list
+    telescope report DIR
 """
 
 from __future__ import annotations
@@ -139,6 +144,54 @@ def build_parser() -> argparse.ArgumentParser:
     lens.add_argument("--seed", type=int, default=0, help="data split and initialization seed")
     lens.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     lens.set_defaults(func=_cmd_lens)
+
+    study = sub.add_parser(
+        "study", parents=[common],
+        help="run a study (an experiment of the paper): sweep, results, figures, report.html",
+        description="Run the sweep of study NAME into --out: config.json, one Parquet file per "
+                    "finished point, results.parquet (tidy rows), figures (PNG + SVG) and "
+                    "report.html. Re-running the same command resumes, skipping finished "
+                    "points. `telescope study --list` lists the studies.")
+    study.add_argument("name", nargs="?", metavar="NAME", help="the study (see --list)")
+    study.add_argument("--list", action="store_true", help="list the studies and exit")
+    study.add_argument("--preset", default="quick", metavar="PRESET",
+                       help="quick (minutes on a laptop CPU) or full (the paper's sizes) "
+                            "(default: quick)")
+    study.add_argument("--out", default=None, metavar="DIR",
+                       help="run directory (default: out/NAME-PRESET)")
+    study.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[],
+                       metavar="KEY=VALUE",
+                       help="override a config value, e.g. --set widths=4,8,16 data.n_train=500 "
+                            "(dotted keys for nested settings; repeatable)")
+    study.add_argument("--seeds", type=_positive_int, default=None, metavar="N",
+                       help="number of seeds (same as --set seeds=N)")
+    study.add_argument("--executor", choices=("local", "ray"), default="local",
+                       help="local processes (default) or a Ray cluster")
+    study.add_argument("--workers", type=_positive_int, default=1, metavar="K",
+                       help="local: points in parallel on K worker processes, each with "
+                            "max(1, cpus // K) torch threads (default: 1, in this process)")
+    study.add_argument("--address", default=None, metavar="ADDR",
+                       help="ray: cluster address ('auto', 'ray://host:10001'); default: start "
+                            "a local Ray instance")
+    study.add_argument("--cpus-per-point", type=_positive_int, default=None, metavar="C",
+                       help="ray: CPUs reserved by each point's task (default: 1); local: torch "
+                            "threads per worker")
+    study.add_argument("--force", action="store_true",
+                       help="--out holds results of another config: discard them, start over")
+    study.add_argument("--no-report", action="store_true",
+                       help="skip the figures and report.html (make them later with "
+                            "`telescope report DIR`)")
+    study.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    study.set_defaults(func=_cmd_study)
+
+    report = sub.add_parser(
+        "report", parents=[common],
+        help="rebuild results.parquet, the figures and report.html of a run directory",
+        description="Rebuild results.parquet (from the point files), the figures and "
+                    "report.html of a study's run directory from its saved results and "
+                    "config.json; nothing is recomputed.")
+    report.add_argument("dir", metavar="DIR", help="the run directory (holds config.json)")
+    report.set_defaults(func=_cmd_report)
     return parser
 
 
@@ -218,6 +271,74 @@ def _cmd_lens(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_study(args: argparse.Namespace) -> int:
+    from telescope.report.html import ReportError, write_report
+    from telescope.runs import make_executor, run_sweep
+    from telescope.studies import get_study, list_studies, make_config
+    from telescope.studies.base import parse_overrides
+
+    if args.list:
+        studies = list_studies()
+        width = max((len(s.name) for s in studies), default=0)
+        for s in studies:
+            presets = "|".join(s.presets)
+            print(f"{s.name:<{width}}  {s.description} [{presets}]")
+        return 0
+    if not args.name:
+        raise ValueError("give a study NAME (telescope study --list shows them)")
+    study = get_study(args.name)
+    overrides = parse_overrides(args.overrides)
+    if args.seeds is not None:
+        overrides["seeds"] = str(args.seeds)
+    config = make_config(study, args.preset, overrides)
+    out = Path(args.out or f"out/{study.name}-{args.preset}").resolve()
+    executor = make_executor(args.executor, workers=args.workers, address=args.address,
+                             cpus_per_point=args.cpus_per_point,
+                             threads=getattr(args, "threads", None),
+                             progress=not args.no_progress)
+    n_points = len(study.points(config))
+    print(f"telescope study {study.name} ({args.preset}): {n_points} points, "
+          f"{executor.describe()}; out {out}", flush=True)
+    result = run_sweep(study, config, out, preset=args.preset, executor=executor,
+                       force=args.force, progress=not args.no_progress)
+    print(f"{result.done} of {result.total} points done ({result.computed} computed now, "
+          f"{result.skipped} already done, {len(result.failed)} failed) in "
+          f"{result.seconds:.1f} s")
+    from telescope.runs import RunStore
+
+    code = 0
+    if result.done and args.no_report:
+        print(f"results: {out / 'results.parquet'}")
+        print(f"report:  not written (--no-report); make it with: telescope report {out}")
+    elif result.done:
+        df = RunStore(out).read_results()
+        try:
+            report_path = write_report(out, study, config, df)
+        except ReportError as err:
+            print(f"telescope: error: {err}", file=sys.stderr)
+            code = 1
+        else:
+            print(f"results: {out / 'results.parquet'}")
+            print(f"report:  {report_path}")
+    if result.failed:
+        print(f"telescope: {len(result.failed)} point(s) failed (tracebacks in "
+              f"{out / 'run.json'}); re-run the same command to retry them", file=sys.stderr)
+        code = 1
+    return code
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from telescope.report.html import ReportError, rebuild_report
+
+    try:
+        path = rebuild_report(Path(args.dir))
+    except ReportError as err:
+        print(f"telescope: error: {err}", file=sys.stderr)
+        return 1
+    print(f"report: {path}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``telescope`` console script; returns the exit code (0 on success).
 
@@ -226,13 +347,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     ``telescope: error: ...`` and exit with code 2 instead of a traceback.
     """
     from telescope.kernels._functional import UnsupportedModelError
+    from telescope.runs.executors import ExecutorUnavailableError
 
     parser = build_parser()
     args = parser.parse_args(None if argv is None else list(argv))
     try:
         args.threads_used = configure_threads(args.threads)
         return args.func(args)
-    except (UnsupportedModelError, ValueError) as err:
+    except (UnsupportedModelError, ValueError, ExecutorUnavailableError) as err:
         parser.exit(2, f"telescope: error: {err}\n")
     except KeyboardInterrupt:
         print("telescope: interrupted", file=sys.stderr)

@@ -1,0 +1,535 @@
+"""Running a study's sweep: sequentially, on K local worker processes, or on Ray.
+
+Workers only compute: each point's ``run_point`` runs in a worker and returns its rows; the parent
+process writes each point's file the moment it arrives (atomically, :mod:`telescope.runs.store`)
+and rebuilds ``results.parquet``, so a run killed at any moment loses at most the points in
+flight, and re-running the same command skips the finished ones. A point that raises writes
+nothing: the error is reported (which point, and a traceback summary), the other points go on,
+and :func:`run_sweep` returns the failures (the CLI then exits non-zero).
+
+Threads: the sequential executor uses the process's own torch thread count (``--threads``);
+``K`` local workers each use ``max(1, cpus // K)`` threads (``cpus``: the CPUs this process may
+run on) unless told otherwise; a Ray task uses as many threads as the CPUs it reserved.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import contextlib
+import multiprocessing
+import os
+import pickle
+import platform
+import sys
+import time
+import traceback
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from telescope._threads import available_cpus, configure_threads
+
+__all__ = ["Progress", "TqdmProgress", "PointResult", "SweepResult", "LocalExecutor",
+           "RayExecutor", "ExecutorUnavailableError", "make_executor", "execute_point",
+           "run_sweep", "versions"]
+
+
+# --------------------------------------------------------------------------- progress
+
+
+class Progress:
+    """Progress of one long point (e.g. training steps), as the study reports it.
+
+    ``set(total)`` announces the number of steps, ``update(n=1)`` counts them, ``write(msg)``
+    prints a line without breaking progress bars. This base class shows no bar (it is what a
+    point gets in a worker process or a Ray task); :class:`TqdmProgress` shows one.
+    """
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.total: int | None = None
+
+    def set(self, total: int | None) -> None:
+        """Announce the number of steps (``None``: unknown)."""
+        self.total = None if total is None else int(total)
+
+    def update(self, n: int = 1) -> None:
+        """Count ``n`` more steps."""
+        self.n += n
+
+    def write(self, msg: str) -> None:
+        """Print a message (to stderr)."""
+        print(msg, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        """Finish (hide the bar, if any)."""
+
+
+class TqdmProgress(Progress):
+    """A :class:`Progress` shown as a tqdm bar (created on the first ``set`` or ``update``)."""
+
+    def __init__(self, desc: str = "", *, position: int = 1, leave: bool = False,
+                 enabled: bool = True) -> None:
+        super().__init__()
+        self.desc = desc
+        self.position = position
+        self.leave = leave
+        self.enabled = enabled
+        self._bar = None
+
+    def _ensure(self):
+        if self._bar is None and self.enabled:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=self.total, desc=self.desc, position=self.position,
+                             leave=self.leave, file=sys.stderr, dynamic_ncols=True,
+                             mininterval=0.5)
+        return self._bar
+
+    def set(self, total: int | None) -> None:
+        super().set(total)
+        bar = self._ensure()
+        if bar is not None:
+            bar.total = self.total
+            bar.refresh()
+
+    def update(self, n: int = 1) -> None:
+        super().update(n)
+        bar = self._ensure()
+        if bar is not None:
+            bar.update(n)
+
+    def write(self, msg: str) -> None:
+        from tqdm.auto import tqdm
+
+        tqdm.write(msg, file=sys.stderr)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+# --------------------------------------------------------------------------- one point
+
+
+@dataclass
+class PointResult:
+    """What a worker sends back for one point: its rows, or the error it raised."""
+
+    point: dict[str, Any]
+    rows: list[dict[str, Any]] | None = None
+    error: str | None = None        # one-paragraph summary (exception and last frames)
+    traceback: str | None = None    # the full traceback
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+def _summarize(exc: BaseException, frames: int = 3) -> str:
+    tb = traceback.extract_tb(exc.__traceback__)[-frames:]
+    where = "".join(f"\n    {Path(f.filename).name}:{f.lineno} in {f.name}" for f in tb)
+    return f"{type(exc).__name__}: {exc}{where}"
+
+
+def execute_point(study: Any, config: Any, point: Mapping[str, Any],
+                  progress: Progress | None = None) -> PointResult:
+    """Run ``study.run_point`` on one point, catching its errors (not KeyboardInterrupt)."""
+    progress = progress if progress is not None else Progress()
+    start = time.perf_counter()
+    try:
+        rows = study.run_point(config, dict(point), progress)
+        if rows is None or isinstance(rows, Mapping):
+            raise TypeError("run_point must return a list of dicts (tidy rows), got "
+                            f"{type(rows).__name__}")
+        rows = [dict(r) for r in rows]
+    except Exception as exc:  # noqa: BLE001 - every error of a point is reported, not raised
+        return PointResult(dict(point), error=_summarize(exc),
+                           traceback="".join(traceback.format_exception(exc)),
+                           seconds=time.perf_counter() - start)
+    finally:
+        progress.close()
+    return PointResult(dict(point), rows=rows, seconds=time.perf_counter() - start)
+
+
+def _label(point: Mapping[str, Any], width: int = 60) -> str:
+    text = " ".join(f"{k}={v}" for k, v in point.items())
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+OnResult = Callable[[PointResult], None]
+
+
+# --------------------------------------------------------------------------- executors
+
+
+class ExecutorUnavailableError(RuntimeError):
+    """The requested executor cannot run here (e.g. Ray is not installed)."""
+
+
+def _study_ref(study: Any) -> Any:
+    """The study itself when it pickles (module-level functions), else its registry name."""
+    try:
+        pickle.dumps(study)
+        return study
+    except Exception:  # noqa: BLE001 - lambdas or closures: the worker looks the name up
+        return study.name
+
+
+def _resolve_study(ref: Any) -> Any:
+    if isinstance(ref, str):
+        from telescope.studies import get_study
+
+        return get_study(ref)
+    return ref
+
+
+def _init_worker(threads: int) -> None:
+    configure_threads(threads)
+
+
+def _worker_run(study_ref: Any, config: Any, point: dict[str, Any]) -> PointResult:
+    return execute_point(_resolve_study(study_ref), config, point, Progress())
+
+
+class LocalExecutor:
+    """Points on this machine: in this process (``workers=1``) or on ``workers`` processes.
+
+    Worker processes are started with the ``spawn`` method (safe with torch's threads) and
+    each sets ``threads`` torch threads (default ``max(1, cpus // workers)``).
+    """
+
+    name = "local"
+
+    def __init__(self, workers: int = 1, *, threads: int | None = None,
+                 progress: bool = True) -> None:
+        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+            raise ValueError(f"workers must be a positive integer, got {workers!r}")
+        self.workers = workers
+        self.threads = threads
+        self.progress = progress
+
+    def describe(self) -> str:
+        if self.workers == 1:
+            return "local, sequential"
+        threads = self._threads()
+        return (f"local, {self.workers} worker processes x {threads} "
+                f"thread{'s' if threads > 1 else ''}")
+
+    def _threads(self) -> int:
+        return self.threads or max(1, available_cpus() // self.workers)
+
+    def run(self, study: Any, config: Any, points: Sequence[dict[str, Any]],
+            on_result: OnResult) -> None:
+        """Run every point and hand each result to ``on_result`` as soon as it is done."""
+        if not points:
+            return
+        if self.workers == 1:
+            for point in points:
+                bar = TqdmProgress(_label(point), position=1, enabled=self.progress)
+                on_result(execute_point(study, config, point, bar))
+            return
+        self._run_pool(study, config, list(points), on_result)
+
+    def _new_pool(self) -> cf.ProcessPoolExecutor:
+        return cf.ProcessPoolExecutor(max_workers=self.workers,
+                                      mp_context=multiprocessing.get_context("spawn"),
+                                      initializer=_init_worker, initargs=(self._threads(),))
+
+    def _run_pool(self, study: Any, config: Any, points: list[dict[str, Any]],
+                  on_result: OnResult) -> None:
+        ref = _study_ref(study)
+        queue = list(reversed(points))
+        inflight: dict[cf.Future, tuple[dict[str, Any], float]] = {}
+        pool = self._new_pool()
+        broken = False
+        try:
+            while queue or inflight:
+                if broken and not inflight:
+                    pool.shutdown(wait=True, cancel_futures=True)
+                    pool = self._new_pool()
+                    broken = False
+                while queue and len(inflight) < self.workers and not broken:
+                    point = queue.pop()
+                    inflight[pool.submit(_worker_run, ref, config, point)] = (
+                        point, time.perf_counter())
+                done, _ = cf.wait(list(inflight), return_when=cf.FIRST_COMPLETED)
+                for fut in done:
+                    point, start = inflight.pop(fut)
+                    try:
+                        result = fut.result()
+                    except BrokenProcessPool as exc:
+                        broken = True
+                        result = PointResult(point, error="the worker process died (killed, "
+                                             f"out of memory or crashed): {exc}",
+                                             seconds=time.perf_counter() - start)
+                    except Exception as exc:  # noqa: BLE001 - e.g. an unpicklable result
+                        result = PointResult(point, error=_summarize(exc),
+                                             traceback="".join(traceback.format_exception(exc)),
+                                             seconds=time.perf_counter() - start)
+                    on_result(result)
+        except BaseException:
+            # interrupted: stop the workers we started, do not wait for their points
+            for proc in list(getattr(pool, "_processes", {}).values()):
+                with contextlib.suppress(Exception):
+                    proc.terminate()
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        pool.shutdown(wait=True)
+
+
+def _import_ray():
+    try:
+        import ray
+    except ImportError:
+        raise ExecutorUnavailableError(
+            "the ray executor needs Ray, which is not installed: pip install 'telescope[ray]'"
+        ) from None
+    return ray
+
+
+def _ray_task(study_ref: Any, config: Any, point: dict[str, Any], threads: int) -> PointResult:
+    configure_threads(threads)
+    return execute_point(_resolve_study(study_ref), config, point, Progress())
+
+
+class RayExecutor:
+    """One Ray task per point, each reserving ``cpus_per_point`` CPUs (and using that many
+    torch threads). ``address=None`` starts a local Ray instance for the run (shut down at
+    the end); ``"auto"`` or ``"ray://host:10001"`` joins a cluster. An already initialized
+    Ray session is used as it is."""
+
+    name = "ray"
+
+    def __init__(self, address: str | None = None, *, cpus_per_point: int = 1,
+                 threads: int | None = None) -> None:
+        if isinstance(cpus_per_point, bool) or not isinstance(cpus_per_point, int) or \
+                cpus_per_point < 1:
+            raise ValueError(f"cpus_per_point must be a positive integer, got {cpus_per_point!r}")
+        self.address = address
+        self.cpus_per_point = cpus_per_point
+        self.threads = threads
+        _import_ray()  # fail early, with the install hint
+
+    def describe(self) -> str:
+        where = self.address or "a local instance"
+        return f"ray on {where}, {self.cpus_per_point} CPU(s) per point"
+
+    def run(self, study: Any, config: Any, points: Sequence[dict[str, Any]],
+            on_result: OnResult) -> None:
+        """Submit every point as a task; hand each result to ``on_result`` as it arrives."""
+        if not points:
+            return
+        ray = _import_ray()
+        started = False
+        if not ray.is_initialized():
+            kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": "WARNING",
+                                      "configure_logging": True}
+            if self.address:
+                kwargs["address"] = self.address
+            else:
+                kwargs["num_cpus"] = max(available_cpus(), self.cpus_per_point)
+            ray.init(**kwargs)
+            started = True
+        refs: dict[Any, tuple[dict[str, Any], float]] = {}
+        try:
+            task = ray.remote(num_cpus=self.cpus_per_point, max_retries=0)(_ray_task)
+            study_ref = ray.put(_ray_study_ref(study))
+            config_ref = ray.put(config)
+            threads = self.threads or self.cpus_per_point
+            for point in points:
+                refs[task.remote(study_ref, config_ref, point, threads)] = (
+                    point, time.perf_counter())
+            pending = list(refs)
+            while pending:
+                ready, pending = ray.wait(pending, num_returns=1)
+                for ref in ready:
+                    point, start = refs.pop(ref)
+                    try:
+                        result = ray.get(ref)
+                    except Exception as exc:  # noqa: BLE001 - a task or worker failure
+                        result = PointResult(point, error=_summarize(exc),
+                                             traceback="".join(traceback.format_exception(exc)),
+                                             seconds=time.perf_counter() - start)
+                    on_result(result)
+        except BaseException:
+            for ref in list(refs):
+                with contextlib.suppress(Exception):
+                    ray.cancel(ref, force=True)
+            raise
+        finally:
+            if started:
+                ray.shutdown()
+
+
+def _ray_study_ref(study: Any) -> Any:
+    # Ray's serializer handles closures too; registered studies travel by name, which keeps
+    # the payload small and the worker's definition authoritative.
+    from telescope.studies.base import REGISTRY
+
+    if REGISTRY.get(study.name.lower().replace("_", "-")) is study:
+        return study.name
+    return study
+
+
+def make_executor(kind: str = "local", *, workers: int = 1, address: str | None = None,
+                  cpus_per_point: int | None = None, threads: int | None = None,
+                  progress: bool = True) -> LocalExecutor | RayExecutor:
+    """``"local"`` -> :class:`LocalExecutor`, ``"ray"`` -> :class:`RayExecutor`."""
+    if kind == "local":
+        if address:
+            raise ValueError("--address is for --executor ray")
+        return LocalExecutor(workers, threads=threads or cpus_per_point, progress=progress)
+    if kind == "ray":
+        if workers != 1:
+            raise ValueError("--workers is for --executor local; Ray runs as many points at "
+                             "once as the cluster's CPUs allow (see --cpus-per-point)")
+        return RayExecutor(address, cpus_per_point=cpus_per_point or 1, threads=threads)
+    raise ValueError(f"unknown executor {kind!r}; executors: local, ray")
+
+
+# --------------------------------------------------------------------------- the sweep
+
+
+@dataclass
+class SweepResult:
+    """What :func:`run_sweep` did."""
+
+    run_dir: Path
+    total: int
+    skipped: int
+    computed: int
+    failed: list[PointResult] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def done(self) -> int:
+        return self.skipped + self.computed
+
+
+def versions() -> dict[str, str]:
+    """Versions of Python, the platform and the libraries a run depends on."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version(), "platform": platform.platform()}
+    for pkg in ("telescope", "torch", "numpy", "pandas", "pyarrow", "matplotlib",
+                "scikit-learn", "ray"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            continue
+    return out
+
+
+def _check_points(study: Any, points: Any) -> list[dict[str, Any]]:
+    from telescope.runs.store import point_key
+
+    if not isinstance(points, (list, tuple)):
+        raise ValueError(f"study {study.name!r}: points(config) must return a list of dicts")
+    seen: dict[str, dict] = {}
+    out = []
+    for point in points:
+        if not isinstance(point, Mapping):
+            raise ValueError(f"study {study.name!r}: every sweep point must be a dict, got "
+                             f"{point!r}")
+        key = point_key(point)
+        if key in seen:
+            raise ValueError(f"study {study.name!r}: the sweep point {dict(point)} appears twice")
+        seen[key] = dict(point)
+        out.append(dict(point))
+    return out
+
+
+def run_sweep(study: Any, config: Any, run_dir: str | os.PathLike, *,
+              preset: str | None = None, executor: LocalExecutor | RayExecutor | None = None,
+              force: bool = False, progress: bool = True,
+              log: Callable[[str], None] | None = None) -> SweepResult:
+    """Run every point of ``study`` under ``config`` not yet finished in ``run_dir``.
+
+    Writes ``config.json`` (or checks it: a different config raises
+    :class:`~telescope.runs.store.ConfigMismatchError` unless ``force``, which discards the old
+    results), each point's file as it completes, ``results.parquet`` after each point and
+    ``run.json`` (metadata) at the end, also when interrupted. Failed points are reported
+    through ``log`` and returned in :attr:`SweepResult.failed`; they are retried by the next run.
+    """
+    from tqdm.auto import tqdm
+
+    from telescope.runs.store import RunStore, point_key
+    from telescope.studies.base import config_to_dict
+
+    executor = executor or LocalExecutor(1, progress=progress)
+    log = log or (lambda msg: tqdm.write(msg, file=sys.stderr))
+    points = _check_points(study, study.points(config))
+    if not points:
+        raise ValueError(f"study {study.name!r}: the sweep has no points")
+    store = RunStore(run_dir)
+    store.prepare(study.name, preset, config_to_dict(config), force=force)
+    frames = store.load_points(points)
+    pending = [p for p in points if point_key(p) not in frames]
+    if frames:
+        store.write_results(points, frames)
+    result = SweepResult(Path(run_dir), total=len(points), skipped=len(frames), computed=0)
+
+    meta = store.read_meta()
+    meta.update({"study": study.name, "preset": preset, "points_total": len(points),
+                 "points_done": len(frames), "versions": versions()})
+    point_seconds: dict[str, float] = {k: v for k, v in meta.get("point_seconds", {}).items()
+                                       if k in frames}
+    session = {"started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+               "seconds": None, "executor": executor.describe(), "argv": sys.argv[1:],
+               "computed": 0, "skipped": len(frames), "failed": 0}
+    sessions = [*meta.get("sessions", [])[-49:], session]  # the last 50 sessions
+    meta["sessions"] = sessions
+    store.write_meta(meta)
+
+    start = time.perf_counter()
+    bar = tqdm(total=len(points), initial=len(frames), desc=study.name, unit="point",
+               disable=not progress, file=sys.stderr, dynamic_ncols=True, position=0)
+
+    def on_result(res: PointResult) -> None:
+        key = point_key(res.point)
+        if res.ok:
+            try:
+                frames[key] = store.write_point(res.point, res.rows or [], seconds=res.seconds)
+                store.write_results(points, frames)
+            except Exception as exc:  # noqa: BLE001 - e.g. rows pyarrow cannot store
+                if frames.pop(key, None) is not None:  # not resumable as done: remove it
+                    with contextlib.suppress(OSError):
+                        store.point_path(res.point).unlink()
+                    with contextlib.suppress(Exception):
+                        store.write_results(points, frames)
+                res = PointResult(res.point, error=f"cannot save its rows: {_summarize(exc)}",
+                                  traceback="".join(traceback.format_exception(exc)),
+                                  seconds=res.seconds)
+        if res.ok:
+            result.computed += 1
+            point_seconds[key] = round(res.seconds, 3)
+        else:
+            result.failed.append(res)
+            log(f"point {_label(res.point, 200)} failed after {res.seconds:.1f} s: "
+                f"{res.error}")
+            bar.set_postfix(failed=len(result.failed))
+        bar.update(1)
+
+    try:
+        executor.run(study, config, pending, on_result)
+    finally:
+        bar.close()
+        result.seconds = time.perf_counter() - start
+        session.update(seconds=round(result.seconds, 3), computed=result.computed,
+                       failed=len(result.failed))
+        meta.update({
+            "points_done": len(frames),
+            "point_seconds": point_seconds,
+            "compute_seconds": round(sum(point_seconds.values()), 3),
+            "wall_seconds": round(sum(s.get("seconds") or 0.0 for s in sessions), 3),
+            "failed": [{"point": f.point, "key": point_key(f.point), "error": f.error,
+                        "traceback": f.traceback} for f in result.failed],
+        })
+        store.write_meta(meta)
+    return result

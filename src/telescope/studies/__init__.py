@@ -1,0 +1,26 @@
+"""The experiments of the paper, one module per study, run with ``telescope study NAME``.
+
+A study module defines a module-level :class:`~telescope.studies.base.Study` (see
+``docs/studies-api.md`` and :mod:`telescope.studies.toy`, the template). Importing the module
+here is all it takes to register it: :data:`REGISTRY` (name -> study) picks up the module-level
+studies of every imported ``telescope.studies.*`` module; :func:`get_study` looks one up.
+"""
+# ruff: noqa: I001, F401  (the study imports below register studies; one line per module)
+
+from telescope.studies.base import (
+    REGISTRY,
+    Progress,
+    Study,
+    config_from_dict,
+    config_to_dict,
+    get_study,
+    list_studies,
+    make_config,
+    register,
+)
+
+# The study modules: add one import line per study.
+from telescope.studies import toy
+
+__all__ = ["REGISTRY", "Study", "Progress", "get_study", "list_studies", "make_config",
+           "register", "config_from_dict", "config_to_dict"]
