@@ -270,3 +270,13 @@ def test_kernel_to_subset_and_directional_derivative(case):
                                            (x,))
     fd = ((plus - minus) / (2 * eps)).reshape(x.shape[0], -1)
     torch.testing.assert_close(jv, fd, rtol=1e-6, atol=1e-7)
+
+
+def test_rmsnorm_rule_and_grouped_conv_fallback():
+    """RMSNorm (eps=None) has a rule; a grouped convolution falls back to Jacobians."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv1d(4, 6, 3, groups=2), nn.Tanh(), nn.Flatten(),
+                          nn.RMSNorm(24), nn.Linear(24, 2)).double()
+    x = torch.randn(5, 4, 6, dtype=torch.float64)
+    k = telescope.ntk(model, x, output="full", method="structured")
+    torch.testing.assert_close(k, oracle_ntk(model, x, None, "full"), rtol=1e-10, atol=1e-10)

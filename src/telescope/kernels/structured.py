@@ -221,7 +221,6 @@ def _conv_rule(module: nn.Module, prefix: str, inputs, deltas) -> list:
 
 def _norm_rule(module: nn.Module, prefix: str, inputs, deltas) -> list:
     shape = tuple(module.normalized_shape)
-    k = len(shape)
     if isinstance(module, nn.LayerNorm):
         xhat = [F.layer_norm(x, shape, None, None, module.eps) for x in inputs]
     else:
@@ -241,7 +240,6 @@ def _norm_rule(module: nn.Module, prefix: str, inputs, deltas) -> list:
         names.append(f"{prefix}bias")
     g = torch.cat(grads, dim=2).transpose(0, 1)  # [B, O, P]
     numel = [int(torch.Size(shape).numel())] * len(names)
-    del k
 
     def to_params(gr: Tensor) -> dict[str, Tensor]:
         return {n: c.reshape(*c.shape[:2], *shape)
@@ -265,9 +263,6 @@ def _has_rule(module: nn.Module, rules: dict) -> bool:
     if rule_type not in rules:
         return False
     if isinstance(module, nn.Conv1d | nn.Conv2d) and module.groups != 1:
-        return False
-    if isinstance(module, nn.RMSNorm if hasattr(nn, "RMSNorm") else nn.LayerNorm) and \
-            not isinstance(module, nn.LayerNorm) and module.eps is None:
         return False
     # parametrized modules (torch.nn.utils.parametrize) compute their weight on the fly
     return not hasattr(module, "parametrizations")
