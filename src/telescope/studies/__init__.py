@@ -21,6 +21,11 @@ from telescope.studies.base import (
 
 # The study modules: add one import line per study.
 from telescope.studies import toy
+from telescope.studies import grokking
+from telescope.studies import mode_connectivity
+from telescope.studies import double_descent
+from telescope.studies import approximation
+from telescope.studies import trees_vs_nets
 
 __all__ = ["REGISTRY", "Study", "Progress", "get_study", "list_studies", "make_config",
            "register", "config_from_dict", "config_to_dict"]

@@ -1,0 +1,302 @@
+"""``grokking``: delayed generalization through the telescoping lens (paper Figs 4, 11-13).
+
+Two settings, each trained long with errors and effective parameters logged on a log step axis:
+
+- ``polynomial``: Kumar et al.'s task (:func:`telescope.data.polynomial_task`) fit by the
+  two-layer network ``f(x) = alpha / N sum_i phi(w_i . x)`` with
+  ``phi = polynomial_activation(., epsilon)``; squared loss, full-batch gradient descent, for
+  each ``epsilon`` of the sweep (small ``epsilon``: the initial kernel is badly aligned with the
+  target and a lazy, large-``alpha`` network fits the training set long before it generalizes).
+- ``digits``: Omnigrok's large-initialization MLP (:class:`telescope.models.MLP` with ``alpha``
+  scaling the initial weights) on the bundled 8x8 digits, MSE on one-hot targets, SGD with
+  weight decay, ``alpha`` = 6 against 1.
+
+Effective parameters ``p_train`` / ``p_test`` come from :class:`telescope.Smoother` (recorded at
+every step, read at the logged steps) on the training set and a probe subset of the test set.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import telescope
+from telescope.data import load_digits, polynomial_activation, polynomial_task
+from telescope.models import MLP
+from telescope.report import figures as fg
+from telescope.studies.base import Progress, Study
+
+
+@dataclass
+class PolynomialSetting:
+    """Kumar et al.'s polynomial task and two-layer network (``epsilons=`` empty: skip it)."""
+
+    epsilons: tuple[float, ...] = (0.02, 0.2)
+    alpha: float = 10.0           # output scale of f = alpha/N sum phi(w.x) (large: lazy)
+    n_train: int = 550
+    n_test: int = 1000
+    n_probe: int = 300            # test points tracked by the smoother
+    d: int = 100
+    width: int = 500              # N hidden units
+    lr: float = 1.0               # times N / alpha^2 (the mean-field scaling of the step)
+    weight_decay: float = 0.0
+    steps: int = 20000
+
+
+@dataclass
+class DigitsSetting:
+    """Omnigrok's large-initialization MLP on the bundled digits (``alphas=`` empty: skip)."""
+
+    alphas: tuple[float, ...] = (6.0, 1.0)
+    classes: tuple[int, ...] = ()  # empty: all ten digits
+    n_train: int = 200
+    n_test: int = 500
+    n_probe: int = 300
+    hidden: tuple[int, ...] = (128, 128)
+    lr: float = 1e-3
+    momentum: float = 0.9
+    weight_decay: float = 0.1
+    batch_size: int = 50
+    steps: int = 100000
+
+
+@dataclass
+class GrokkingConfig:
+    """Config of the ``grokking`` study; ``--set digits.steps=2000``, ``--set
+    polynomial.epsilons=0.02,0.2``."""
+
+    polynomial: PolynomialSetting = field(default_factory=PolynomialSetting)
+    digits: DigitsSetting = field(default_factory=DigitsSetting)
+    n_log: int = 40               # logged steps, log-spaced over training (plus step 0)
+    seeds: int = 3
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.polynomial.epsilons and not self.digits.alphas:
+            raise ValueError("nothing to run: polynomial.epsilons and digits.alphas are empty")
+        for name, s in (("polynomial", self.polynomial), ("digits", self.digits)):
+            if s.steps < 1 or s.n_train < 1 or s.n_test < 1 or s.n_probe < 1:
+                raise ValueError(f"{name}: steps, n_train, n_test and n_probe must be >= 1")
+        if self.digits.batch_size < 1:
+            raise ValueError("digits.batch_size must be >= 1")
+        if self.n_log < 2:
+            raise ValueError(f"n_log must be >= 2, got {self.n_log}")
+
+
+PRESETS = {
+    "quick": {"seeds": 1, "n_log": 30,
+              "polynomial.epsilons": (0.1, 0.5), "polynomial.n_train": 200,
+              "polynomial.n_test": 500, "polynomial.n_probe": 200, "polynomial.d": 40,
+              "polynomial.width": 200, "polynomial.steps": 5000,
+              "digits.classes": (3, 5), "digits.n_train": 100, "digits.n_test": 260,
+              "digits.n_probe": 150, "digits.hidden": (128, 128), "digits.steps": 5000},
+    "full": {"seeds": 3, "digits.n_train": 1000, "digits.n_test": 797, "digits.n_probe": 500,
+             "digits.hidden": (200, 200), "digits.steps": 100000},
+}
+
+
+def points(config: GrokkingConfig) -> list[dict]:
+    """The sweep: every epsilon (polynomial) and alpha (digits) for every seed."""
+    seeds = range(config.seed, config.seed + config.seeds)
+    out = [{"task": "polynomial", "alpha": float(config.polynomial.alpha),
+            "epsilon": float(e), "seed": s} for e in config.polynomial.epsilons for s in seeds]
+    out += [{"task": "digits", "alpha": float(a), "epsilon": 0.0, "seed": s}
+            for a in config.digits.alphas for s in seeds]
+    return out
+
+
+def log_steps(steps: int, n_log: int) -> list[int]:
+    """Step 0 and about ``n_log`` log-spaced steps up to ``steps`` (included)."""
+    grid = np.unique(np.round(np.geomspace(1, steps, n_log)).astype(int))
+    return [0, *map(int, grid)]
+
+
+class TwoLayerPolynomialNet(nn.Module):
+    """``f(x) = alpha / N sum_i [phi(w_i . x) - phi(w0_i . x)]``, ``phi =
+    polynomial_activation(., epsilon)``, ``w_i ~ N(0, I)`` (inputs ``x ~ N(0, I/d)``, so
+    ``w_i . x`` is about standard normal); centered at its initial function as in Kumar et al."""
+
+    def __init__(self, d: int, width: int, alpha: float, epsilon: float,
+                 generator: torch.Generator) -> None:
+        super().__init__()
+        self.alpha, self.epsilon = float(alpha), float(epsilon)
+        self.hidden = nn.Linear(d, width, bias=False)   # the structured NTK rule applies
+        with torch.no_grad():
+            self.hidden.weight.copy_(torch.randn(width, d, generator=generator))
+        self.register_buffer("w0", self.hidden.weight.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = polynomial_activation(self.hidden(x), self.epsilon)
+        h0 = polynomial_activation(x @ self.w0.T, self.epsilon)
+        return self.alpha * (h - h0).mean(dim=1, keepdim=True)
+
+
+def _row(point: dict, step: int, model: nn.Module, data, x_probe, smoother,
+         classify: bool) -> dict:
+    with torch.no_grad():
+        out_tr, out_te = model(data.x_train), model(data.x_test)
+    if classify:
+        y_tr, y_te = data.one_hot(data.y_train), data.one_hot(data.y_test)
+        err_tr = float((out_tr.argmax(1) != data.y_train).float().mean())
+        err_te = float((out_te.argmax(1) != data.y_test).float().mean())
+    else:
+        y_tr, y_te = data.y_train, data.y_test
+        err_tr = err_te = math.nan
+    return {**point, "step": int(step),
+            "train_mse": float(F.mse_loss(out_tr, y_tr)),
+            "test_mse": float(F.mse_loss(out_te, y_te)),
+            "train_error": err_tr, "test_error": err_te,
+            "p_train": smoother.effective_parameters("train"),
+            "p_test": smoother.effective_parameters("test")}
+
+
+def run_point(config: GrokkingConfig, point: dict, progress: Progress) -> list[dict]:
+    """Train one setting, logging errors and effective parameters at log-spaced steps."""
+    seed = point["seed"]
+    gen = torch.Generator().manual_seed(seed)
+    if point["task"] == "polynomial":
+        s = config.polynomial
+        data = polynomial_task(s.n_train, s.n_test, s.d, epsilon=point["epsilon"], seed=seed)
+        model = TwoLayerPolynomialNet(s.d, s.width, point["alpha"], point["epsilon"], gen)
+        lr = s.lr * s.width / point["alpha"] ** 2
+        opt = torch.optim.SGD(model.parameters(), lr=lr, weight_decay=s.weight_decay)
+        y_train, batch, classify = data.y_train, None, False
+    else:
+        s = config.digits
+        data = load_digits(s.n_train, s.n_test, classes=s.classes or None, seed=seed)
+        torch.manual_seed(seed)   # MLP init draws from torch's global generator
+        model = MLP(data.x_train.shape[1], s.hidden, data.n_classes, alpha=point["alpha"])
+        opt = torch.optim.SGD(model.parameters(), lr=s.lr, momentum=s.momentum,
+                              weight_decay=s.weight_decay)
+        y_train, batch, classify = data.one_hot(data.y_train), min(s.batch_size, s.n_train), True
+    x_probe = data.x_test[: s.n_probe]
+    smoother = telescope.Smoother(model, opt, data.x_train, y_train,
+                                  probes={"test": x_probe}, every=s.steps + 1)
+    logged = set(log_steps(s.steps, config.n_log))
+    progress.set(s.steps)
+    rows = [_row(point, 0, model, data, x_probe, smoother, classify)]
+    n = data.n_train
+    for step in range(1, s.steps + 1):
+        idx = torch.arange(n) if batch is None else torch.randperm(n, generator=gen)[:batch]
+        opt.zero_grad()
+        F.mse_loss(model(data.x_train[idx]), y_train[idx]).backward()
+        smoother.record(idx)
+        opt.step()
+        if step in logged:
+            rows.append(_row(point, step, model, data, x_probe, smoother, classify))
+        progress.update()
+    smoother.close()
+    return rows
+
+
+def _settings(df: pd.DataFrame):
+    for (task, alpha, eps), sub in df.groupby(["task", "alpha", "epsilon"], sort=False):
+        label = f"eps={eps:g}" if task == "polynomial" else f"alpha={alpha:g}"
+        yield task, label, sub
+
+
+def figures(df: pd.DataFrame, config: GrokkingConfig, out_dir: Path) -> list[Path]:
+    """Per setting (columns): error by step (top), p_train / p_test by step (bottom)."""
+    paths = []
+    for task in ("polynomial", "digits"):
+        tdf = df[df["task"] == task]
+        if tdf.empty:
+            continue
+        settings = list(_settings(tdf))
+        with fg.paper_style():
+            fig, axes = fg.new_figure(2, len(settings), sharex=True)
+            for j, (_, label, sub) in enumerate(settings):
+                sub = sub[sub["step"] > 0]
+                ax = axes[0, j]
+                cols = ([("train_error", "train"), ("test_error", "test")] if task == "digits"
+                        else [("train_mse", "train"), ("test_mse", "test")])
+                for col, split in cols:
+                    fg.plot_mean_spread(ax, sub, "step", col, label=split, marker=None,
+                                        color=fg.COLORS[split])
+                fg.log_axis(ax, "x")
+                if task == "polynomial":
+                    fg.log_axis(ax, "y")
+                ax.set_title(label)
+                ax.set_ylabel("misclassification" if task == "digits" else "MSE")
+                ax.legend()
+                ax = axes[1, j]
+                for col in ("p_train", "p_test"):
+                    fg.plot_mean_spread(ax, sub, "step", col, label=col, marker=None,
+                                        color=fg.COLORS[col])
+                fg.log_axis(ax, "x")
+                ax.set_xlabel("optimization step")
+                ax.set_ylabel("effective parameters")
+                ax.legend()
+            fg.panel_label(axes[0, 0], "a")
+            fg.panel_label(axes[1, 0], "b")
+            paths.append(fg.save_figure(fig, out_dir, f"grokking_{task}"))
+    return paths
+
+
+def _first_step(sub: pd.DataFrame, col: str, threshold: float) -> float:
+    """First logged step (mean over seeds) with ``col`` at or below ``threshold``."""
+    mean = sub.groupby("step")[col].mean().sort_index()
+    hit = mean[mean <= threshold]
+    return float(hit.index[0]) if len(hit) else math.nan
+
+
+def headline(df: pd.DataFrame, config: GrokkingConfig) -> dict:
+    """Per setting: step where train error ~0, step where test error drops, final p's."""
+    out: dict = {}
+    for task, label, sub in _settings(df):
+        final = sub[sub["step"] == sub["step"].max()]
+        if task == "digits":
+            tr, te = "train_error", "test_error"
+            train_fit = _first_step(sub, tr, 0.01)
+            drop = sub.groupby("step")[te].mean().sort_index()
+            level = drop.iloc[0] - 0.5 * (drop.iloc[0] - drop.min())   # halfway down
+        else:
+            tr, te = "train_mse", "test_mse"
+            first = sub.groupby("step")[tr].mean().sort_index()
+            train_fit = _first_step(sub, tr, 0.01 * float(first.iloc[0]))
+            drop = sub.groupby("step")[te].mean().sort_index()
+            level = 0.5 * float(drop.iloc[0])
+        out[f"{task} {label}: step train fit"] = train_fit
+        out[f"{task} {label}: step test drop"] = _first_step(sub, te, float(level))
+        out[f"{task} {label}: final {te}"] = float(final[te].mean())
+        out[f"{task} {label}: final p_train"] = float(final["p_train"].mean())
+        out[f"{task} {label}: final p_test"] = float(final["p_test"].mean())
+    return out
+
+
+GUIDE = """
+Grokking, delayed generalization, seen through effective parameters (paper Figs 4, 11-13).
+
+- **grokking_polynomial**: Kumar et al.'s task, the two-layer network with activation
+  `h + epsilon h^2 / 2` and output scale alpha; one column per epsilon. Top: train and test MSE by
+  step (log axes); bottom: effective parameters `p_train` and `p_test` of the telescoping smoother.
+- **grokking_digits**: Omnigrok's MLP with initial weights scaled by alpha on the 8x8 digits, MSE
+  on one-hot targets, SGD with weight decay; one column per alpha. Top: misclassification.
+
+With a large alpha the training error reaches zero long before the test error drops; with
+alpha = 1 both fall together. In the paper, generalization coincides with `p_test` falling below
+`p_train`: the model starts to use fewer effective parameters on test inputs than on training
+inputs. The headline gives, per setting, the step where the training error first reaches about
+zero (misclassification <= 1 %, or MSE below 1 % of its start), the step where the test error is
+halfway down (digits; MSE: below half its start), and the final effective parameters.
+"""
+
+STUDY = Study(
+    name="grokking",
+    description="Grokking: polynomial task (epsilon) and large-init MLP on digits (alpha 6 vs 1),"
+                " errors and effective parameters by step",
+    config_cls=GrokkingConfig,
+    presets=PRESETS,
+    points=points,
+    run_point=run_point,
+    figures=figures,
+    headline=headline,
+    guide=GUIDE,
+)
