@@ -68,10 +68,10 @@ def test_full_preset_builds_and_runs_with_tiny_overrides():
     assert full.data.n_train == 1000 and full.seeds == 3 and full.device == "auto"
     assert full.hidden == (200, 200, 200)
     n_lrs = len(full.lrs) * 3 + len(full.adamw_lrs) + len(full.sigmoid_lrs)
-    assert len(ap.points(full)) == n_lrs * full.seeds
-
     with pytest.raises(ValueError, match="data.path"):
-        ap.run_point(full, ap.points(full)[0], Progress())
+        ap.points(full)
+    located = make_config(study, "full", {"data.path": "/data/mnist"})
+    assert len(ap.points(located)) == n_lrs * full.seeds
 
     tiny = make_config(study, "full", {
         "data.name": "digits", "data.n_train": "30", "data.n_test": "20",

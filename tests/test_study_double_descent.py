@@ -62,17 +62,21 @@ def test_quick_preset_end_to_end(tmp_path, capsys):
     assert "0 computed now" in capsys.readouterr().out
 
 
-def test_full_preset_builds_and_runs_with_tiny_overrides():
+def test_full_preset_builds_and_runs_with_tiny_overrides(tmp_path):
     study = get_study("double-descent")
     full = make_config(study, "full", {})
     assert full.data.name == "mnist" and full.data.classes == (3, 5)
     assert full.data.n_train == 1000 and full.seeds == 5 and full.device == "auto"
     assert max(full.widths) >= 1024 and full.label_noise == (0.2, 0.0)
-    assert len(dd.points(full)) == len(full.widths) * 2 * 5
-
-    # MNIST needs its files: a clear error naming the setting
+    # MNIST needs its files: a clear error naming the setting, before anything runs
+    with pytest.raises(ValueError, match="data.path"):
+        dd.points(full)
     with pytest.raises(ValueError, match="data.path"):
         dd.run_point(full, {"width": 2, "label_noise": 0.2, "seed": 0}, Progress())
+    located = make_config(study, "full", {"data.path": str(tmp_path)})
+    assert len(dd.points(located)) == len(full.widths) * 2 * 5
+    with pytest.raises(ValueError, match="MNIST"):  # no IDX files there
+        dd.run_point(located, dd.points(located)[0], Progress())
 
     tiny = make_config(study, "full", {
         "data.name": "digits", "data.n_train": "30", "data.n_test": "20", "widths": "3",
@@ -122,6 +126,8 @@ def test_headline_finds_the_peak():
     assert h["peak test MSE"] == pytest.approx(3.005)
     assert h["test MSE at largest width"] == pytest.approx(0.805)
     assert h["p_train at largest width"] == 64 and h["p_test at peak"] == pytest.approx(1.25)
+    assert h["p_train at smallest width"] == 2
+    assert h["test misclassification at peak"] == pytest.approx(0.1)
     assert h["noise-free test MSE at peak width"] == pytest.approx(0.605)
     assert h["seeds"] == 2
 

@@ -48,7 +48,7 @@ from telescope.lens_demo import HIDDEN, OPTIMIZER_TITLES, OPTIMIZERS, make_optim
 from telescope.models import MLP
 from telescope.report import figures as fg
 from telescope.studies.base import Progress, Study
-from telescope.studies.double_descent import BinaryData, _device, load_binary_task
+from telescope.studies.double_descent import BinaryData, _device, check_data, load_binary_task
 
 __all__ = ["VARIANTS", "DigitsData", "ApproximationConfig", "points", "run_point", "figures",
            "headline", "STUDY"]
@@ -118,6 +118,7 @@ PRESETS = {
 def points(config: ApproximationConfig) -> list[dict]:
     """Every learning rate of every optimizer (``adamw_lrs`` for AdamW, ``sigmoid_lrs`` for the
     sigmoid network, ``lrs`` for the others), for every seed."""
+    check_data(config.data)
     seeds = range(config.seed, config.seed + config.seeds)
     lrs = {"adamw": config.adamw_lrs, SIGMOID: config.sigmoid_lrs}
     return [{"optimizer": name, "lr": float(lr), "seed": int(s)}

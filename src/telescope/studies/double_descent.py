@@ -57,8 +57,8 @@ from telescope.models import MLP
 from telescope.report import figures as fg
 from telescope.studies.base import Progress, Study
 
-__all__ = ["BinaryData", "DoubleDescentConfig", "load_binary_task", "points", "run_point",
-           "figures", "headline", "STUDY"]
+__all__ = ["BinaryData", "DoubleDescentConfig", "load_binary_task", "check_data", "points",
+           "run_point", "figures", "headline", "STUDY"]
 
 FILE_DATASETS = ("mnist", "cifar10")
 """Data sets read from files the user provides (``data.path``)."""
@@ -144,16 +144,20 @@ def _load_binary_cached(key: tuple, dtype_name: str) -> Dataset:
     kwargs: dict = {"n_train": data.n_train, "n_test": data.n_test,
                     "classes": tuple(data.classes), "seed": data.seed,
                     "dtype": getattr(torch, dtype_name)}
-    if data.name in FILE_DATASETS:
-        if data.size is not None:
-            kwargs["size"] = data.size
-        if not data.path:
-            raise ValueError(
-                f"data set {data.name!r} is read from files: give their location with "
-                f"--set data.path=DIR (or use a bundled data set: --set data.name=mnist1d)")
+    check_data(data)
+    if data.name in FILE_DATASETS and data.size is not None:
+        kwargs["size"] = data.size
     ds = load_dataset(data.name, data.path or None, **kwargs)
     # the loader relabeled data.classes to 0 and 1: 0 -> +1, 1 -> -1
     return binary_subset(ds, (0, 1), targets="pm1")
+
+
+def check_data(data: BinaryData) -> None:
+    """A clear error, before anything runs, when a file-backed data set has no ``data.path``."""
+    if data.name in FILE_DATASETS and not data.path:
+        raise ValueError(
+            f"data set {data.name!r} is read from files: give their location with "
+            f"--set data.path=DIR (or use a bundled data set: --set data.name=mnist1d)")
 
 
 def _device(name: str) -> torch.device:
@@ -167,6 +171,7 @@ def _device(name: str) -> torch.device:
 
 def points(config: DoubleDescentConfig) -> list[dict]:
     """Every width for every label-noise level and seed."""
+    check_data(config.data)
     seeds = range(config.seed, config.seed + config.seeds)
     return [{"label_noise": float(p), "width": int(w), "seed": int(s)}
             for p in config.label_noise for w in config.widths for s in seeds]
@@ -351,10 +356,11 @@ def headline(df: pd.DataFrame, config: DoubleDescentConfig) -> dict:
         "label noise": float(noise),
         "peak width": peak,
         "peak test MSE": float(mean.loc[peak, "test_mse"]),
-        "peak test error": float(mean.loc[peak, "test_error"]),
+        "test misclassification at peak": float(mean.loc[peak, "test_error"]),
         "largest width": widest,
         "test MSE at largest width": float(mean.loc[widest, "test_mse"]),
-        "test error at largest width": float(mean.loc[widest, "test_error"]),
+        "test misclassification at largest width": float(mean.loc[widest, "test_error"]),
+        "p_train at smallest width": float(mean["p_train"].iloc[0]),
         "p_train at peak": float(mean.loc[peak, "p_train"]),
         "p_test at peak": float(mean.loc[peak, "p_test"]),
         "p_train at largest width": float(mean.loc[widest, "p_train"]),
