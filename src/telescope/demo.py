@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 import telescope
 from telescope import kernels
+from telescope._table import format_table as _format_table
 
 DEMO_WIDTHS = (64, 256)
 """Widths shown below the requested width in the demo (``--width 512`` -> 64, 256, 512)."""
@@ -208,10 +209,7 @@ def _fmt(key: str, value: object) -> str:
 
 def format_table(rows: list[dict], columns: Sequence[str] = TABLE_COLUMNS) -> str:
     """Right-aligned, whitespace-separated text table (one header line, no spaces in cells)."""
-    cells = [list(columns)] + [[_fmt(c, row.get(c)) for c in columns] for row in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
-    return "\n".join("  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True))
-                     for r in cells)
+    return _format_table(rows, columns, _fmt)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from telescope._table import format_table as _format_table
+
 OPTIMIZERS = ("sgd", "momentum", "weight_decay", "adamw")
 """Optimizer presets: plain SGD, SGD with heavy-ball momentum, SGD with weight decay, AdamW."""
 
@@ -236,10 +238,7 @@ def _fmt(key: str, value: object) -> str:
 
 def format_table(table: list[dict], columns: Sequence[str] = TABLE_COLUMNS) -> str:
     """Right-aligned, whitespace-separated text table (one header line, no spaces in cells)."""
-    cells = [list(columns)] + [[_fmt(c, row.get(c)) for c in columns] for row in table]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
-    return "\n".join("  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True))
-                     for r in cells)
+    return _format_table(table, columns, _fmt)
 
 
 def write_csv(rows: list[dict], path: Path, columns: Sequence[str] = CSV_COLUMNS) -> None:
