@@ -15,13 +15,6 @@ TABLE_HEADER = ["width", "n_params", "rel_frobenius", "alignment", "effective_ra
                 "ntk_seconds", "test_accuracy"]
 
 
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    """The CLI sets torch's thread count for the process: put it back after each test."""
-    before = torch.get_num_threads()
-    yield
-    torch.set_num_threads(before)
-
 
 def parse_table(text: str) -> list[dict[str, str]]:
     """The whitespace-separated table that starts at the line holding the header."""

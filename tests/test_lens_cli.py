@@ -6,7 +6,6 @@ import csv
 import math
 
 import pytest
-import torch
 
 from telescope.cli import main
 
@@ -15,12 +14,6 @@ HEADER = ["optimizer", "lr", "steps", "train_loss", "test_acc", "telescoping_mae
 TINY = ["--threads", "1", "--steps", "12", "--every", "4", "--n-train", "40", "--n-test", "20",
         "--batch-size", "16", "--no-progress"]
 
-
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    before = torch.get_num_threads()
-    yield
-    torch.set_num_threads(before)
 
 
 def _table(text: str) -> list[dict[str, str]]:

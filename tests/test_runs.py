@@ -23,7 +23,6 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 from telescope.cli import main
 from telescope.runs import RunStore, atomic_write, make_executor, point_key
@@ -35,13 +34,6 @@ SMALL = ["--set", "data.n_train=40", "data.n_test=40", "ridges=0.1,1", "times=1,
 N_POINTS = 4   # 2 ridges x 2 seeds
 N_TIMES = 2
 
-
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    """The CLI sets torch's thread count for the process: put it back after each test."""
-    before = torch.get_num_threads()
-    yield
-    torch.set_num_threads(before)
 
 
 def run_toy(out: Path, *extra: str, report: bool = False) -> int:

@@ -7,7 +7,6 @@ import math
 
 import pandas as pd
 import pytest
-import torch
 
 from telescope.cli import main
 from telescope.runs.executors import Progress
@@ -21,13 +20,6 @@ COLUMNS = {"optimizer", "lr", "seed", "step", "train_loss", "acc_network", "acc_
 TINY = ["--set", "hidden=32,32", "lrs=0.01", "adamw_lrs=1e-3", "sigmoid_lrs=0.1", "steps=20",
         "every=10", "data.n_train=40", "data.n_test=20", "batch_size=16", "--no-progress"]
 
-
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    """The CLI sets torch's thread count for the process: put it back after each test."""
-    before = torch.get_num_threads()
-    yield
-    torch.set_num_threads(before)
 
 
 def test_quick_preset_end_to_end(tmp_path, capsys):

@@ -7,7 +7,6 @@ import math
 
 import pandas as pd
 import pytest
-import torch
 
 from telescope.cli import main
 from telescope.runs.executors import Progress
@@ -20,13 +19,6 @@ COLUMNS = {"label_noise", "width", "seed", "step", "train_mse", "test_mse", "tra
 TINY = ["--set", "widths=2,16", "steps=30", "evals=2", "data.n_train=40", "data.n_test=30",
         "--seeds", "1", "--no-progress"]
 
-
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    """The CLI sets torch's thread count for the process: put it back after each test."""
-    before = torch.get_num_threads()
-    yield
-    torch.set_num_threads(before)
 
 
 def test_quick_preset_end_to_end(tmp_path, capsys):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pandas as pd
 import pytest
-import torch
 
 from telescope.cli import main
 from telescope.studies import get_study, make_config
@@ -15,12 +14,6 @@ TINY = ["--set", "polynomial.epsilons=0.05", "polynomial.n_train=20", "polynomia
         "polynomial.steps=12", "digits.n_train=30", "digits.n_test=40", "digits.n_probe=10",
         "digits.hidden=16", "digits.steps=12", "digits.batch_size=10", "n_log=5"]
 
-
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    before = torch.get_num_threads()
-    yield
-    torch.set_num_threads(before)
 
 
 def test_quick_tiny_end_to_end(tmp_path):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pandas as pd
 import pytest
-import torch
 
 from telescope.cli import main
 from telescope.studies import get_study, make_config
@@ -12,12 +11,6 @@ from telescope.studies import get_study, make_config
 TINY = ["--set", "data.n_train=60", "data.n_test=40", "channels=4", "spawn_steps=0,3",
         "k=4", "batch_size=16", "n_alpha=3", "seeds=1"]
 
-
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    before = torch.get_num_threads()
-    yield
-    torch.set_num_threads(before)
 
 
 def test_quick_tiny_end_to_end(tmp_path):
