@@ -1,7 +1,9 @@
 """Small, readable models for kernels, lenses and studies."""
 
 from telescope.models.cnn import ConvNet1d
+from telescope.models.lazy import LazyModel
 from telescope.models.mlp import MLP, NTKLinear
+from telescope.models.sigma_reparam import SigmaReparamLinear
 from telescope.models.transformer import TinyTransformer
 
-__all__ = ["MLP", "NTKLinear", "ConvNet1d", "TinyTransformer"]
+__all__ = ["MLP", "NTKLinear", "ConvNet1d", "TinyTransformer", "SigmaReparamLinear", "LazyModel"]

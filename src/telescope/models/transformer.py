@@ -4,6 +4,11 @@ Attention is written out (``softmax(Q K^T / sqrt(d_head) + mask) V``) instead of
 ``F.scaled_dot_product_attention``: forward-mode AD works on every backend, the attention
 probabilities are available to lenses, and every parameter lives in an ``nn.Linear``,
 ``nn.Embedding`` or ``nn.LayerNorm``, so the structured NTK engine covers the whole model.
+
+With ``sigma_reparam=True`` every linear layer of the attention and MLP sublayers is a
+:class:`~telescope.models.SigmaReparamLinear` (Zhai et al., 2023, "Stabilizing Transformer
+Training by Preventing Attention Entropy Collapse"); those layers use the per-example Jacobian
+fallback of the structured NTK engine.
 """
 
 from __future__ import annotations
@@ -13,19 +18,31 @@ import math
 import torch
 from torch import Tensor, nn
 
+from telescope.models.sigma_reparam import SigmaReparamLinear
+
+
+def _linear(d_in: int, d_out: int, sigma_reparam: bool) -> nn.Module:
+    return SigmaReparamLinear(d_in, d_out) if sigma_reparam else nn.Linear(d_in, d_out)
+
 
 class SelfAttention(nn.Module):
-    """Multi-head self-attention with separate query/key/value/output projections."""
+    """Multi-head self-attention with separate query/key/value/output projections.
 
-    def __init__(self, d_model: int, n_heads: int, *, causal: bool = True) -> None:
+    Head ``h`` uses the output rows ``h * d_head : (h + 1) * d_head`` of ``query``, ``key`` and
+    ``value`` and the matching input columns of ``out``. With ``record = True`` a forward pass
+    keeps the attention probabilities in ``last_attention`` (``[N, heads, S, S]``, detached).
+    """
+
+    def __init__(self, d_model: int, n_heads: int, *, causal: bool = True,
+                 sigma_reparam: bool = False) -> None:
         super().__init__()
         if d_model % n_heads:
             raise ValueError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads})")
         self.n_heads, self.d_head, self.causal = n_heads, d_model // n_heads, causal
-        self.query = nn.Linear(d_model, d_model)
-        self.key = nn.Linear(d_model, d_model)
-        self.value = nn.Linear(d_model, d_model)
-        self.out = nn.Linear(d_model, d_model)
+        self.query = _linear(d_model, d_model, sigma_reparam)
+        self.key = _linear(d_model, d_model, sigma_reparam)
+        self.value = _linear(d_model, d_model, sigma_reparam)
+        self.out = _linear(d_model, d_model, sigma_reparam)
         self.last_attention: Tensor | None = None  # [N, heads, S, S], kept only if record=True
         self.record = False
 
@@ -51,13 +68,13 @@ class Block(nn.Module):
     """Pre-LN residual block: ``x + attn(ln1(x))`` then ``x + mlp(ln2(x))``."""
 
     def __init__(self, d_model: int, n_heads: int, mlp_ratio: int = 4, *,
-                 causal: bool = True) -> None:
+                 causal: bool = True, sigma_reparam: bool = False) -> None:
         super().__init__()
         self.ln1 = nn.LayerNorm(d_model)
-        self.attn = SelfAttention(d_model, n_heads, causal=causal)
+        self.attn = SelfAttention(d_model, n_heads, causal=causal, sigma_reparam=sigma_reparam)
         self.ln2 = nn.LayerNorm(d_model)
-        self.mlp = nn.Sequential(nn.Linear(d_model, mlp_ratio * d_model), nn.GELU(),
-                                 nn.Linear(mlp_ratio * d_model, d_model))
+        self.mlp = nn.Sequential(_linear(d_model, mlp_ratio * d_model, sigma_reparam), nn.GELU(),
+                                 _linear(mlp_ratio * d_model, d_model, sigma_reparam))
 
     def forward(self, x: Tensor) -> Tensor:
         x = x + self.attn(self.ln1(x))
@@ -65,30 +82,76 @@ class Block(nn.Module):
 
 
 class TinyTransformer(nn.Module):
-    """Decoder (causal) or encoder transformer over integer tokens ``[N, S]``.
+    """Decoder (causal) or encoder transformer over integer tokens ``[N, S]`` or, with
+    ``input_dim``, over sequences of vectors ``[N, S, input_dim]`` (e.g. MNIST-1D patches).
 
-    ``readout``: ``"last"`` -> ``[N, out]`` logits of the last token, ``"mean"`` -> mean-pooled
-    ``[N, out]``, ``"token"`` -> ``[N, S, out]``.
+    Parameters
+    ----------
+    vocab, d_model, n_heads, n_layers, seq_len, mlp_ratio
+        The usual sizes; ``d_model`` is the width knob of sweeps (``n_heads`` must divide it).
+    out_features
+        Outputs of the readout head (default ``vocab``).
+    input_dim
+        If set, inputs are float ``[N, S, input_dim]`` embedded by ``nn.Linear(input_dim,
+        d_model)`` (``token_embedding`` is then that layer); otherwise integer tokens.
+    causal
+        ``True``: decoder (each token attends to itself and earlier ones); ``False``: encoder.
+    readout
+        ``"last"`` -> ``[N, out]`` from the last token, ``"mean"`` -> mean-pooled ``[N, out]``,
+        ``"token"`` -> ``[N, S, out]``.
+    alpha
+        Initialization scale: the initial weights of every ``nn.Linear`` and ``nn.Embedding``
+        (not the LayerNorm gains, not biases) are multiplied by ``alpha`` (Liu et al.,
+        Omnigrok, 2023; small ``alpha`` is the small-initialization regime of incremental
+        rank learning). PyTorch's default initialization otherwise. A
+        :class:`~telescope.models.SigmaReparamLinear` has its ``W`` and ``gamma`` multiplied by
+        ``alpha``, so its ``W_hat = alpha W_0`` as well.
+    sigma_reparam
+        Replace every ``nn.Linear`` of the attention (query, key, value, out) and MLP sublayers
+        by a :class:`~telescope.models.SigmaReparamLinear`, ``W_hat = (gamma / sigma(W)) W``
+        (Zhai et al., 2023), with ``gamma = sigma(W_0)``: the same function at initialization as
+        the plain model built from the same seed. Embeddings and the readout head stay plain.
     """
 
     def __init__(self, vocab: int = 128, d_model: int = 128, n_heads: int = 4, n_layers: int = 2,
                  seq_len: int = 16, out_features: int | None = None, *, mlp_ratio: int = 4,
-                 causal: bool = True, readout: str = "last") -> None:
+                 causal: bool = True, readout: str = "last", input_dim: int | None = None,
+                 alpha: float = 1.0, sigma_reparam: bool = False) -> None:
         super().__init__()
         if readout not in ("last", "mean", "token"):
             raise ValueError(f"readout must be 'last', 'mean' or 'token', got {readout!r}")
-        self.seq_len, self.readout = seq_len, readout
-        self.token_embedding = nn.Embedding(vocab, d_model)
+        if not (alpha > 0 and math.isfinite(alpha)):
+            raise ValueError(f"alpha (initialization scale) must be a positive number, got {alpha}")
+        if input_dim is not None and input_dim < 1:
+            raise ValueError(f"input_dim must be a positive integer or None, got {input_dim}")
+        self.seq_len, self.readout, self.input_dim = seq_len, readout, input_dim
+        self.token_embedding: nn.Module = (nn.Embedding(vocab, d_model) if input_dim is None
+                                           else nn.Linear(input_dim, d_model))
         self.position_embedding = nn.Embedding(seq_len, d_model)
         self.blocks = nn.ModuleList(
-            Block(d_model, n_heads, mlp_ratio, causal=causal) for _ in range(n_layers))
+            Block(d_model, n_heads, mlp_ratio, causal=causal, sigma_reparam=sigma_reparam)
+            for _ in range(n_layers))
         self.ln_f = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, vocab if out_features is None else out_features)
+        if alpha != 1.0:
+            with torch.no_grad():
+                for module in self.modules():
+                    if isinstance(module, (nn.Linear, nn.Embedding)):
+                        module.weight.mul_(alpha)
+                    elif isinstance(module, SigmaReparamLinear):
+                        module.weight.mul_(alpha)
+                        module.gamma.mul_(alpha)
 
     def forward(self, tokens: Tensor) -> Tensor:
-        if tokens.dtype not in (torch.int64, torch.int32):
-            raise TypeError(f"TinyTransformer takes integer tokens [N, S], got {tokens.dtype}")
-        n, s = tokens.shape
+        if self.input_dim is None:
+            if tokens.dtype not in (torch.int64, torch.int32) or tokens.dim() != 2:
+                raise TypeError(f"TinyTransformer takes integer tokens [N, S], got "
+                                f"{tokens.dtype} {list(tokens.shape)} (for float sequences "
+                                f"[N, S, D] build it with input_dim=D)")
+        elif tokens.dim() != 3 or tokens.shape[-1] != self.input_dim:
+            raise ValueError(f"TinyTransformer(input_dim={self.input_dim}) takes float inputs "
+                             f"[N, S, {self.input_dim}], got {list(tokens.shape)}")
+        n, s = tokens.shape[:2]
         if s > self.seq_len:
             raise ValueError(f"sequence length {s} exceeds the model's seq_len {self.seq_len}")
         # positions expanded per example, so every module sees a batch dimension
