@@ -19,6 +19,10 @@ def test_quick_tiny_end_to_end(tmp_path):
     df = pd.read_parquet(out / "results.parquet")
     assert sorted(df["fraction"]) == [0.0, 0.25, 0.5]
     assert df.loc[df["fraction"] == 0.0, "rel_increase"].abs().max() == 0.0
+    assert (df.loc[df["fraction"] == 0.0, ["rel_err_net", "rel_err_trees"]] == 1.0).all().all()
+    ratio = df["mse_net"] / df.loc[df["fraction"] == 0.0, "mse_net"].iloc[0]
+    assert (df["rel_err_net"] - ratio).abs().max() < 1e-12
+    assert ((df["rel_err_net"] - df["rel_err_trees"]) == df["rel_increase"]).all()
     assert df["trees_smoother_err"].max() < 1e-10          # boosting smoother == sklearn
     assert (df["kwn_trees"] > 0).all() and (df["kwn_net"] > 0).all()
     for c in ("mse_net", "mse_trees", "p_net", "p_trees", "telescoping_err"):

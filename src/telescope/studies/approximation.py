@@ -47,8 +47,9 @@ from telescope.lens import Telescope
 from telescope.lens_demo import HIDDEN, OPTIMIZER_TITLES, OPTIMIZERS, make_optimizer
 from telescope.models import MLP
 from telescope.report import figures as fg
+from telescope.studies._binary import BinaryData, check_data, load_binary_task
 from telescope.studies.base import Progress, Study
-from telescope.studies.double_descent import BinaryData, _device, check_data, load_binary_task
+from telescope.studies.base import resolve_device as _device
 
 __all__ = ["VARIANTS", "DigitsData", "ApproximationConfig", "points", "run_point", "figures",
            "headline", "STUDY"]

@@ -30,11 +30,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from telescope.runs.executors import Progress
 
 __all__ = ["Study", "Progress", "REGISTRY", "register", "get_study", "list_studies",
            "make_config", "config_from_dict", "config_to_dict", "config_keys", "flatten_config",
-           "parse_value", "parse_overrides"]
+           "parse_value", "parse_overrides", "resolve_device"]
 
 
 @dataclass(frozen=True)
@@ -624,3 +626,16 @@ def flatten_config(config: Any, prefix: str = "") -> dict[str, Any]:
         else:
             out[f"{prefix}{key}"] = value
     return out
+
+
+def resolve_device(name: str) -> torch.device:
+    """The ``device`` field of a study config as a ``torch.device``: ``"auto"`` is CUDA when
+    available, else the CPU; anything else is passed to ``torch.device`` (``"cpu"``,
+    ``"cuda:1"``, ...)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError as exc:
+        raise ValueError(f"device must be 'cpu', 'cuda', 'cuda:N', 'auto', ...; got {name!r}"
+                         ) from exc

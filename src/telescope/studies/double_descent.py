@@ -39,8 +39,6 @@ dogs, grayscale 8x8, is ``--set data.name=cifar10`` (its classes 3 and 5 are cat
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import math
 import time
 from dataclasses import dataclass, field
@@ -51,40 +49,16 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from telescope.data import Dataset, add_label_noise, binary_subset, load_dataset
+from telescope.data import add_label_noise
 from telescope.lens import Smoother
 from telescope.models import MLP
 from telescope.report import figures as fg
+from telescope.studies._binary import BinaryData, check_data, load_binary_task
 from telescope.studies.base import Progress, Study
+from telescope.studies.base import resolve_device as _device
 
 __all__ = ["BinaryData", "DoubleDescentConfig", "load_binary_task", "check_data", "points",
            "run_point", "figures", "headline", "STUDY"]
-
-FILE_DATASETS = ("mnist", "cifar10")
-"""Data sets read from files the user provides (``data.path``)."""
-
-
-@dataclass
-class BinaryData:
-    """A binary classification task with ``+1`` / ``-1`` targets, built from a named data set
-    (:func:`telescope.data.load_dataset`) restricted to two classes."""
-
-    name: str = "mnist1d"            # mnist1d | digits | mnist | cifar10
-    path: str = ""                   # directory or archive, for mnist and cifar10
-    classes: tuple[int, int] = (3, 5)  # the first becomes +1 (CIFAR-10: 3 cat, 5 dog)
-    n_train: int = 200
-    n_test: int = 300
-    size: int | None = None          # mnist / cifar10: downsample to size x size (None: the
-                                     # loader's default); the bundled sets ignore it
-    seed: int = 0                    # the train/test split
-
-    def __post_init__(self) -> None:
-        if len(self.classes) != 2 or self.classes[0] == self.classes[1]:
-            raise ValueError(f"data.classes must be two different classes, got {self.classes}")
-        if self.n_train < 2 or self.n_test < 1:
-            raise ValueError(f"need data.n_train >= 2 and data.n_test >= 1, got "
-                             f"{self.n_train} and {self.n_test}")
-
 
 @dataclass
 class DoubleDescentConfig:
@@ -126,44 +100,6 @@ PRESETS = {
         "steps": 10000, "evals": 10, "seeds": 5, "device": "auto",
     },
 }
-
-
-# --------------------------------------------------------------------------- data
-
-
-def load_binary_task(data: BinaryData, *, dtype: torch.dtype = torch.float32) -> Dataset:
-    """The two classes of ``data`` as a data set with ``[N, 1]`` targets ``+1`` (first class)
-    and ``-1`` (second class); inputs flattened and standardized by the loader."""
-    key = tuple(getattr(data, f.name) for f in dataclasses.fields(data))
-    return _load_binary_cached(key, str(dtype).removeprefix("torch."))
-
-
-@functools.lru_cache(maxsize=4)
-def _load_binary_cached(key: tuple, dtype_name: str) -> Dataset:
-    data = BinaryData(*key)
-    kwargs: dict = {"n_train": data.n_train, "n_test": data.n_test,
-                    "classes": tuple(data.classes), "seed": data.seed,
-                    "dtype": getattr(torch, dtype_name)}
-    check_data(data)
-    if data.name in FILE_DATASETS and data.size is not None:
-        kwargs["size"] = data.size
-    ds = load_dataset(data.name, data.path or None, **kwargs)
-    # the loader relabeled data.classes to 0 and 1: 0 -> +1, 1 -> -1
-    return binary_subset(ds, (0, 1), targets="pm1")
-
-
-def check_data(data: BinaryData) -> None:
-    """A clear error, before anything runs, when a file-backed data set has no ``data.path``."""
-    if data.name in FILE_DATASETS and not data.path:
-        raise ValueError(
-            f"data set {data.name!r} is read from files: give their location with "
-            f"--set data.path=DIR (or use a bundled data set: --set data.name=mnist1d)")
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 # --------------------------------------------------------------------------- the sweep
