@@ -26,6 +26,9 @@ from telescope.studies import mode_connectivity
 from telescope.studies import double_descent
 from telescope.studies import approximation
 from telescope.studies import trees_vs_nets
+from telescope.studies import ntk_double_descent
+from telescope.studies import grokking_transformer
+from telescope.studies import transformer_dynamics
 
 __all__ = ["REGISTRY", "Study", "Progress", "get_study", "list_studies", "make_config",
            "register", "config_from_dict", "config_to_dict"]
