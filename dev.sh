@@ -2,7 +2,9 @@
 # telescope's development entry point. Each command first makes sure the local virtual
 # environment .venv (in this directory) exists and is up to date, then runs:
 #
-#   ./dev.sh run  [args...]         the main job: `telescope demo [args...]` (kernel demo, MNIST-1D)
+#   ./dev.sh run  [args...]         the main job: the ntk-double-descent study, quick preset
+#                                   (`telescope study ntk-double-descent --preset quick
+#                                   --out out/ntk-double-descent --workers 2 [args...]`)
 #   ./dev.sh test [pytest args...]  the whole test suite (pytest)
 #   ./dev.sh lint [ruff args...]    ruff check (default: src, tests and bench)
 #   ./dev.sh setup                  only set up / update .venv
@@ -27,7 +29,7 @@ die() { printf 'dev.sh: error: %s\n' "$*" >&2; exit 1; }
 
 usage() {
     cat >&2 <<'EOF'
-usage: ./dev.sh run  [telescope demo args...]   set up .venv if needed, run the kernel demo
+usage: ./dev.sh run  [telescope study args...]  set up .venv if needed, run the main study
        ./dev.sh test [pytest args...]           set up .venv if needed, run the test suite
        ./dev.sh lint [ruff args...]             set up .venv if needed, ruff check (src tests bench)
        ./dev.sh setup                           only set up / update .venv
@@ -127,7 +129,10 @@ export MPLBACKEND="${MPLBACKEND:-Agg}"
 case "$cmd" in
     run)
         ensure_venv
-        exec "$VENV/bin/telescope" demo "$@"
+        # "Can NTK theory predict double descent in transformers?" on the embedded MNIST-1D;
+        # two worker processes (one thread each); re-running resumes, --force starts over.
+        exec "$VENV/bin/telescope" study ntk-double-descent --preset quick \
+            --out out/ntk-double-descent --workers 2 "$@"
         ;;
     test)
         ensure_venv
