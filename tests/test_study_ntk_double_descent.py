@@ -146,3 +146,28 @@ def test_figures_and_report_from_tiny_run(tmp_path):
     paths = ndd.figures(pd.DataFrame(rows), config, tmp_path)
     assert [p.name for p in paths] == ["ntk_double_descent.png", "ntk_double_descent_steps.png"]
     assert all(p.stat().st_size > 0 and p.with_suffix(".svg").exists() for p in paths)
+
+
+def test_cli_run_resumes_after_losing_a_point(tmp_path, capsys):
+    """A finished run whose point file is lost (as if killed while computing it) recomputes only
+    that point on the same command, and the results come out identical; the terminal shows the
+    headline with the answer in words."""
+    import json
+
+    from telescope.cli import main
+
+    sets = [f"{k}={v}" for k, v in TINY.items()]
+    args = ["study", "ntk-double-descent", "--out", str(tmp_path), "--set", *sets,
+            "--no-progress"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "\nanswer: Transformer: " in printed and "verdict" in printed.lower()
+    first = pd.read_parquet(tmp_path / "results.parquet")
+    files = sorted((tmp_path / "points").glob("*.parquet"))
+    assert len(files) == 4 and (tmp_path / "report.html").exists()
+    files[1].unlink()
+    assert main(args) == 0
+    meta = json.loads((tmp_path / "run.json").read_text())
+    assert meta["sessions"][-1]["skipped"] == 3
+    again = pd.read_parquet(tmp_path / "results.parquet")
+    pd.testing.assert_frame_equal(again.drop(columns="seconds"), first.drop(columns="seconds"))

@@ -272,7 +272,7 @@ def _cmd_lens(args: argparse.Namespace) -> int:
 
 
 def _cmd_study(args: argparse.Namespace) -> int:
-    from telescope.report.html import ReportError, write_report
+    from telescope.report.html import ReportError, headline_text, write_report
     from telescope.runs import make_executor, run_sweep
     from telescope.studies import get_study, list_studies, make_config
     from telescope.studies.base import parse_overrides
@@ -318,6 +318,12 @@ def _cmd_study(args: argparse.Namespace) -> int:
             print(f"telescope: error: {err}", file=sys.stderr)
             code = 1
         else:
+            try:
+                headline = study.headline(df, config) or {}
+            except Exception:  # noqa: BLE001 - write_report already raised ReportError for it
+                headline = {}
+            if headline:
+                print("\n" + headline_text(headline) + "\n")
             print(f"results: {out / 'results.parquet'}")
             print(f"report:  {report_path}")
     if result.failed:

@@ -15,6 +15,7 @@ import numbers
 import os
 import re
 import sys
+import textwrap
 import traceback
 from collections.abc import Mapping
 from datetime import datetime, timezone
@@ -65,6 +66,16 @@ def _fmt(value: Any) -> str:
     if isinstance(value, (list, tuple)):
         return ", ".join(_fmt(v) for v in value)
     return str(value)
+
+
+def headline_text(headline: Mapping[str, Any], width: int = 100) -> str:
+    """The headline as plain text for a terminal: ``quantity: value`` lines, long values (such
+    as a study's answer in words) wrapped to ``width`` columns."""
+    lines = []
+    for key, value in headline.items():
+        text = f"{key}: {_fmt(value)}"
+        lines += textwrap.wrap(text, width, subsequent_indent="    ") or [text]
+    return "\n".join(lines)
 
 
 def _table(rows: Mapping[str, Any] | list[tuple[str, Any]],
