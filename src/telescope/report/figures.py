@@ -23,6 +23,7 @@ pyplot, no display, no global state, so they are safe in worker processes and le
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -148,6 +149,19 @@ def plot_mean_spread(ax: Axes, df: pd.DataFrame, x: str, y: str, *,
         ax.fill_between(s[x], s["lo"], s["hi"], color=line.get_color(), alpha=alpha,
                         linewidth=0)
     return line
+
+
+def sparse_ticks(values: Sequence[float], most: int = 8) -> list[float]:
+    """At most about ``most`` of the sorted ``values`` (every k-th, and always the last), as
+    tick positions for a sweep axis."""
+    values = list(values)
+    if not values:
+        return []
+    stride = max(1, math.ceil(len(values) / most))
+    ticks = values[::stride]
+    if values[-1] not in ticks:
+        ticks.append(values[-1])
+    return ticks
 
 
 def log_axis(ax: Axes, axis: Literal["x", "y"] = "x", *, base: float = 10,

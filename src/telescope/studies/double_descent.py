@@ -236,7 +236,7 @@ def figures(df: pd.DataFrame, config: DoubleDescentConfig, out_dir: Path) -> lis
             if j == 0:
                 ax.set_ylabel("effective parameters p")
             for i in range(3):
-                fg.log_axis(axes[i, j], "x", base=2, ticks=_ticks(widths))
+                fg.log_axis(axes[i, j], "x", base=2, ticks=fg.sparse_ticks(widths))
         for i in range(3):
             axes[i, 0].legend()
             fg.panel_label(axes[i, 0], "abc"[i])
@@ -257,21 +257,13 @@ def figures(df: pd.DataFrame, config: DoubleDescentConfig, out_dir: Path) -> lis
             axes[0, j].set_title(f"label noise {noise:.0%}")
             axes[1, j].set_xlabel("hidden neurons")
             for i in range(2):
-                fg.log_axis(axes[i, j], "x", base=2, ticks=_ticks(widths))
+                fg.log_axis(axes[i, j], "x", base=2, ticks=fg.sparse_ticks(widths))
         axes[0, 0].set_ylabel("test MSE")
         axes[1, 0].set_ylabel("p_test")
         axes[0, 0].legend()
         paths.append(fg.save_figure(fig, out_dir, "double_descent_steps"))
     return paths
 
-
-def _ticks(widths: list[int]) -> list[int]:
-    """At most about 8 of the widths, as tick positions."""
-    stride = max(1, math.ceil(len(widths) / 8))
-    ticks = list(widths[::stride])
-    if widths[-1] not in ticks:
-        ticks.append(widths[-1])
-    return ticks
 
 
 # --------------------------------------------------------------------------- headline

@@ -564,13 +564,6 @@ def headline(df: pd.DataFrame, config: NTKDoubleDescentConfig) -> dict:
 # --------------------------------------------------------------------------- figures
 
 
-def _ticks(widths: list[int]) -> list[int]:
-    stride = max(1, math.ceil(len(widths) / 8))
-    ticks = list(widths[::stride])
-    if widths[-1] not in ticks:
-        ticks.append(widths[-1])
-    return ticks
-
 
 STYLES = {  # prediction -> (color, linestyle, marker)
     "network": (fg.COLORS["network"], "-", "o"),
@@ -627,7 +620,7 @@ def figures(df: pd.DataFrame, config: NTKDoubleDescentConfig, out_dir: Path) -> 
             ax.set_yscale("log")
             axes[2, j].set_xlabel("d_model" if kind == "transformer" else "hidden neurons")
             for i in range(3):
-                fg.log_axis(axes[i, j], "x", base=2, ticks=_ticks(widths))
+                fg.log_axis(axes[i, j], "x", base=2, ticks=fg.sparse_ticks(widths))
             for i, letter in enumerate("abc"):
                 fg.panel_label(axes[i, j], letter)
         axes[0, 0].set_ylabel("test MSE")
@@ -644,7 +637,8 @@ def figures(df: pd.DataFrame, config: NTKDoubleDescentConfig, out_dir: Path) -> 
             for i, step in enumerate(steps):
                 fg.plot_mean_spread(axes[0, j], part[part["step"] == step], "width", "test_mse",
                                     label=f"step {step}", color=fg.color_cycle(i))
-            fg.log_axis(axes[0, j], "x", base=2, ticks=_ticks(sorted(part["width"].unique())))
+            fg.log_axis(axes[0, j], "x", base=2,
+                        ticks=fg.sparse_ticks(sorted(part["width"].unique())))
             axes[0, j].set_title(kind)
             axes[0, j].set_xlabel("width")
         axes[0, 0].set_ylabel("network test MSE")
