@@ -80,6 +80,13 @@ def test_full_preset_builds_and_runs_with_tiny_overrides():
     assert 0 <= rows[-1]["network_p_train"] and 0 <= rows[-1]["network_p_test"]
 
 
+def test_network_smoother_is_skipped_above_its_parameter_budget():
+    config = make_config(STUDY, "quick", {**TINY, "smoother": "true", "smoother_max_params": "10",
+                                          "models": "mlp"})
+    rows = ndd.run_point(config, ndd.points(config)[0], Progress())
+    assert math.isnan(rows[-1]["network_p_train"]) and math.isnan(rows[-1]["network_p_test"])
+
+
 @pytest.mark.parametrize("override, message", [
     ({"widths": "3"}, "divisible by n_heads"),
     ({"models": "cnn"}, "models must be"),

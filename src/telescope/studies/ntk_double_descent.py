@@ -19,8 +19,9 @@ side by side with the trained network's:
 (e) **effective parameters** ``p(I) = n/|I| sum_{j in I} ||s(x_j)||^2`` (the paper's Sec. 4.1) of
     the two kernel smoothers, ``s(x)^T = K(x, X) K(X, X)^+`` on train and test points, and --
     with ``smoother=true`` (the ``full`` preset) -- of the trained network itself through
-    :class:`telescope.Smoother` (exact for the optimizer really used; costly: ``O(P (n + m) n)``
-    per Adam step, hence off in the quick preset).
+    :class:`telescope.Smoother` (exact for the optimizer really used; costly: ``O(P n)`` memory
+    and ``O(P (n + m) n)`` per Adam step, hence off in the quick preset and, in the full preset,
+    only for models with at most ``smoother_max_params`` parameters; NaN above).
 
 A one-hidden-layer MLP on the same (flattened) data, trained the same way, is the contrast row:
 the model for which the paper measured double descent.
@@ -125,6 +126,7 @@ class NTKDoubleDescentConfig:
     ridge: float = 0.0                        # of the kernel regressions (0: pseudo-inverse)
     telescoping: int = 100                    # test points the telescoping model tracks (0: off)
     smoother: bool = False                    # the network's own effective parameters (costly)
+    smoother_max_params: int = 200_000        # ... only for models with at most this many
     dtype: Literal["float32", "float64"] = "float32"   # training; kernels are float64
     device: str = "cpu"
     seeds: int = 2
@@ -307,8 +309,9 @@ def run_point(config: NTKDoubleDescentConfig, point: dict, progress: Progress) -
     probe = x_test[:config.telescoping]
     lens = (Telescope(model, opt, {"test": probe}, every=config.steps, track_linearized=False)
             if config.telescoping > 0 else None)
+    # Adam/AdamW use the Smoother's weight-space path: O(P n) memory, O(P (n + m) n) per step
     smoother = (Smoother(model, opt, x, y, probes={"test": x_test}, every=config.steps)
-                if config.smoother else None)
+                if config.smoother and n_params <= config.smoother_max_params else None)
     evals = set(_eval_steps(config.steps, config.evals))
     setup = {"n_train": n, "n_test": int(x_test.shape[0]), "n_params": n_params,
              "params_per_example": n_params / n}
@@ -360,9 +363,12 @@ def run_point(config: NTKDoubleDescentConfig, point: dict, progress: Progress) -
         ntk_rank_init=int(torch.linalg.matrix_rank(k0)),
         seconds=time.perf_counter() - start,
     )
-    if smoother is not None:
-        final.update(network_p_train=smoother.effective_parameters("train"),
-                     network_p_test=smoother.effective_parameters("test"))
+    if config.smoother:   # NaN where the model is too large to track
+        final.update(
+            network_p_train=(smoother.effective_parameters("train") if smoother is not None
+                             else float("nan")),
+            network_p_test=(smoother.effective_parameters("test") if smoother is not None
+                            else float("nan")))
     return rows
 
 
