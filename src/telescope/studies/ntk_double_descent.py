@@ -163,7 +163,7 @@ PRESETS = {
     "quick": {},
     "full": {
         "data.n_train": 1000, "data.n_test": 2000, "label_noise": 0.2,
-        "widths": (2, 4, 6, 8, 10, 12, 16, 24, 32, 48, 64, 96, 128, 256),
+        "widths": (4, 6, 8, 10, 12, 16, 24, 32, 48, 64, 96, 128, 256),
         "mlp_widths": (1, 2, 4, 8, 12, 16, 20, 24, 32, 48, 64, 128, 256, 1024),
         "n_layers": 2, "n_heads": 2, "steps": 10000, "evals": 10, "seeds": 5,
         "smoother": True, "device": "auto",
