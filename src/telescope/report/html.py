@@ -41,6 +41,7 @@ table { border-collapse: collapse; font-size: 0.9em; margin: 0.5em 0; }
 th, td { border: 1px solid #ddd; padding: 0.25em 0.7em; text-align: left; vertical-align: top; }
 th { background: #f4f4f4; font-weight: 600; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; }
+p.prose { max-width: 60em; line-height: 1.45; }
 figure { margin: 1em 0 1.6em 0; }
 figure img { max-width: 100%; height: auto; border: 1px solid #eee; }
 figcaption { font-size: 0.85em; color: #555; }
@@ -199,7 +200,14 @@ def write_report(run_dir: str | os.PathLike, study: Any, config: Any,
 
     parts.append("<h2>Headline numbers</h2>")
     if headline:
-        parts.append(_table(headline, ("quantity", "value")))
+        # long texts (e.g. a study's answer in words) read better as paragraphs than cells
+        prose = {k: v for k, v in headline.items() if isinstance(v, str) and len(v) > 120}
+        for key, text in prose.items():
+            parts.append(f'<p class="prose"><strong>{html.escape(str(key))}:</strong> '
+                         f"{html.escape(text)}</p>")
+        rest = {k: v for k, v in headline.items() if k not in prose}
+        if rest:
+            parts.append(_table(rest, ("quantity", "value")))
     elif not len(df):
         parts.append("<p>No results yet.</p>")
     else:
