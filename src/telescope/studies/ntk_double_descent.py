@@ -136,12 +136,10 @@ class NTKDoubleDescentConfig:
         unknown = [m for m in self.models if m not in MODELS]
         if not self.models or unknown:
             raise ValueError(f"models must be a non-empty subset of {MODELS}, got {self.models}")
-        for name in ("widths", "mlp_widths"):
+        for name, kind in (("widths", "transformer"), ("mlp_widths", "mlp")):
             values = getattr(self, name)
-            if "transformer" in self.models or name == "mlp_widths":
-                if ("mlp" in self.models or name == "widths") and (
-                        not values or min(values) < 1):
-                    raise ValueError(f"{name} must be positive integers, got {values}")
+            if kind in self.models and (not values or min(values) < 1):
+                raise ValueError(f"{name} must be positive integers, got {values}")
         bad = [w for w in self.widths if w % self.n_heads]
         if "transformer" in self.models and bad:
             raise ValueError(f"every transformer width must be divisible by n_heads="
