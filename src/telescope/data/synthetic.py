@@ -27,6 +27,8 @@ import torch
 from torch import Tensor
 
 from telescope.data import Dataset
+from telescope.data._util import check_int as _int
+from telescope.data._util import rng as _rng
 
 __all__ = [
     "teacher_regression",
@@ -40,16 +42,6 @@ __all__ = [
 ]
 
 _TEACHER, _TEST, _TRAIN, _NOISE = range(4)
-
-
-def _int(name: str, value: object, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-    return int(value)
-
-
-def _rng(seed: int, stream: int) -> np.random.Generator:
-    return np.random.default_rng([seed, stream])
 
 
 def teacher_regression(
