@@ -36,7 +36,7 @@ from telescope.runs.executors import Progress
 
 __all__ = ["Study", "Progress", "REGISTRY", "register", "get_study", "list_studies",
            "make_config", "config_from_dict", "config_to_dict", "config_keys", "flatten_config",
-           "parse_value", "parse_overrides", "resolve_device"]
+           "parse_value", "parse_overrides", "resolve_device", "evenly_spaced_steps"]
 
 
 @dataclass(frozen=True)
@@ -639,3 +639,9 @@ def resolve_device(name: str) -> torch.device:
     except RuntimeError as exc:
         raise ValueError(f"device must be 'cpu', 'cuda', 'cuda:N', 'auto', ...; got {name!r}"
                          ) from exc
+
+
+def evenly_spaced_steps(steps: int, count: int) -> list[int]:
+    """``count`` evenly spaced measurement steps in ``[1, steps]``, the last being ``steps``
+    (rounded, at least 1, deduplicated)."""
+    return sorted({max(1, round(steps * k / count)) for k in range(1, count + 1)})

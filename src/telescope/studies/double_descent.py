@@ -54,7 +54,7 @@ from telescope.lens import Smoother
 from telescope.models import MLP
 from telescope.report import figures as fg
 from telescope.studies._binary import BinaryData, check_data, load_binary_task
-from telescope.studies.base import Progress, Study
+from telescope.studies.base import Progress, Study, evenly_spaced_steps
 from telescope.studies.base import resolve_device as _device
 
 __all__ = ["BinaryData", "DoubleDescentConfig", "load_binary_task", "check_data", "points",
@@ -113,10 +113,6 @@ def points(config: DoubleDescentConfig) -> list[dict]:
             for p in config.label_noise for w in config.widths for s in seeds]
 
 
-def _eval_steps(steps: int, evals: int) -> list[int]:
-    return sorted({max(1, round(steps * k / evals)) for k in range(1, evals + 1)})
-
-
 def run_point(config: DoubleDescentConfig, point: dict, progress: Progress) -> list[dict]:
     """Train one width at one noise level and seed with a Smoother attached; one row per
     measurement step."""
@@ -139,7 +135,7 @@ def run_point(config: DoubleDescentConfig, point: dict, progress: Progress) -> l
     smoother = Smoother(model, opt, x, y, probes={"test": x_test}, every=config.steps)
     batch = n if config.batch_size is None else min(config.batch_size, n)
     gen = torch.Generator().manual_seed(seed)
-    evals = set(_eval_steps(config.steps, config.evals))
+    evals = set(evenly_spaced_steps(config.steps, config.evals))
     setup = {"n_train": n, "n_test": int(x_test.shape[0]), "n_params": n_params,
              "params_per_example": n_params / n}
 

@@ -68,7 +68,7 @@ from telescope.kernels.regression import KernelRegressor
 from telescope.lens import Smoother, Telescope
 from telescope.models import MLP, TinyTransformer
 from telescope.report import figures as fg
-from telescope.studies.base import Progress, Study
+from telescope.studies.base import Progress, Study, evenly_spaced_steps
 from telescope.studies.base import resolve_device as _device
 
 __all__ = ["SequenceData", "NTKDoubleDescentConfig", "points", "run_point", "figures",
@@ -257,10 +257,6 @@ def points(config: NTKDoubleDescentConfig) -> list[dict]:
     return out
 
 
-def _eval_steps(steps: int, evals: int) -> list[int]:
-    return sorted({max(1, round(steps * k / evals)) for k in range(1, evals + 1)})
-
-
 def _mse(pred: torch.Tensor, target: torch.Tensor) -> float:
     return float((pred.reshape(-1).double() - target.reshape(-1).double()).pow(2).mean())
 
@@ -310,7 +306,7 @@ def run_point(config: NTKDoubleDescentConfig, point: dict, progress: Progress) -
     # Adam/AdamW use the Smoother's weight-space path: O(P n) memory, O(P (n + m) n) per step
     smoother = (Smoother(model, opt, x, y, probes={"test": x_test}, every=config.steps)
                 if config.smoother and n_params <= config.smoother_max_params else None)
-    evals = set(_eval_steps(config.steps, config.evals))
+    evals = set(evenly_spaced_steps(config.steps, config.evals))
     setup = {"n_train": n, "n_test": int(x_test.shape[0]), "n_params": n_params,
              "params_per_example": n_params / n}
     full = torch.arange(n, device=device)
