@@ -16,6 +16,8 @@ import os
 
 import torch
 
+from telescope.errors import UsageError
+
 __all__ = ["available_cpus", "configure_threads"]
 
 
@@ -55,7 +57,7 @@ def configure_threads(n: int | None = None) -> int:
     """
     if n is not None:
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"the number of threads must be a positive integer, got {n!r}")
+            raise UsageError(f"the number of threads must be a positive integer, got {n!r}")
         torch.set_num_threads(n)
         try:
             torch.set_num_interop_threads(1)

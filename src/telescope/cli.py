@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from telescope._threads import configure_threads
+from telescope.errors import TelescopeError, UsageError
 
 
 def _positive_int(text: str) -> int:
@@ -285,7 +286,7 @@ def _cmd_study(args: argparse.Namespace) -> int:
             print(f"{s.name:<{width}}  {s.description} [{presets}]")
         return 0
     if not args.name:
-        raise ValueError("give a study NAME (telescope study --list shows them)")
+        raise UsageError("give a study NAME (telescope study --list shows them)")
     study = get_study(args.name)
     overrides = parse_overrides(args.overrides)
     if args.seeds is not None:
@@ -348,19 +349,16 @@ def _cmd_report(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``telescope`` console script; returns the exit code (0 on success).
 
-    Invalid arguments and errors the user can fix (``ValueError``, including
-    :class:`~telescope.kernels._functional.UnsupportedModelError`) print
-    ``telescope: error: ...`` and exit with code 2 instead of a traceback.
+    Invalid arguments and every error the user can fix (a
+    :class:`~telescope.errors.TelescopeError`) print ``telescope: error: ...`` and exit with
+    code 2 instead of a traceback; anything else is a bug and keeps its traceback.
     """
-    from telescope.kernels._functional import UnsupportedModelError
-    from telescope.runs.executors import ExecutorUnavailableError
-
     parser = build_parser()
     args = parser.parse_args(None if argv is None else list(argv))
     try:
         args.threads_used = configure_threads(args.threads)
         return args.func(args)
-    except (UnsupportedModelError, ValueError, ExecutorUnavailableError) as err:
+    except TelescopeError as err:
         parser.exit(2, f"telescope: error: {err}\n")
     except KeyboardInterrupt:
         print("telescope: interrupted", file=sys.stderr)

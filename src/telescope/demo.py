@@ -21,6 +21,7 @@ from torch import Tensor, nn
 import telescope
 from telescope import kernels
 from telescope._table import format_table as _format_table
+from telescope.errors import UsageError
 
 DEMO_WIDTHS = (64, 256)
 """Widths shown below the requested width in the demo (``--width 512`` -> 64, 256, 512)."""
@@ -48,7 +49,7 @@ def demo_widths(width: int | Sequence[int]) -> list[int]:
     else:
         widths = sorted(set(int(w) for w in width))
     if not widths or min(widths) < 1:
-        raise ValueError(f"widths must be positive integers, got {width!r}")
+        raise UsageError(f"widths must be positive integers, got {width!r}")
     return widths
 
 
@@ -84,7 +85,7 @@ def run_demo(out: str | Path, n: int = 256, widths: Sequence[int] = (64, 256, 51
 
     widths = demo_widths(list(widths))
     if n < 2:
-        raise ValueError(f"the demo needs at least 2 training points, got n={n}")
+        raise UsageError(f"the demo needs at least 2 training points, got n={n}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -228,15 +229,15 @@ def build_preset(model_name: str, data_name: str | None, n: int, seed: int
     from telescope.models import MLP, ConvNet1d, TinyTransformer
 
     if model_name not in MODEL_PRESETS:
-        raise ValueError(f"model must be one of {MODEL_PRESETS}, got {model_name!r}")
+        raise UsageError(f"model must be one of {MODEL_PRESETS}, got {model_name!r}")
     data_name = data_name or DEFAULT_DATA[model_name]
     if data_name not in DATA_PRESETS:
-        raise ValueError(f"data must be one of {DATA_PRESETS}, got {data_name!r}")
+        raise UsageError(f"data must be one of {DATA_PRESETS}, got {data_name!r}")
     if data_name != DEFAULT_DATA[model_name]:
-        raise ValueError(f"the {model_name} preset takes --data {DEFAULT_DATA[model_name]}, "
+        raise UsageError(f"the {model_name} preset takes --data {DEFAULT_DATA[model_name]}, "
                          f"not {data_name}")
     if n < 1:
-        raise ValueError(f"n must be a positive number of points, got {n}")
+        raise UsageError(f"n must be a positive number of points, got {n}")
 
     labels = None
     if data_name == "mnist1d":

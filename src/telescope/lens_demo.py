@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from telescope._table import format_table as _format_table
+from telescope.errors import UsageError
 
 OPTIMIZERS = ("sgd", "momentum", "weight_decay", "adamw")
 """Optimizer presets: plain SGD, SGD with heavy-ball momentum, SGD with weight decay, AdamW."""
@@ -70,9 +71,9 @@ def load_digits_3v5(n_train: int, n_test: int, seed: int, dtype: torch.dtype = t
     x = torch.as_tensor(x_all[keep], dtype=torch.float64)
     y = torch.where(torch.as_tensor(labels[keep]) == DIGITS[0], 1.0, -1.0).to(torch.float64)
     if n_train < 2 or n_test < 1:
-        raise ValueError(f"need n_train >= 2 and n_test >= 1, got {n_train} and {n_test}")
+        raise UsageError(f"need n_train >= 2 and n_test >= 1, got {n_train} and {n_test}")
     if n_train + n_test > x.shape[0]:
-        raise ValueError(
+        raise UsageError(
             f"the bundled digits hold {x.shape[0]} images of {DIGITS[0]}s and {DIGITS[1]}s; "
             f"n_train + n_test = {n_train + n_test} is too many")
     order = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))
@@ -93,7 +94,7 @@ def make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
         return torch.optim.SGD(params, lr=lr, weight_decay=WEIGHT_DECAY)
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=ADAMW_WEIGHT_DECAY)
-    raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {name!r}")
+    raise UsageError(f"optimizer must be one of {OPTIMIZERS}, got {name!r}")
 
 
 OPTIMIZER_TITLES = {
@@ -142,22 +143,22 @@ def run_lens_demo(
     from telescope.models import MLP
 
     if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
+        raise UsageError(f"steps must be >= 1, got {steps}")
     if every < 1:
-        raise ValueError(f"every must be >= 1, got {every}")
+        raise UsageError(f"every must be >= 1, got {every}")
     optimizers = list(optimizers)
     if not optimizers:
-        raise ValueError("give at least one optimizer")
+        raise UsageError("give at least one optimizer")
     for name in optimizers:
         if name not in OPTIMIZERS:
-            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {name!r}")
+            raise UsageError(f"optimizer must be one of {OPTIMIZERS}, got {name!r}")
     for lr in (*lrs, *adamw_lrs):
         if not (lr > 0 and math.isfinite(lr)):
-            raise ValueError(f"learning rates must be positive, got {lr}")
+            raise UsageError(f"learning rates must be positive, got {lr}")
     runs = [(name, float(lr)) for name in optimizers
             for lr in (adamw_lrs if name == "adamw" else lrs)]
     if not runs:
-        raise ValueError("no learning rates given")
+        raise UsageError("no learning rates given")
 
     x, y, x_test, y_test = load_digits_3v5(n_train, n_test, seed, dtype)
     batch = min(batch_size, n_train)

@@ -41,6 +41,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from telescope.errors import UsageError
+
 __all__ = [
     "Dataset",
     "one_hot",
@@ -98,11 +100,11 @@ def one_hot(y: Tensor, n_classes: int, *, dtype: torch.dtype = torch.float32) ->
         ``[N, n_classes]`` with ``1`` at ``(i, y[i])`` and ``0`` elsewhere.
     """
     if not isinstance(y, Tensor) or y.is_floating_point() or y.is_complex() or y.ndim != 1:
-        raise ValueError(f"y must be a 1-d integer tensor of labels, got {y!r:.80}")
+        raise UsageError(f"y must be a 1-d integer tensor of labels, got {y!r:.80}")
     if isinstance(n_classes, bool) or not isinstance(n_classes, int) or n_classes < 1:
-        raise ValueError(f"n_classes must be a positive int, got {n_classes!r}")
+        raise UsageError(f"n_classes must be a positive int, got {n_classes!r}")
     if y.numel() and (int(y.min()) < 0 or int(y.max()) >= n_classes):
-        raise ValueError(
+        raise UsageError(
             f"labels must lie in [0, {n_classes}), got range [{int(y.min())}, {int(y.max())}]"
         )
     return torch.nn.functional.one_hot(y.long(), n_classes).to(dtype)
@@ -158,7 +160,7 @@ class Dataset:
         ``dtype`` defaults to the dtype of the inputs (float32 unless they are not floating).
         """
         if self.n_classes is None:
-            raise ValueError(f"{self.name} is a regression data set: it has no classes")
+            raise UsageError(f"{self.name} is a regression data set: it has no classes")
         if dtype is None:
             dtype = self.x_train.dtype if self.x_train.is_floating_point() else torch.float32
         return one_hot(targets, self.n_classes, dtype=dtype)

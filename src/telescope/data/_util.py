@@ -14,10 +14,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from telescope.errors import UsageError
+
 __all__ = ["MissingDataError"]
 
 
-class MissingDataError(FileNotFoundError, ValueError):
+class MissingDataError(UsageError, FileNotFoundError):
     """A data file or directory a loader needs does not exist.
 
     Both a :class:`FileNotFoundError` and a :class:`ValueError`, so callers can catch either;
@@ -32,7 +34,7 @@ SPLIT, NOISE, SUBSAMPLE, SUBSAMPLE_TEST, IRREGULAR = 101, 102, 103, 104, 105
 
 def check_int(name: str, value: object, low: int) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+        raise UsageError(f"{name} must be an int >= {low}, got {value!r}")
     return int(value)
 
 
@@ -42,7 +44,7 @@ def check_optional_int(name: str, value: object, low: int) -> int | None:
 
 def check_dtype(dtype: object) -> torch.dtype:
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise ValueError(f"dtype must be a floating torch dtype, got {dtype!r}")
+        raise UsageError(f"dtype must be a floating torch dtype, got {dtype!r}")
     return dtype
 
 
@@ -52,9 +54,9 @@ def rng(seed: int, stream: int) -> np.random.Generator:
 
 def as_path(path: object, what: str) -> Path:
     if path is None:
-        raise ValueError(f"{what}: a path is required (set data.path=... on the command line)")
+        raise UsageError(f"{what}: a path is required (set data.path=... on the command line)")
     if not isinstance(path, (str, os.PathLike)):
-        raise ValueError(f"{what}: path must be a str or os.PathLike, got {path!r}")
+        raise UsageError(f"{what}: path must be a str or os.PathLike, got {path!r}")
     return Path(path).expanduser()
 
 
@@ -65,12 +67,12 @@ def read_bytes(path: Path) -> bytes:
     except FileNotFoundError as err:
         raise MissingDataError(f"{path} does not exist") from err
     except OSError as err:
-        raise ValueError(f"could not read {path}: {err}") from err
+        raise UsageError(f"could not read {path}: {err}") from err
     if raw[:2] == b"\x1f\x8b":
         try:
             return gzip.decompress(raw)
         except (OSError, EOFError) as err:
-            raise ValueError(
+            raise UsageError(
                 f"{path} is a corrupt or truncated gzip file ({err}); download it again or "
                 "decompress it yourself and pass the uncompressed file"
             ) from err
@@ -84,23 +86,23 @@ def check_classes(
     if classes is None:
         return tuple(range(n_classes))
     if isinstance(classes, (str, bytes)) or not isinstance(classes, Sequence):
-        raise ValueError(f"classes must be a sequence of classes, e.g. (3, 5), got {classes!r}")
+        raise UsageError(f"classes must be a sequence of classes, e.g. (3, 5), got {classes!r}")
     out = []
     for c in classes:
         if isinstance(c, str) and names is not None:
             if c not in names:
-                raise ValueError(f"unknown class {c!r}; the classes are {list(names)}")
+                raise UsageError(f"unknown class {c!r}; the classes are {list(names)}")
             out.append(list(names).index(c))
         elif isinstance(c, (int, np.integer)) and not isinstance(c, bool) and 0 <= c < n_classes:
             out.append(int(c))
         else:
             known = f"names {list(names)} or " if names is not None else ""
-            raise ValueError(
+            raise UsageError(
                 f"unknown class {c!r} in classes={tuple(classes)!r}: use {known}"
                 f"ints in 0..{n_classes - 1}"
             )
     if len(out) < 2 or len(set(out)) != len(out):
-        raise ValueError(f"classes must name at least 2 distinct classes, got {tuple(classes)!r}")
+        raise UsageError(f"classes must name at least 2 distinct classes, got {tuple(classes)!r}")
     return tuple(out)
 
 
@@ -144,7 +146,7 @@ def split_sizes(
     if n_train is None:
         n_train = n_avail - n_test
     if n_train < 1 or n_test < 0 or n_train + n_test > n_avail:
-        raise ValueError(
+        raise UsageError(
             f"{what} holds {n_avail} examples; n_train={n_train} plus n_test={n_test} do not "
             f"fit: ask for at most {n_avail} in total"
         )
@@ -156,7 +158,7 @@ def take(n_avail: int, n: int | None, name: str, what: str) -> int:
     if n is None:
         return n_avail
     if n > n_avail:
-        raise ValueError(f"{what} holds {n_avail} examples; {name}={n} is too many")
+        raise UsageError(f"{what} holds {n_avail} examples; {name}={n} is too many")
     return n
 
 

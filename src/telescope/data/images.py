@@ -38,6 +38,7 @@ import torch
 from telescope.data import Dataset
 from telescope.data import _util as U
 from telescope.data._util import MissingDataError
+from telescope.errors import UsageError
 
 __all__ = ["read_idx", "area_downsample", "load_mnist_idx", "load_cifar10", "CIFAR10_CLASSES"]
 
@@ -106,13 +107,13 @@ def area_downsample(images: np.ndarray, size: int) -> np.ndarray:
     size = U.check_int("size", size, 1)
     a = np.asarray(images, dtype=np.float64)
     if a.ndim not in (3, 4):
-        raise ValueError(f"images must be [N, H, W] or [N, C, H, W], got shape {a.shape}")
+        raise UsageError(f"images must be [N, H, W] or [N, C, H, W], got shape {a.shape}")
     t = torch.from_numpy(np.ascontiguousarray(a))
     squeeze = t.ndim == 3
     if squeeze:
         t = t.unsqueeze(1)
     if size > t.shape[-1] or size > t.shape[-2]:
-        raise ValueError(f"size {size} is larger than the images ({t.shape[-2]}x{t.shape[-1]})")
+        raise UsageError(f"size {size} is larger than the images ({t.shape[-2]}x{t.shape[-1]})")
     out = torch.nn.functional.adaptive_avg_pool2d(t, size)
     return (out.squeeze(1) if squeeze else out).numpy()
 
@@ -132,7 +133,7 @@ def _find_mnist(root: Path) -> dict[str, Path]:
             f"({', '.join(v[0] for v in _MNIST_FILES.values())}, optionally .gz)"
         )
     if not root.is_dir():
-        raise ValueError(f"MNIST path {root} is a file; pass the directory holding the IDX files")
+        raise UsageError(f"MNIST path {root} is a file; pass the directory holding the IDX files")
     folders = [root, root / "MNIST" / "raw", root / "raw"]
     found: dict[str, Path] = {}
     for key, names in _MNIST_FILES.items():
@@ -158,16 +159,16 @@ def _read_mnist_split(images_path: Path, labels_path: Path) -> tuple[np.ndarray,
     images = read_idx(images_path)
     labels = read_idx(labels_path)
     if images.ndim != 3:
-        raise ValueError(f"{images_path} holds an array of shape {images.shape}; MNIST images "
+        raise UsageError(f"{images_path} holds an array of shape {images.shape}; MNIST images "
                          "are 3-d [N, rows, cols] (magic number 0x00000803)")
     if labels.ndim != 1:
-        raise ValueError(f"{labels_path} holds an array of shape {labels.shape}; MNIST labels "
+        raise UsageError(f"{labels_path} holds an array of shape {labels.shape}; MNIST labels "
                          "are 1-d [N] (magic number 0x00000801)")
     if images.shape[0] != labels.shape[0]:
-        raise ValueError(f"{images_path} has {images.shape[0]} images but {labels_path} has "
+        raise UsageError(f"{images_path} has {images.shape[0]} images but {labels_path} has "
                          f"{labels.shape[0]} labels; the files do not belong together")
     if labels.size and (labels.min() < 0 or labels.max() > 9):
-        raise ValueError(f"{labels_path}: labels must be digits 0..9, found range "
+        raise UsageError(f"{labels_path}: labels must be digits 0..9, found range "
                          f"[{labels.min()}, {labels.max()}]")
     return images, labels.astype(np.int64)
 
@@ -252,7 +253,7 @@ def load_mnist_idx(
     x_tr_all, y_tr_all = _read_mnist_split(files["train images"], files["train labels"])
     x_te_all, y_te_all = _read_mnist_split(files["test images"], files["test labels"])
     if x_tr_all.shape[1:] != x_te_all.shape[1:]:
-        raise ValueError(f"training images are {x_tr_all.shape[1:]} but test images are "
+        raise UsageError(f"training images are {x_tr_all.shape[1:]} but test images are "
                          f"{x_te_all.shape[1:]}; the files are from different data sets")
     keep_tr, y_tr = U.relabel(y_tr_all, cls)
     keep_te, y_te = U.relabel(y_te_all, cls)
@@ -299,7 +300,7 @@ def _unpickle(raw: bytes, where: str) -> object:
     try:
         return _ArrayUnpickler(io.BytesIO(raw), encoding="bytes").load()
     except Exception as err:
-        raise ValueError(
+        raise UsageError(
             f"{where} is not a CIFAR-10 python batch (could not unpickle it: {err}); use the "
             "'CIFAR-10 python version' files (cifar-10-python.tar.gz)"
         ) from err
@@ -341,7 +342,7 @@ def _cifar_files(path: Path) -> tuple[dict[str, bytes], str]:
                 if member.isfile() and base in wanted:
                     out[base] = tar.extractfile(member).read()
     except (tarfile.TarError, OSError, EOFError) as err:
-        raise ValueError(f"{archive} is not a readable tar archive ({err}); download "
+        raise UsageError(f"{archive} is not a readable tar archive ({err}); download "
                          "cifar-10-python.tar.gz again") from err
     return out, str(archive)
 
@@ -349,20 +350,20 @@ def _cifar_files(path: Path) -> tuple[dict[str, bytes], str]:
 def _cifar_batch(raw: bytes, where: str) -> tuple[np.ndarray, np.ndarray]:
     batch = _unpickle(raw, where)
     if not isinstance(batch, dict):
-        raise ValueError(f"{where}: a CIFAR-10 batch is a dict, got {type(batch).__name__}")
+        raise UsageError(f"{where}: a CIFAR-10 batch is a dict, got {type(batch).__name__}")
     get = {k.decode() if isinstance(k, bytes) else k: v for k, v in batch.items()}
     if "data" not in get or "labels" not in get:
-        raise ValueError(f"{where}: a CIFAR-10 batch has keys b'data' and b'labels', found "
+        raise UsageError(f"{where}: a CIFAR-10 batch has keys b'data' and b'labels', found "
                          f"{sorted(map(str, get))}")
     data, labels = get["data"], np.asarray(get["labels"])
     if not isinstance(data, np.ndarray) or data.ndim != 2 or data.shape[1] != 3072:
-        raise ValueError(f"{where}: b'data' must be a [N, 3072] uint8 array (3x32x32 images, "
+        raise UsageError(f"{where}: b'data' must be a [N, 3072] uint8 array (3x32x32 images, "
                          f"channel-major), got {getattr(data, 'shape', type(data).__name__)}")
     if labels.ndim != 1 or labels.shape[0] != data.shape[0]:
-        raise ValueError(f"{where}: {data.shape[0]} images but labels of shape {labels.shape}")
+        raise UsageError(f"{where}: {data.shape[0]} images but labels of shape {labels.shape}")
     if labels.size and (not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0
                         or labels.max() > 9):
-        raise ValueError(f"{where}: labels must be ints in 0..9")
+        raise UsageError(f"{where}: labels must be ints in 0..9")
     return data, labels.astype(np.int64)
 
 
@@ -410,7 +411,7 @@ def load_cifar10(
     if size is not None:
         size = U.check_int("size", size, 1)
         if size > 32:
-            raise ValueError(f"size must be at most 32 (CIFAR-10 images are 32x32), got {size}")
+            raise UsageError(f"size must be at most 32 (CIFAR-10 images are 32x32), got {size}")
     files, where = _cifar_files(root)
     missing = [b for b in _CIFAR_BATCHES if b not in files]
     if missing:
@@ -422,7 +423,7 @@ def load_cifar10(
         got = meta_obj.get(b"label_names", meta_obj.get("label_names")) if isinstance(
             meta_obj, dict) else None
         if not isinstance(got, (list, tuple)) or len(got) != 10:
-            raise ValueError(f"{where}/batches.meta: expected b'label_names' with 10 names")
+            raise UsageError(f"{where}/batches.meta: expected b'label_names' with 10 names")
         names = [n.decode() if isinstance(n, bytes) else str(n) for n in got]
     cls = U.check_classes(classes, 10, names)
     parts = [_cifar_batch(files[b], f"{where}/{b}") for b in _CIFAR_BATCHES]

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from telescope.data import Dataset
 from telescope.data import _util as U
+from telescope.errors import UsageError
 
 __all__ = ["IrregularitySplit", "irregularity_split", "first_pc_scores"]
 
@@ -142,22 +143,22 @@ def irregularity_split(
     meta: dict[str, Any] = {"seed": seed}
     if isinstance(x, Dataset):
         if y is not None:
-            raise ValueError("pass either a Dataset or x and y, not both")
+            raise UsageError("pass either a Dataset or x and y, not both")
         meta["source"] = x.name
         y = torch.cat([x.y_train, x.y_test])
         x = torch.cat([x.x_train, x.x_test])
     if y is None:
-        raise ValueError("y is required: the labels or targets of the rows of x")
+        raise UsageError("y is required: the labels or targets of the rows of x")
     xt = torch.as_tensor(x)
     yt = torch.as_tensor(y)
     if xt.ndim < 2:
-        raise ValueError(f"x must be [N, d] (one row per example), got shape {tuple(xt.shape)}")
+        raise UsageError(f"x must be [N, d] (one row per example), got shape {tuple(xt.shape)}")
     n = xt.shape[0]
     if yt.shape[0] != n:
-        raise ValueError(f"x has {n} rows but y has {yt.shape[0]}")
+        raise UsageError(f"x has {n} rows but y has {yt.shape[0]}")
     fr = tuple(float(f) for f in fractions)
     if not fr or any(not 0.0 <= f <= 1.0 for f in fr):
-        raise ValueError(f"fractions must be a non-empty sequence of numbers in [0, 1], got "
+        raise UsageError(f"fractions must be a non-empty sequence of numbers in [0, 1], got "
                          f"{fractions!r}")
     if n_test is None:
         n_test = max(1, int(round(0.2 * n)))
@@ -165,13 +166,13 @@ def irregularity_split(
     m = [int(math.floor(f * n_test + 0.5)) for f in fr]
     k = max(m)
     if n - k - n_test < 1:
-        raise ValueError(f"{n} examples are too few for n_test={n_test} with {k} reserved "
+        raise UsageError(f"{n} examples are too few for n_test={n_test} with {k} reserved "
                          "irregular examples: lower n_test or the largest fraction")
     n_avail = n - k - n_test
     if n_train is not None:
         n_train = U.check_int("n_train", n_train, 1)
         if n_train > n_avail:
-            raise ValueError(f"n_train={n_train} is too many: {n} examples minus n_test="
+            raise UsageError(f"n_train={n_train} is too many: {n} examples minus n_test="
                              f"{n_test} and {k} reserved irregular ones leave {n_avail}")
     else:
         n_train = n_avail

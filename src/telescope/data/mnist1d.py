@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from telescope.data import Dataset
+from telescope.errors import UsageError
 
 __all__ = ["load_mnist1d", "default_cache_dir"]
 
@@ -51,7 +52,7 @@ def _check_classes(classes: Sequence[int] | None) -> tuple[int, ...]:
         or any(not 0 <= c < _N_CLASSES for c in out)
         or len(set(out)) != len(out)
     ):
-        raise ValueError(
+        raise UsageError(
             f"classes must be at least 2 distinct ints in 0..{_N_CLASSES - 1}, got {classes!r}"
         )
     return tuple(int(c) for c in out)
@@ -195,9 +196,9 @@ def load_mnist1d(
         n_test = _STD_TEST * k // _N_CLASSES
     for name, value, low in (("n_train", n_train, 1), ("n_test", n_test, 0), ("seed", seed, 0)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+            raise UsageError(f"{name} must be an int >= {low}, got {value!r}")
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise ValueError(f"dtype must be a floating torch dtype, got {dtype!r}")
+        raise UsageError(f"dtype must be a floating torch dtype, got {dtype!r}")
 
     num_samples = k * math.ceil((n_train + n_test) / k)
     tag = "all" if classes is None else "-".join(map(str, cls))

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from telescope.data import Dataset
+from telescope.errors import UsageError
 
 __all__ = ["DATASETS", "load_dataset"]
 
@@ -55,13 +56,13 @@ def load_dataset(name: str, path: str | os.PathLike[str] | None = None, **kwargs
     """
     reg = _registry()
     if name not in reg:
-        raise ValueError(f"unknown data set {name!r}; choose one of {list(reg)}")
+        raise UsageError(f"unknown data set {name!r}; choose one of {list(reg)}")
     loader, needs_path, desc = reg[name]
     if needs_path:
         if path is None or str(path) == "":
-            raise ValueError(f"data set {name!r} ({desc}) reads files: give their location with "
+            raise UsageError(f"data set {name!r} ({desc}) reads files: give their location with "
                              "path=... (on the command line: --set data.path=...)")
         return loader(path, **kwargs)
     if path is not None and str(path) != "":
-        raise ValueError(f"data set {name!r} ({desc}) does not read files; drop path={path!r}")
+        raise UsageError(f"data set {name!r} ({desc}) does not read files; drop path={path!r}")
     return loader(**kwargs)

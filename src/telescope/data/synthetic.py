@@ -29,6 +29,7 @@ from torch import Tensor
 from telescope.data import Dataset
 from telescope.data._util import check_int as _int
 from telescope.data._util import rng as _rng
+from telescope.errors import UsageError
 
 __all__ = [
     "teacher_regression",
@@ -97,9 +98,9 @@ def teacher_regression(
     n_outputs = _int("n_outputs", n_outputs, 1)
     seed = _int("seed", seed, 0)
     if not float(noise) >= 0.0 or not np.isfinite(noise):
-        raise ValueError(f"noise must be a finite number >= 0, got {noise!r}")
+        raise UsageError(f"noise must be a finite number >= 0, got {noise!r}")
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise ValueError(f"dtype must be a floating torch dtype, got {dtype!r}")
+        raise UsageError(f"dtype must be a floating torch dtype, got {dtype!r}")
 
     teacher = _rng(seed, _TEACHER)
     w = teacher.standard_normal((width, d))
@@ -236,11 +237,11 @@ def polynomial_task(
     if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not np.isfinite(
         epsilon
     ):
-        raise ValueError(f"epsilon must be a finite number, got {epsilon!r}")
+        raise UsageError(f"epsilon must be a finite number, got {epsilon!r}")
     if not float(noise) >= 0.0 or not np.isfinite(noise):
-        raise ValueError(f"noise must be a finite number >= 0, got {noise!r}")
+        raise UsageError(f"noise must be a finite number >= 0, got {noise!r}")
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise ValueError(f"dtype must be a floating torch dtype, got {dtype!r}")
+        raise UsageError(f"dtype must be a floating torch dtype, got {dtype!r}")
 
     beta = _rng(seed, _TEACHER).standard_normal((r, d))
 
@@ -335,19 +336,19 @@ def modular_arithmetic(
     p = _int("p", p, 2)
     seed = _int("seed", seed, 0)
     if op not in _OPS:
-        raise ValueError(f"op must be one of {sorted(_OPS)}, got {op!r}")
+        raise UsageError(f"op must be one of {sorted(_OPS)}, got {op!r}")
     if op == "div" and not _is_prime(p):
-        raise ValueError(f"op='div' needs a prime modulus, got p={p}")
+        raise UsageError(f"op='div' needs a prime modulus, got p={p}")
     if p >= 2**31:
-        raise ValueError(f"p must be below 2**31, got {p}")
+        raise UsageError(f"p must be below 2**31, got {p}")
     if isinstance(train_fraction, bool) or not isinstance(train_fraction, (int, float)) or not (
         0.0 < train_fraction <= 1.0
     ):
-        raise ValueError(f"train_fraction must be a number in (0, 1], got {train_fraction!r}")
+        raise UsageError(f"train_fraction must be a number in (0, 1], got {train_fraction!r}")
     if encoding not in ("tokens", "onehot"):
-        raise ValueError(f"encoding must be 'tokens' or 'onehot', got {encoding!r}")
+        raise UsageError(f"encoding must be 'tokens' or 'onehot', got {encoding!r}")
     if equals and encoding != "tokens":
-        raise ValueError("equals=True adds an '=' token; it needs encoding='tokens'")
+        raise UsageError("equals=True adds an '=' token; it needs encoding='tokens'")
 
     a, b = (g.ravel() for g in np.meshgrid(np.arange(p), np.arange(p), indexing="ij"))
     pair = a * p + b
@@ -414,7 +415,7 @@ def mnist1d_patches(
 
     patch = _int("patch", patch, 1)
     if 40 % patch:
-        raise ValueError(f"patch must divide the MNIST-1D length 40 (1, 2, 4, 5, 8, 10, 20, 40), "
+        raise UsageError(f"patch must divide the MNIST-1D length 40 (1, 2, 4, 5, 8, 10, 20, 40), "
                          f"got {patch}")
     ds = load_mnist1d(n_train, n_test, seed=seed, classes=classes, dtype=dtype,
                       cache_dir=cache_dir)
@@ -469,4 +470,4 @@ def sequence_task(kind: str = "mnist1d-patches", *args, **kwargs) -> Dataset:
         return mnist1d_patches(*args, **kwargs)
     if kind == "digits-rows":
         return _digits_rows(*args, **kwargs)
-    raise ValueError(f"unknown sequence task {kind!r}; choose one of {SEQUENCE_TASKS}")
+    raise UsageError(f"unknown sequence task {kind!r}; choose one of {SEQUENCE_TASKS}")

@@ -47,6 +47,7 @@ import torch
 from telescope.data import Dataset
 from telescope.data import _util as U
 from telescope.data._util import MissingDataError
+from telescope.errors import UsageError
 
 __all__ = ["table_dataset", "load_table", "load_bundled_table", "read_arff", "load_openml_cache"]
 
@@ -117,16 +118,16 @@ def table_dataset(
         Name of the data set and where it came from (kept in ``meta["source"]``).
     """
     if not isinstance(frame, pd.DataFrame):
-        raise ValueError(f"frame must be a pandas DataFrame, got {type(frame).__name__}")
+        raise UsageError(f"frame must be a pandas DataFrame, got {type(frame).__name__}")
     dtype = U.check_dtype(dtype)
     if task not in _TASKS:
-        raise ValueError(f"task must be one of {_TASKS}, got {task!r}")
+        raise UsageError(f"task must be one of {_TASKS}, got {task!r}")
     if missing not in ("drop", "error"):
-        raise ValueError(f"missing must be 'drop' or 'error', got {missing!r}")
+        raise UsageError(f"missing must be 'drop' or 'error', got {missing!r}")
     where = source or name
     columns = list(frame.columns)
     if target not in columns:
-        raise ValueError(f"{where}: target column {target!r} not found; the columns are "
+        raise UsageError(f"{where}: target column {target!r} not found; the columns are "
                          f"{columns}. Pass target= one of them")
     if features is None:
         features = [c for c in columns if c != target]
@@ -136,15 +137,15 @@ def table_dataset(
         features = list(features)
         unknown = [f for f in features if f not in columns]
         if unknown:
-            raise ValueError(f"{where}: feature column(s) {unknown} not found; the columns are "
+            raise UsageError(f"{where}: feature column(s) {unknown} not found; the columns are "
                              f"{columns}")
         if target in features:
-            raise ValueError(f"{where}: the target {target!r} is also listed as a feature")
+            raise UsageError(f"{where}: the target {target!r} is also listed as a feature")
     if not features:
-        raise ValueError(f"{where}: no feature columns besides the target {target!r}")
+        raise UsageError(f"{where}: no feature columns besides the target {target!r}")
     unknown = [c for c in categorical if c not in features]
     if unknown:
-        raise ValueError(f"{where}: categorical column(s) {unknown} are not among the features "
+        raise UsageError(f"{where}: categorical column(s) {unknown} are not among the features "
                          f"{features}")
 
     used = frame[[*features, target]]
@@ -152,13 +153,13 @@ def table_dataset(
     n_dropped = int(bad.any(axis=1).sum())
     if n_dropped and missing == "error":
         counts = {c: int(v) for c, v in bad.sum().items() if v}
-        raise ValueError(f"{where}: missing values in columns {counts}; clean the table or pass "
+        raise UsageError(f"{where}: missing values in columns {counts}; clean the table or pass "
                          "missing='drop' to drop those rows")
     rows = np.flatnonzero(~bad.any(axis=1).to_numpy())
     used = used.iloc[rows]
     n = len(used)
     if n < 2:
-        raise ValueError(f"{where}: {n} complete rows; need at least 2 to split")
+        raise UsageError(f"{where}: {n} complete rows; need at least 2 to split")
 
     y_col = used[target]
     meta: dict[str, Any] = {"seed": seed, "target": target, "task": task, "n_dropped": n_dropped,
@@ -166,7 +167,7 @@ def table_dataset(
     if task == "regression":
         if _is_categorical(y_col):
             example = y_col.iloc[0]
-            raise ValueError(f"{where}: target column {target!r} is not numeric (dtype "
+            raise UsageError(f"{where}: target column {target!r} is not numeric (dtype "
                              f"{y_col.dtype}, e.g. {example!r}); use task='classification'")
         y = y_col.to_numpy(dtype=np.float64)
         labels = None
@@ -178,7 +179,7 @@ def table_dataset(
         labels = np.array([lookup[v] for v in y_col.tolist()], dtype=np.int64)
         meta["class_names"] = classes
         if len(classes) < 2:
-            raise ValueError(f"{where}: target {target!r} has {len(classes)} class; need 2+")
+            raise UsageError(f"{where}: target {target!r} has {len(classes)} class; need 2+")
 
     n_tr, n_te = U.split_sizes(n, n_train, n_test, f"{where} ({n} complete rows)")
     perm = U.order(labels, n, seed, U.SPLIT, task == "classification")
@@ -190,7 +191,7 @@ def table_dataset(
         if col in categorical or _is_categorical(series):
             cats = _categories(series)
             if len(cats) > max_categories:
-                raise ValueError(
+                raise UsageError(
                     f"{where}: categorical column {col!r} has {len(cats)} distinct values "
                     f"(max_categories={max_categories}); it looks like an identifier: exclude it "
                     "with features=[...] or raise max_categories"
@@ -248,7 +249,7 @@ def _table_format(path: Path) -> str:
     last = suffixes[-1] if suffixes else ""
     formats = {".csv": "csv", ".tsv": "tsv", ".parquet": "parquet", ".pq": "parquet"}
     if last not in formats:
-        raise ValueError(f"{path}: unknown table format {last or '(no suffix)'!r}; use a .csv, "
+        raise UsageError(f"{path}: unknown table format {last or '(no suffix)'!r}; use a .csv, "
                          ".tsv (optionally compressed, e.g. .csv.gz) or .parquet file")
     return formats[last]
 
@@ -264,10 +265,10 @@ def _read_frame(path: Path) -> pd.DataFrame:
         else:
             frame = pd.read_csv(path, sep="\t" if fmt == "tsv" else ",")
     except Exception as err:
-        raise ValueError(f"could not read {path} as {fmt.upper()}: {err}. Check that the file "
+        raise UsageError(f"could not read {path} as {fmt.upper()}: {err}. Check that the file "
                          f"is a complete {fmt.upper()} table with a header row") from err
     if frame.shape[0] == 0 or frame.shape[1] == 0:
-        raise ValueError(f"{path}: the table is empty ({frame.shape[0]} rows, {frame.shape[1]} "
+        raise UsageError(f"{path}: the table is empty ({frame.shape[0]} rows, {frame.shape[1]} "
                          "columns)")
     return frame
 
@@ -317,7 +318,7 @@ def load_bundled_table(
     Converted by :func:`table_dataset` with target column ``"target"``; ``options`` go there too.
     """
     if name not in _BUNDLED:
-        raise ValueError(f"unknown bundled table {name!r}; choose one of {sorted(_BUNDLED)}")
+        raise UsageError(f"unknown bundled table {name!r}; choose one of {sorted(_BUNDLED)}")
     import sklearn.datasets
 
     frame = getattr(sklearn.datasets, f"load_{name}")(as_frame=True).frame
@@ -349,13 +350,13 @@ def _split_values(text: str, where: str) -> list[str | None]:
                 buf.append(text[i])
                 i += 1
             if i >= n:
-                raise ValueError(f"{where}: unterminated quoted value")
+                raise UsageError(f"{where}: unterminated quoted value")
             i += 1
             values.append("".join(buf))
             while i < n and text[i] in " \t":
                 i += 1
             if i < n and text[i] != ",":
-                raise ValueError(f"{where}: unexpected text after a quoted value")
+                raise UsageError(f"{where}: unexpected text after a quoted value")
         else:
             j = text.find(",", i)
             j = n if j < 0 else j
@@ -372,24 +373,24 @@ def _parse_attribute(rest: str, where: str) -> tuple[str, Any]:
     if rest[:1] in ("'", '"'):
         end = rest.find(rest[0], 1)
         if end < 0:
-            raise ValueError(f"{where}: unterminated quoted attribute name")
+            raise UsageError(f"{where}: unterminated quoted attribute name")
         name, spec = rest[1:end], rest[end + 1:].strip()
     else:
         parts = rest.split(None, 1)
         if len(parts) < 2:
-            raise ValueError(f"{where}: an @attribute line needs a name and a type")
+            raise UsageError(f"{where}: an @attribute line needs a name and a type")
         name, spec = parts
     low = spec.lower()
     if spec.startswith("{"):
         if not spec.rstrip().endswith("}"):
-            raise ValueError(f"{where}: nominal type of {name!r} is missing its closing '}}'")
+            raise UsageError(f"{where}: nominal type of {name!r} is missing its closing '}}'")
         cats = _split_values(spec.strip()[1:-1], where)
         return name, [c for c in cats if c is not None]
     if low in _NUMERIC_TYPES:
         return name, "numeric"
     if low == "string" or low.startswith("date"):
         return name, "string"
-    raise ValueError(f"{where}: unsupported type {spec!r} of attribute {name!r} (supported: "
+    raise UsageError(f"{where}: unsupported type {spec!r} of attribute {name!r} (supported: "
                      "numeric/real/integer, {nominal,values}, string, date)")
 
 
@@ -417,7 +418,7 @@ def read_arff(path: str | os.PathLike[str]) -> tuple[pd.DataFrame, dict[str, Any
     try:
         text = U.read_bytes(p).decode("utf-8")
     except UnicodeDecodeError as err:
-        raise ValueError(f"{p} is not a UTF-8 text (ARFF) file: {err}") from err
+        raise UsageError(f"{p} is not a UTF-8 text (ARFF) file: {err}") from err
     return _parse_arff(text, str(p))
 
 
@@ -441,12 +442,12 @@ def _parse_arff(text: str, where: str) -> tuple[pd.DataFrame, dict[str, Any]]:
         elif key == "@end":
             continue
         else:
-            raise ValueError(f"{where}, line {lineno}: expected @relation, @attribute or @data, "
+            raise UsageError(f"{where}, line {lineno}: expected @relation, @attribute or @data, "
                              f"found {s[:40]!r}; is this an ARFF file?")
     if not attributes:
-        raise ValueError(f"{where}: no @attribute declarations; not an ARFF file")
+        raise UsageError(f"{where}: no @attribute declarations; not an ARFF file")
     if data_start is None:
-        raise ValueError(f"{where}: no @data section; the file is truncated or not ARFF")
+        raise UsageError(f"{where}: no @data section; the file is truncated or not ARFF")
     k = len(attributes)
     rows, line_of = [], []
     for lineno in range(data_start + 1, len(lines) + 1):
@@ -454,10 +455,10 @@ def _parse_arff(text: str, where: str) -> tuple[pd.DataFrame, dict[str, Any]]:
         if not s or s.startswith("%"):
             continue
         if s.startswith("{"):
-            raise ValueError(f"{where}, line {lineno}: sparse ARFF rows are not supported")
+            raise UsageError(f"{where}, line {lineno}: sparse ARFF rows are not supported")
         values = _split_values(s, f"{where}, line {lineno}")
         if len(values) != k:
-            raise ValueError(f"{where}, line {lineno}: {len(values)} values for {k} attributes")
+            raise UsageError(f"{where}, line {lineno}: {len(values)} values for {k} attributes")
         rows.append(values)
         line_of.append(lineno)
     columns = list(zip(*rows, strict=True)) if rows else [() for _ in attributes]
@@ -469,7 +470,7 @@ def _parse_arff(text: str, where: str) -> tuple[pd.DataFrame, dict[str, Any]]:
             wrong = num.isna() & series.notna()
             if wrong.any():
                 i = int(np.flatnonzero(wrong.to_numpy())[0])
-                raise ValueError(f"{where}, line {line_of[i]}: value {values[i]!r} of numeric "
+                raise UsageError(f"{where}, line {line_of[i]}: value {values[i]!r} of numeric "
                                  f"attribute {name!r} is not a number")
             frame[name] = num.astype(np.float64)
         elif kind == "string":
@@ -478,11 +479,11 @@ def _parse_arff(text: str, where: str) -> tuple[pd.DataFrame, dict[str, Any]]:
             wrong = series.notna() & ~series.isin(kind)
             if wrong.any():
                 i = int(np.flatnonzero(wrong.to_numpy())[0])
-                raise ValueError(f"{where}, line {line_of[i]}: value {values[i]!r} of nominal "
+                raise UsageError(f"{where}, line {line_of[i]}: value {values[i]!r} of nominal "
                                  f"attribute {name!r} is not one of {kind}")
             frame[name] = pd.Categorical(series, categories=kind)
     if len(frame) != k:
-        raise ValueError(f"{where}: duplicate attribute names")
+        raise UsageError(f"{where}: duplicate attribute names")
     return pd.DataFrame(frame), {"relation": relation, "attributes": attributes}
 
 
@@ -493,7 +494,7 @@ def _json(path: Path) -> Any:
     try:
         return json.loads(U.read_bytes(path).decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"{path} is not a (gzipped) JSON file as OpenML caches it: {err}") from err
+        raise UsageError(f"{path} is not a (gzipped) JSON file as OpenML caches it: {err}") from err
 
 
 def _openml_root(folder: Path) -> Path | None:
@@ -557,7 +558,7 @@ def _openml_frame(
         if desc_path.is_file():
             desc = _json(desc_path).get("data_set_description", {})
             if str(desc.get("format", "arff")).lower() == "sparse_arff":
-                raise ValueError(f"OpenML data set {did} is sparse ARFF, which is not supported")
+                raise UsageError(f"OpenML data set {did} is sparse ARFF, which is not supported")
             info["targets"] = _as_list(desc.get("default_target_attribute"))
             info["ignore"] = (_as_list(desc.get("ignore_attribute"))
                               + _as_list(desc.get("row_id_attribute")))
@@ -661,13 +662,13 @@ def load_openml_cache(
         frame, info = _openml_frame(root, name_or_id, version)
     if target is None:
         if len(info["targets"]) != 1:
-            raise ValueError(
+            raise UsageError(
                 f"{info.get('path', key)}: no single default target (found {info['targets']}); "
                 f"pass target= one of {list(frame.columns)}"
             )
         target = info["targets"][0]
     if target not in frame.columns:
-        raise ValueError(f"{info.get('path', key)}: target column {target!r} not found; the "
+        raise UsageError(f"{info.get('path', key)}: target column {target!r} not found; the "
                          f"columns are {list(frame.columns)}")
     if features is None:
         features = [c for c in frame.columns if c != target and c not in info["ignore"]]

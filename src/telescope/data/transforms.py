@@ -19,6 +19,7 @@ from torch import Tensor
 
 from telescope.data import Dataset
 from telescope.data import _util as U
+from telescope.errors import UsageError
 
 __all__ = ["binary_subset", "add_label_noise", "subsample"]
 
@@ -47,13 +48,13 @@ def _subset_meta(meta: dict[str, Any], n_train: int, tr: Tensor, te: Tensor) -> 
 
 def _pair(ds: Dataset, classes: Sequence[int]) -> tuple[int, int]:
     if not _is_classification(ds):
-        raise ValueError(
+        raise UsageError(
             f"binary_subset needs a classification data set with int64 labels; {ds.name} has "
             f"{'regression targets' if ds.n_classes is None else 'floating labels'}"
         )
     pair = U.check_classes(classes, ds.n_classes)
     if len(pair) != 2:
-        raise ValueError(f"binary_subset takes exactly 2 classes, e.g. (3, 5), got {classes!r}")
+        raise UsageError(f"binary_subset takes exactly 2 classes, e.g. (3, 5), got {classes!r}")
     return pair
 
 
@@ -80,7 +81,7 @@ def binary_subset(
     """
     a, b = _pair(ds, classes)
     if targets not in ("index", "pm1"):
-        raise ValueError(f"targets must be 'index' or 'pm1', got {targets!r}")
+        raise UsageError(f"targets must be 'index' or 'pm1', got {targets!r}")
     tr = torch.nonzero((ds.y_train == a) | (ds.y_train == b)).flatten()
     te = torch.nonzero((ds.y_test == a) | (ds.y_test == b)).flatten()
 
@@ -128,9 +129,9 @@ def add_label_noise(ds: Dataset, fraction: float, *, seed: int = 0) -> Dataset:
     if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not (
         0.0 <= fraction <= 1.0
     ):
-        raise ValueError(f"fraction must be a number in [0, 1], got {fraction!r}")
+        raise UsageError(f"fraction must be a number in [0, 1], got {fraction!r}")
     if "noisy_indices" in ds.meta:
-        raise ValueError(
+        raise UsageError(
             f"{ds.name} already has label noise (fraction {ds.meta.get('label_noise')}); "
             "add the total fraction to the clean data set once"
         )
@@ -143,14 +144,14 @@ def add_label_noise(ds: Dataset, fraction: float, *, seed: int = 0) -> Dataset:
     if _is_classification(ds):
         k = int(ds.n_classes)
         if k < 2:
-            raise ValueError("label noise needs at least 2 classes")
+            raise UsageError("label noise needs at least 2 classes")
         shift = torch.from_numpy(gen.integers(1, k, size=m).astype(np.int64))
         y[idx_t] = (y[idx_t] + shift) % k
     elif _is_pm1(y):
         y[idx_t] = -y[idx_t]
     else:
         if n < 2 and m:
-            raise ValueError("shuffled-label noise needs at least 2 training examples")
+            raise UsageError("shuffled-label noise needs at least 2 training examples")
         other = gen.integers(0, n - 1, size=m)
         other = other + (other >= idx)  # uniform over the other examples
         y[idx_t] = ds.y_train[torch.from_numpy(other.astype(np.int64))]

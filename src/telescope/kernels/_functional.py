@@ -14,12 +14,10 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from telescope.errors import UnsupportedModelError, UsageError
+
 _STOCHASTIC = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
                nn.FeatureAlphaDropout)
-
-
-class UnsupportedModelError(ValueError):
-    """The model cannot be given a per-example tangent kernel as it is (and how to fix it)."""
 
 
 def check_model(model: nn.Module) -> None:
@@ -30,7 +28,7 @@ def check_model(model: nn.Module) -> None:
     statistics); dropout in train mode makes the function random.
     """
     if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        raise UsageError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     for name, module in model.named_modules():
         where = name or type(model).__name__
         if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training:
@@ -74,16 +72,16 @@ def frozen_state(model: nn.Module) -> dict[str, Tensor]:
 def flatten_output(out: Tensor, batch: int) -> Tensor:
     """Shape a model output ``[N]`` or ``[N, ...]`` into ``[N, O]`` (trailing dims flattened)."""
     if not isinstance(out, Tensor):
-        raise TypeError(
+        raise UsageError(
             f"the model must return a Tensor of shape [N] or [N, O], got {type(out).__name__}"
         )
     if out.ndim == 0 or out.shape[0] != batch:
-        raise ValueError(
+        raise UsageError(
             f"the model returned shape {tuple(out.shape)} for a batch of {batch}; "
             "expected [N] or [N, O] with N the batch size"
         )
     if not out.is_floating_point():
-        raise TypeError(f"the model output must be floating point, got {out.dtype}")
+        raise UsageError(f"the model output must be floating point, got {out.dtype}")
     return out.reshape(batch, -1)
 
 
@@ -112,14 +110,14 @@ def check_inputs(x1: Tensor, x2: Tensor | None) -> None:
         if x is None:
             continue
         if not isinstance(x, Tensor):
-            raise TypeError(
+            raise UsageError(
                 f"{name} must be a torch.Tensor of shape [N, ...], got {type(x).__name__}")
         if x.ndim == 0 or x.shape[0] == 0:
-            raise ValueError(f"{name} must have shape [N, ...] with N >= 1, got {tuple(x.shape)}")
+            raise UsageError(f"{name} must have shape [N, ...] with N >= 1, got {tuple(x.shape)}")
         if x.is_floating_point() and not torch.isfinite(x).all():
-            raise ValueError(f"{name} contains NaN or infinite values")
+            raise UsageError(f"{name} contains NaN or infinite values")
     if x2 is not None and x1.shape[1:] != x2.shape[1:]:
-        raise ValueError(
+        raise UsageError(
             f"x1 and x2 must have the same per-example shape, got {tuple(x1.shape[1:])} and "
             f"{tuple(x2.shape[1:])}"
         )
@@ -142,7 +140,7 @@ def parse_memory(max_memory_gb: float | None) -> int:
     if max_memory_gb is None:
         max_memory_gb = 2.0
     if not max_memory_gb > 0:
-        raise ValueError(f"max_memory_gb must be positive, got {max_memory_gb}")
+        raise UsageError(f"max_memory_gb must be positive, got {max_memory_gb}")
     return int(max_memory_gb * 2**30)
 
 

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import jacrev, jvp, vmap
 
+from telescope.errors import UsageError
 from telescope.kernels._functional import (
     batched_fn,
     check_inputs,
@@ -106,11 +107,11 @@ def ntk(
     (2022), "Fast Finite Width Neural Tangent Kernel".
     """
     if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        raise UsageError(f"method must be one of {METHODS}, got {method!r}")
     if output not in OUTPUTS:
-        raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
+        raise UsageError(f"output must be one of {OUTPUTS}, got {output!r}")
     if block_size is not None and (not isinstance(block_size, int) or block_size < 1):
-        raise ValueError(f"block_size must be a positive int or None, got {block_size!r}")
+        raise UsageError(f"block_size must be a positive int or None, got {block_size!r}")
     check_model(model)
     check_inputs(x1, x2)
     dtype, device = model_dtype_device(model)

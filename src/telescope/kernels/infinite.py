@@ -62,6 +62,8 @@ import numbers
 import torch
 from torch import Tensor
 
+from telescope.errors import UsageError
+
 __all__ = ["infinite_ntk"]
 
 _ACTIVATIONS = ("relu", "erf")
@@ -70,28 +72,28 @@ _ACTIVATIONS = ("relu", "erf")
 def _as_batch(x: object, name: str) -> Tensor:
     """Validate one input batch ``[N, ...]`` and flatten it to ``[N, d]`` in float64."""
     if not isinstance(x, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor of shape [N, ...], got {type(x).__name__}")
+        raise UsageError(f"{name} must be a torch.Tensor of shape [N, ...], got {type(x).__name__}")
     if x.dim() < 2:
-        raise ValueError(
+        raise UsageError(
             f"{name} must have shape [N, ...] with at least one feature dimension, got shape "
             f"{tuple(x.shape)} (for N scalar inputs use x.reshape(-1, 1))"
         )
     if x.is_complex():
-        raise TypeError(f"{name} must be real, got dtype {x.dtype}")
+        raise UsageError(f"{name} must be real, got dtype {x.dtype}")
     flat = x.detach().flatten(1).to(torch.float64)
     if flat.shape[1] == 0:
-        raise ValueError(f"{name} has no features (shape {tuple(x.shape)})")
+        raise UsageError(f"{name} has no features (shape {tuple(x.shape)})")
     if not bool(torch.isfinite(flat).all()):
-        raise ValueError(f"{name} contains NaN or infinite values")
+        raise UsageError(f"{name} contains NaN or infinite values")
     return flat
 
 
 def _check_std(value: object, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+        raise UsageError(f"{name} must be a real number, got {type(value).__name__}")
     value = float(value)
     if not math.isfinite(value) or value < 0:
-        raise ValueError(f"{name} must be finite and >= 0, got {value}")
+        raise UsageError(f"{name} must be finite and >= 0, got {value}")
     return value
 
 
@@ -189,12 +191,12 @@ def infinite_ntk(
         For arguments of the wrong type.
     """
     if isinstance(depth, bool) or not isinstance(depth, numbers.Integral):
-        raise TypeError(f"depth must be an int, got {type(depth).__name__}")
+        raise UsageError(f"depth must be an int, got {type(depth).__name__}")
     depth = int(depth)
     if depth < 0:
-        raise ValueError(f"depth must be >= 0 (the number of hidden layers), got {depth}")
+        raise UsageError(f"depth must be >= 0 (the number of hidden layers), got {depth}")
     if not isinstance(activation, str) or activation.lower() not in _ACTIVATIONS:
-        raise ValueError(f"activation must be one of {_ACTIVATIONS}, got {activation!r}")
+        raise UsageError(f"activation must be one of {_ACTIVATIONS}, got {activation!r}")
     activation = activation.lower()
     w_var = _check_std(weight_std, "weight_std") ** 2
     b_var = _check_std(bias_std, "bias_std") ** 2
@@ -207,13 +209,13 @@ def infinite_ntk(
     else:
         b = _as_batch(x2, "x2")
         if b.shape[1] != a.shape[1]:
-            raise ValueError(
+            raise UsageError(
                 f"x1 and x2 must have the same number of features per example: x1 has "
                 f"{a.shape[1]} (shape {tuple(x1.shape)}), x2 has {b.shape[1]} "
                 f"(shape {tuple(x2.shape)})"
             )
         if x2.device != x1.device:
-            raise ValueError(f"x1 is on {x1.device} but x2 is on {x2.device}")
+            raise UsageError(f"x1 is on {x1.device} but x2 is on {x2.device}")
         dtypes = (x1.dtype, x2.dtype)
     floating = [d for d in dtypes if d.is_floating_point]
     out_dtype = torch.promote_types(*floating) if len(floating) == 2 else (

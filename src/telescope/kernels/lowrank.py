@@ -71,6 +71,7 @@ from torch.autograd.graph import saved_tensors_hooks
 from torch.func import jvp, vjp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from telescope.errors import UsageError
 from telescope.kernels._functional import (
     batched_fn,
     check_inputs,
@@ -87,9 +88,9 @@ _OUTPUTS = ("trace", "full")
 
 def _check_int(name: str, value: object, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name} must be an int, got {value!r}")
+        raise UsageError(f"{name} must be an int, got {value!r}")
     if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+        raise UsageError(f"{name} must be >= {minimum}, got {value}")
     return value
 
 
@@ -292,7 +293,7 @@ def lowrank_ntk(
     check_model(model)
     check_inputs(x, None)
     if output not in _OUTPUTS:
-        raise ValueError(f"output must be one of {_OUTPUTS}, got {output!r}")
+        raise UsageError(f"output must be one of {_OUTPUTS}, got {output!r}")
     _check_int("oversample", oversample, 0)
     _check_int("n_iter", n_iter, 0)
     _check_int("seed", seed, 0)
@@ -308,7 +309,7 @@ def lowrank_ntk(
         n_out = batched_fn(model, frozen_state(model))(params, x[:1]).shape[1]
     m = n * n_out if output == "full" else n
     if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= m:
-        raise ValueError(
+        raise UsageError(
             f"rank must be an int with 1 <= rank <= {m} (the size of the {output} kernel for "
             f"N={n} examples and O={n_out} outputs), got {rank!r}"
         )

@@ -25,23 +25,25 @@ import math
 import torch
 from torch import Tensor
 
+from telescope.errors import UsageError
+
 __all__ = ["alignment", "kernel_distance", "kernel_target_alignment", "spectrum", "effective_rank"]
 
 
 def _as_kernel(k: object, name: str) -> Tensor:
     """Validate a square real finite matrix and return it detached in float64."""
     if not isinstance(k, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor of shape [N, N], got {type(k).__name__}")
+        raise UsageError(f"{name} must be a torch.Tensor of shape [N, N], got {type(k).__name__}")
     if k.dim() != 2 or k.shape[0] != k.shape[1]:
-        raise ValueError(f"{name} must be a square [N, N] kernel matrix, got shape "
+        raise UsageError(f"{name} must be a square [N, N] kernel matrix, got shape "
                          f"{tuple(k.shape)}")
     if k.shape[0] == 0:
-        raise ValueError(f"{name} is empty")
+        raise UsageError(f"{name} is empty")
     if k.is_complex():
-        raise TypeError(f"{name} must be real, got dtype {k.dtype}")
+        raise UsageError(f"{name} must be real, got dtype {k.dtype}")
     k = k.detach().to(torch.float64)
     if not bool(torch.isfinite(k).all()):
-        raise ValueError(f"{name} contains NaN or infinite values")
+        raise UsageError(f"{name} contains NaN or infinite values")
     return k
 
 
@@ -83,7 +85,7 @@ def alignment(k1: Tensor, k2: Tensor, centered: bool = True) -> float:
     a = _as_kernel(k1, "k1")
     b = _as_kernel(k2, "k2")
     if a.shape != b.shape:
-        raise ValueError(f"k1 and k2 must have the same shape, got {tuple(a.shape)} and "
+        raise UsageError(f"k1 and k2 must have the same shape, got {tuple(a.shape)} and "
                          f"{tuple(b.shape)}")
     if centered:
         a, b = _center(a), _center(b)
@@ -138,15 +140,15 @@ def kernel_target_alignment(k: Tensor, y: Tensor, centered: bool = True) -> floa
     """
     kk = _as_kernel(k, "k")
     if not isinstance(y, Tensor):
-        raise TypeError(f"y must be a torch.Tensor of shape [N] or [N, O], got "
+        raise UsageError(f"y must be a torch.Tensor of shape [N] or [N, O], got "
                         f"{type(y).__name__}")
     if y.dim() not in (1, 2) or y.shape[0] != kk.shape[0]:
-        raise ValueError(f"y must have shape [N] or [N, O] with N = {kk.shape[0]} (the size of "
+        raise UsageError(f"y must have shape [N] or [N, O] with N = {kk.shape[0]} (the size of "
                          f"k), got shape {tuple(y.shape)}")
     yy = (y if y.dim() == 2 else y.unsqueeze(1)).detach()
     yy = yy.to(device=kk.device, dtype=torch.float64)
     if not bool(torch.isfinite(yy).all()):
-        raise ValueError("y contains NaN or infinite values")
+        raise UsageError("y contains NaN or infinite values")
     target = yy @ yy.T
     if centered:
         kk, target = _center(kk), _center(target)
@@ -193,7 +195,7 @@ def effective_rank(k: Tensor, method: str = "entropy") -> float:
         The effective rank; ``0.0`` for the zero matrix.
     """
     if method not in ("entropy", "participation"):
-        raise ValueError(f"method must be 'entropy' or 'participation', got {method!r}")
+        raise UsageError(f"method must be 'entropy' or 'participation', got {method!r}")
     s = spectrum(k).abs()
     total = s.sum()
     if float(total) == 0.0:

@@ -55,6 +55,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from telescope.errors import UsageError
+
 __all__ = ["KernelRegressor", "kernel_regression"]
 
 TimeLike = float | int | Sequence[float] | Tensor | None
@@ -62,42 +64,42 @@ TimeLike = float | int | Sequence[float] | Tensor | None
 
 def _as_matrix(k: object, name: str) -> Tensor:
     if not isinstance(k, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(k).__name__}")
+        raise UsageError(f"{name} must be a torch.Tensor, got {type(k).__name__}")
     if k.dim() != 2:
-        raise ValueError(f"{name} must be a 2-D matrix, got shape {tuple(k.shape)}")
+        raise UsageError(f"{name} must be a 2-D matrix, got shape {tuple(k.shape)}")
     if k.is_complex():
-        raise TypeError(f"{name} must be real, got dtype {k.dtype}")
+        raise UsageError(f"{name} must be real, got dtype {k.dtype}")
     if not bool(torch.isfinite(k).all()):
-        raise ValueError(f"{name} contains NaN or infinite values")
+        raise UsageError(f"{name} contains NaN or infinite values")
     return k.detach()
 
 
 def _as_targets(y: object, name: str, rows: int, rows_name: str, outputs: int | None) -> Tensor:
     """Validate ``[rows]`` or ``[rows, O]`` targets and return them as float64 ``[rows, O]``."""
     if not isinstance(y, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(y).__name__}")
+        raise UsageError(f"{name} must be a torch.Tensor, got {type(y).__name__}")
     if y.dim() not in (1, 2):
-        raise ValueError(f"{name} must have shape [{rows_name}] or [{rows_name}, O], got "
+        raise UsageError(f"{name} must have shape [{rows_name}] or [{rows_name}, O], got "
                          f"shape {tuple(y.shape)}")
     if y.shape[0] != rows:
-        raise ValueError(f"{name} has {y.shape[0]} rows (shape {tuple(y.shape)}) but "
+        raise UsageError(f"{name} has {y.shape[0]} rows (shape {tuple(y.shape)}) but "
                          f"{rows_name} = {rows}")
     y2 = (y if y.dim() == 2 else y.unsqueeze(1)).detach().to(torch.float64)
     if outputs is not None and y2.shape[1] != outputs:
-        raise ValueError(f"{name} has {y2.shape[1]} output(s) (shape {tuple(y.shape)}) but "
+        raise UsageError(f"{name} has {y2.shape[1]} output(s) (shape {tuple(y.shape)}) but "
                          f"y_train has {outputs}")
     if not bool(torch.isfinite(y2).all()):
-        raise ValueError(f"{name} contains NaN or infinite values")
+        raise UsageError(f"{name} contains NaN or infinite values")
     return y2
 
 
 def _check_scalar(value: object, name: str, *, positive: bool) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+        raise UsageError(f"{name} must be a real number, got {type(value).__name__}")
     value = float(value)
     if not math.isfinite(value) or value < 0 or (positive and value == 0):
         bound = "> 0" if positive else ">= 0"
-        raise ValueError(f"{name} must be finite and {bound}, got {value}")
+        raise UsageError(f"{name} must be finite and {bound}, got {value}")
     return value
 
 
@@ -106,7 +108,7 @@ def _as_times(t: TimeLike) -> tuple[Tensor, bool]:
     if t is None:
         return torch.tensor([math.inf], dtype=torch.float64), True
     if isinstance(t, bool):
-        raise TypeError("t must be a number, a 1-D sequence/tensor of numbers, or None")
+        raise UsageError("t must be a number, a 1-D sequence/tensor of numbers, or None")
     if isinstance(t, numbers.Real):
         times, single = torch.tensor([float(t)], dtype=torch.float64), True
     else:
@@ -116,17 +118,17 @@ def _as_times(t: TimeLike) -> tuple[Tensor, bool]:
             else:  # parse Python numbers in float64 (the default float32 would round them)
                 times = torch.as_tensor(t, dtype=torch.float64)
         except (TypeError, ValueError, RuntimeError) as err:
-            raise TypeError(
+            raise UsageError(
                 f"t must be a number, a 1-D sequence/tensor of numbers, or None, got {t!r}"
             ) from err
         if times.dim() > 1:
-            raise ValueError(f"t must be a scalar or 1-D, got shape {tuple(times.shape)}")
+            raise UsageError(f"t must be a scalar or 1-D, got shape {tuple(times.shape)}")
         single = times.dim() == 0
         times = times.reshape(-1)
     if bool(torch.isnan(times).any()):
-        raise ValueError("t contains NaN")
+        raise UsageError("t contains NaN")
     if bool((times < 0).any()):
-        raise ValueError(f"t must be >= 0, got {times.tolist()}")
+        raise UsageError(f"t must be >= 0, got {times.tolist()}")
     return times, single
 
 
@@ -167,9 +169,9 @@ class KernelRegressor:
         k = _as_matrix(k_train_train, "k_train_train")
         n = k.shape[0]
         if k.shape[1] != n:
-            raise ValueError(f"k_train_train must be square [n, n], got shape {tuple(k.shape)}")
+            raise UsageError(f"k_train_train must be square [n, n], got shape {tuple(k.shape)}")
         if n == 0:
-            raise ValueError("k_train_train is empty: need at least one training point")
+            raise UsageError("k_train_train is empty: need at least one training point")
         self.n = n
         self.lr = _check_scalar(lr, "lr", positive=True)
         self.ridge = _check_scalar(ridge, "ridge", positive=False)
@@ -179,9 +181,9 @@ class KernelRegressor:
         r = y
         if f0_train is not None:
             if not isinstance(f0_train, Tensor):
-                raise TypeError(f"f0_train must be a torch.Tensor, got {type(f0_train).__name__}")
+                raise UsageError(f"f0_train must be a torch.Tensor, got {type(f0_train).__name__}")
             if f0_train.shape != y_train.shape:
-                raise ValueError(f"f0_train must have the shape of y_train {tuple(y_train.shape)}"
+                raise UsageError(f"f0_train must have the shape of y_train {tuple(y_train.shape)}"
                                  f", got {tuple(f0_train.shape)}")
             f0 = _as_targets(f0_train, "f0_train", n, "n", self.outputs)
             r = y - f0
@@ -262,7 +264,7 @@ class KernelRegressor:
         """
         ks = _as_matrix(k_test_train, "k_test_train")
         if ks.shape[1] != self.n:
-            raise ValueError(
+            raise UsageError(
                 f"k_test_train must be [m, n] with n = {self.n} training points (the size of "
                 f"k_train_train), got shape {tuple(ks.shape)}"
             )
@@ -273,9 +275,9 @@ class KernelRegressor:
         out = torch.einsum("mj,tj,jo->tmo", proj, gains, self.residual_eig)
         if f0_test is not None:
             if not isinstance(f0_test, Tensor):
-                raise TypeError(f"f0_test must be a torch.Tensor, got {type(f0_test).__name__}")
+                raise UsageError(f"f0_test must be a torch.Tensor, got {type(f0_test).__name__}")
             if f0_test.dim() != (1 if self.vector_output else 2):
-                raise ValueError(
+                raise UsageError(
                     f"f0_test must have shape [m]{'' if self.vector_output else ', O'} like "
                     f"y_train (shape [n{'' if self.vector_output else ', O'}]), got shape "
                     f"{tuple(f0_test.shape)}"
@@ -360,7 +362,7 @@ def kernel_regression(
         if square and k_test_train.dim() == 2 and (
             k_test_train.shape[1] != k_train_train.shape[0]
         ):
-            raise ValueError(
+            raise UsageError(
                 f"k_test_train has {k_test_train.shape[1]} columns but k_train_train has "
                 f"{k_train_train.shape[0]} rows: both must index the same n training points "
                 f"(shapes {tuple(k_test_train.shape)} and {tuple(k_train_train.shape)})"

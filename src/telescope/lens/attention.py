@@ -19,6 +19,8 @@ import math
 import torch
 from torch import Tensor, nn
 
+from telescope.errors import UsageError
+
 __all__ = ["attention_entropy"]
 
 
@@ -59,7 +61,7 @@ def attention_entropy(model: nn.Module, x: Tensor) -> list[dict]:
     """
     modules = _attention_modules(model)
     if not modules:
-        raise ValueError(
+        raise UsageError(
             "attention_entropy: the model has no attention module. It looks for submodules with "
             "a bool attribute `record` and an attribute `last_attention` that the module sets to "
             "its attention probabilities [N, heads, S_q, S_k] during forward while record=True "
@@ -79,7 +81,7 @@ def attention_entropy(model: nn.Module, x: Tensor) -> list[dict]:
             if attn is None:
                 continue
             if not isinstance(attn, Tensor) or attn.dim() != 4:
-                raise ValueError(f"attention_entropy: {name or type(m).__name__}.last_attention "
+                raise UsageError(f"attention_entropy: {name or type(m).__name__}.last_attention "
                                  f"must be a tensor [N, heads, S_q, S_k], got "
                                  f"{getattr(attn, 'shape', type(attn).__name__)}")
             a = attn.detach().to(torch.float64)

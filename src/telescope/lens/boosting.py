@@ -53,6 +53,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from telescope.errors import UsageError
+
 __all__ = ["boosting_smoother", "replay_inbag_masks", "kernel_weight_norms", "effective_parameters",
            "max_kernel_weight_norm"]
 
@@ -98,26 +100,26 @@ def boosting_smoother(model, x_train, y_train, x_query=None, *,
 
     loss = getattr(model, "loss", None)
     if loss not in ("squared_error", "ls"):
-        raise ValueError(f"the boosting smoother needs loss='squared_error', got {loss!r}")
+        raise UsageError(f"the boosting smoother needs loss='squared_error', got {loss!r}")
     if not hasattr(model, "estimators_"):
-        raise ValueError("the model is not fitted")
+        raise UsageError("the model is not fitted")
     x = np.asarray(x_train, dtype=np.float64)
     y = np.asarray(y_train, dtype=np.float64).reshape(-1)
     n = x.shape[0]
     if y.shape[0] != n:
-        raise ValueError(f"x_train has {n} rows but y_train has {y.shape[0]}")
+        raise UsageError(f"x_train has {n} rows but y_train has {y.shape[0]}")
     q = x if x_query is None else np.asarray(x_query, dtype=np.float64)
     trees = [est[0] for est in model.estimators_]
     n_rounds = len(trees)
     if inbag_masks is None:
         if model.subsample < 1.0:
-            raise ValueError("subsample < 1: scikit-learn does not keep the in-bag sets; pass "
+            raise UsageError("subsample < 1: scikit-learn does not keep the in-bag sets; pass "
                              "inbag_masks (one boolean row of length n per round)")
         masks = np.ones((n_rounds, n), dtype=bool)
     else:
         masks = np.asarray(inbag_masks, dtype=bool)
         if masks.shape != (n_rounds, n):
-            raise ValueError(f"inbag_masks must have shape {(n_rounds, n)}, got {masks.shape}")
+            raise UsageError(f"inbag_masks must have shape {(n_rounds, n)}, got {masks.shape}")
     lr = float(model.learning_rate)
 
     init = model.init_
@@ -127,7 +129,7 @@ def boosting_smoother(model, x_train, y_train, x_query=None, *,
         c_tr, c_q = np.zeros(n), np.zeros(q.shape[0])
     elif init_in_weights:
         if not (isinstance(init, DummyRegressor) and init.strategy == "mean"):
-            raise ValueError("init_in_weights needs the default mean initialization")
+            raise UsageError("init_in_weights needs the default mean initialization")
         s_tr[:] = 1.0 / n
         s_q[:] = 1.0 / n
         c_tr, c_q = np.zeros(n), np.zeros(q.shape[0])
@@ -150,13 +152,13 @@ def boosting_smoother(model, x_train, y_train, x_query=None, *,
         if check:
             used = np.unique(np.concatenate([leaves_tr[masks[m]], leaves_q]))
             if np.any(counts[used] == 0):
-                raise ValueError(f"round {m}: a leaf holds no in-bag training point; wrong "
+                raise UsageError(f"round {m}: a leaf holds no in-bag training point; wrong "
                                  "x_train or inbag_masks")
             values = t.value.reshape(t.node_count, -1)[:, 0]
             mine = means[used, :n] @ y + means[used, n]
             if not np.allclose(mine, values[used], rtol=0, atol=atol * max(1.0, np.abs(y).max())):
                 worst = float(np.abs(mine - values[used]).max())
-                raise ValueError(f"round {m}: leaf values differ from the in-bag residual means "
+                raise UsageError(f"round {m}: leaf values differ from the in-bag residual means "
                                  f"by {worst:.3g}; was the model fitted on (x_train, y_train) "
                                  "with squared error, no sample weights and these in-bag sets?")
         s_tr = s_tr + lr * means[leaves_tr, :n]
@@ -183,9 +185,9 @@ def replay_inbag_masks(model, n: int) -> np.ndarray:
 
     rs_seed = model.random_state
     if isinstance(rs_seed, bool) or not isinstance(rs_seed, (int, np.integer)):
-        raise ValueError("replaying the in-bag sets needs an integer model.random_state")
+        raise UsageError("replaying the in-bag sets needs an integer model.random_state")
     if getattr(model, "n_iter_no_change", None) is not None:
-        raise ValueError("replaying the in-bag sets does not support early stopping")
+        raise UsageError("replaying the in-bag sets does not support early stopping")
     n_rounds = len(model.estimators_)
     if model.subsample >= 1.0:
         return np.ones((n_rounds, n), dtype=bool)
@@ -217,5 +219,5 @@ def max_kernel_weight_norm(s: np.ndarray, s_train: np.ndarray | None = None, *,
     if not normalize:
         return top
     if s_train is None:
-        raise ValueError("normalize=True needs s_train, the smoother on the training points")
+        raise UsageError("normalize=True needs s_train, the smoother on the training points")
     return top / float(kernel_weight_norms(s_train).max())

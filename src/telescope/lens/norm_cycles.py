@@ -17,6 +17,8 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
+from telescope.errors import UsageError
+
 __all__ = ["NormCycles", "detect_cycles"]
 
 
@@ -71,18 +73,18 @@ def detect_cycles(steps: Sequence[float], norms: Sequence[float], *, min_rise: f
         in time order (``rise`` from the smoothed log-norms).
     """
     if len(steps) != len(norms):
-        raise ValueError(f"steps and norms must have the same length, got {len(steps)} and "
+        raise UsageError(f"steps and norms must have the same length, got {len(steps)} and "
                          f"{len(norms)}")
     if not min_rise > 0:
-        raise ValueError(f"min_rise must be positive, got {min_rise}")
+        raise UsageError(f"min_rise must be positive, got {min_rise}")
     if not isinstance(smooth, int) or smooth < 1:
-        raise ValueError(f"smooth must be a positive int, got {smooth!r}")
+        raise UsageError(f"smooth must be a positive int, got {smooth!r}")
     s_all = [float(s) for s in steps]
     n_all = [float(v) for v in norms]
     if any(b <= a for a, b in zip(s_all, s_all[1:], strict=False)):
-        raise ValueError("steps must be strictly increasing")
+        raise UsageError("steps must be strictly increasing")
     if any(not math.isfinite(v) or v < 0 for v in n_all):
-        raise ValueError("norms must be finite and non-negative")
+        raise UsageError("norms must be finite and non-negative")
     kept = [(s, v) for s, v in zip(s_all, n_all, strict=True) if v > 0]
     if len(kept) < 2:
         return []
@@ -134,9 +136,9 @@ class NormCycles:
     def __init__(self, params: nn.Module | Iterable[Tensor], *, name: str = "params") -> None:
         tensors = list(params.parameters()) if isinstance(params, nn.Module) else list(params)
         if not tensors:
-            raise ValueError("NormCycles: no parameters to track")
+            raise UsageError("NormCycles: no parameters to track")
         if not all(isinstance(t, Tensor) for t in tensors):
-            raise TypeError("NormCycles: params must be a module or an iterable of tensors")
+            raise UsageError("NormCycles: params must be a module or an iterable of tensors")
         self.params, self.name = tensors, name
         self.steps: list[int] = []
         self.norms: list[float] = []
@@ -144,7 +146,7 @@ class NormCycles:
     def update(self, step: int) -> None:
         """Record ``||params||_2`` at ``step`` (steps must increase)."""
         if self.steps and step <= self.steps[-1]:
-            raise ValueError(f"NormCycles.update: step {step} is not after the last recorded "
+            raise UsageError(f"NormCycles.update: step {step} is not after the last recorded "
                              f"step {self.steps[-1]}")
         with torch.no_grad():
             sq = sum(float(t.detach().double().pow(2).sum()) for t in self.params)

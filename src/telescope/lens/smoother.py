@@ -73,6 +73,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from telescope.errors import UsageError
 from telescope.kernels._functional import eval_mode, flatten_output, frozen_state
 from telescope.kernels.empirical import ad_safe_attention, per_example_jacobian
 from telescope.kernels.structured import ntk_to_subset
@@ -117,19 +118,19 @@ class Smoother:
                  loss: str = "mse", mode: str = "auto", every: int = 1,
                  check_gradient: bool = True) -> None:
         if loss not in LOSSES:
-            raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+            raise UsageError(f"loss must be one of {LOSSES}, got {loss!r}")
         if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+            raise UsageError(f"mode must be one of {MODES}, got {mode!r}")
         if not isinstance(every, int) or every < 1:
-            raise ValueError(f"every must be a positive int, got {every!r}")
+            raise UsageError(f"every must be a positive int, got {every!r}")
         probes = dict(probes or {})
         if TRAIN in probes:
-            raise ValueError('the probe name "train" is reserved for the training set')
+            raise UsageError('the probe name "train" is reserved for the training set')
         for name, x in probes.items():
             if not isinstance(x, Tensor) or x.ndim == 0 or x.shape[0] == 0:
-                raise ValueError(f"probe {name!r} must be a tensor of shape [m, ...], m >= 1")
+                raise UsageError(f"probe {name!r} must be a tensor of shape [m, ...], m >= 1")
             if x.shape[1:] != x_train.shape[1:]:
-                raise ValueError(f"probe {name!r} has per-example shape {tuple(x.shape[1:])}, "
+                raise UsageError(f"probe {name!r} has per-example shape {tuple(x.shape[1:])}, "
                                  f"the training inputs {tuple(x_train.shape[1:])}")
         self.model, self.optimizer, self.loss, self.every = model, optimizer, loss, every
         self.check_gradient = check_gradient
@@ -180,9 +181,9 @@ class Smoother:
         """Declare the training indices of the batch of the coming ``optimizer.step()``."""
         idx = torch.as_tensor(batch_indices, dtype=torch.long).reshape(-1)
         if idx.numel() == 0:
-            raise ValueError("the batch is empty")
+            raise UsageError("the batch is empty")
         if int(idx.min()) < 0 or int(idx.max()) >= self.n:
-            raise ValueError(f"batch indices must lie in [0, {self.n}), got "
+            raise UsageError(f"batch indices must lie in [0, {self.n}), got "
                              f"[{int(idx.min())}, {int(idx.max())}]")
         self._batch = idx.to(self.x_train.device)
 
@@ -306,7 +307,7 @@ class Smoother:
                   for n, g in zip(self._names, grads, strict=True)) ** 0.5
         den = sum(float(e.norm()) ** 2 for e in expected.values()) ** 0.5
         if num > 1e-4 * den + 1e-12:
-            raise ValueError(
+            raise UsageError(
                 f"Smoother: the gradient in .grad differs from the gradient of "
                 f"F.{'mse_loss' if self.loss == 'mse' else 'cross_entropy'}(model(x[batch]), "
                 f"y[batch]) (mean reduction) on the recorded batch (relative difference "
@@ -440,14 +441,14 @@ def _param_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str
     in_opt = {id(p) for g in optimizer.param_groups for p in g["params"]}
     missing = [n for i, n in named.items() if i not in in_opt]
     if missing:
-        raise ValueError(f"Smoother: trainable parameters not in the optimizer: {missing}; "
+        raise UsageError(f"Smoother: trainable parameters not in the optimizer: {missing}; "
                          "freeze them (requires_grad_(False)) or add them to the optimizer")
     extra = [i for i in in_opt if i not in named]
     if extra:
-        raise ValueError(f"Smoother: the optimizer holds {len(extra)} parameters that are not "
+        raise UsageError(f"Smoother: the optimizer holds {len(extra)} parameters that are not "
                          "trainable parameters of the model")
     if any(len(s) for s in optimizer.state.values()):
-        raise ValueError("Smoother: the optimizer already has state (momentum or moments from "
+        raise UsageError("Smoother: the optimizer already has state (momentum or moments from "
                          "earlier steps); attach the Smoother to a freshly created optimizer")
     return list(named.values())
 
@@ -455,7 +456,7 @@ def _param_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str
 def _choose_mode(optimizer: torch.optim.Optimizer, mode: str) -> str:
     kind = type(optimizer).__name__
     if kind not in ("SGD", "Adam", "AdamW"):
-        raise TypeError(f"Smoother supports torch.optim.SGD, Adam and AdamW, got {kind}. "
+        raise UsageError(f"Smoother supports torch.optim.SGD, Adam and AdamW, got {kind}. "
                         "(telescope.Telescope works with any optimizer.)")
     if kind == "SGD":
         keys = ("lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize")
@@ -465,36 +466,36 @@ def _choose_mode(optimizer: torch.optim.Optimizer, mode: str) -> str:
         if mode == "auto":
             return "function" if uniform else "weight"
         if mode == "function" and not uniform:
-            raise ValueError("Smoother(mode='function') needs the same SGD hyperparameters in "
+            raise UsageError("Smoother(mode='function') needs the same SGD hyperparameters in "
                              "every param group; use mode='weight' (or 'auto')")
         return mode
     if mode == "function":
-        raise ValueError(f"Smoother(mode='function') supports SGD only; {kind} needs "
+        raise UsageError(f"Smoother(mode='function') supports SGD only; {kind} needs "
                          "mode='weight' (the default 'auto' picks it)")
     for g in optimizer.param_groups:
         if g.get("amsgrad") is None or g.get("capturable") or g.get("differentiable"):
-            raise ValueError(f"Smoother: unsupported {kind} options in a param group")
+            raise UsageError(f"Smoother: unsupported {kind} options in a param group")
         if isinstance(g["lr"], Tensor):
-            raise ValueError("Smoother: a tensor learning rate is not supported")
+            raise UsageError("Smoother: a tensor learning rate is not supported")
     return "weight"
 
 
 def _targets(y: Tensor, n: int, o: int, loss: str) -> Tensor:
     if not isinstance(y, Tensor):
-        raise TypeError(f"y_train must be a tensor, got {type(y).__name__}")
+        raise UsageError(f"y_train must be a tensor, got {type(y).__name__}")
     if y.shape[0] != n:
-        raise ValueError(f"y_train has {y.shape[0]} rows, x_train {n}")
+        raise UsageError(f"y_train has {y.shape[0]} rows, x_train {n}")
     if loss == "cross_entropy" and y.ndim == 1:
         if y.is_floating_point():
-            raise ValueError("cross-entropy targets must be integer classes or one-hot rows")
+            raise UsageError("cross-entropy targets must be integer classes or one-hot rows")
         if int(y.min()) < 0 or int(y.max()) >= o:
-            raise ValueError(f"class labels must lie in [0, {o}), the model has {o} outputs")
+            raise UsageError(f"class labels must lie in [0, {o}), the model has {o} outputs")
         return torch.nn.functional.one_hot(y.long(), o)
     y2 = y.reshape(n, -1)
     if y2.shape[1] != o:
-        raise ValueError(f"y_train has {y2.shape[1]} targets per example, the model {o} outputs")
+        raise UsageError(f"y_train has {y2.shape[1]} targets per example, the model {o} outputs")
     if y2.is_floating_point() and not torch.isfinite(y2).all():
-        raise ValueError("y_train contains NaN or infinite values")
+        raise UsageError("y_train contains NaN or infinite values")
     return y2
 
 

@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jvp
 
+from telescope.errors import DivergedError, UsageError
 from telescope.kernels._functional import (
     UnsupportedModelError,
     batched_fn,
@@ -46,7 +47,7 @@ from telescope.kernels.empirical import ad_safe_attention
 __all__ = ["Telescope", "NonFiniteStepError"]
 
 
-class NonFiniteStepError(ValueError, FloatingPointError):
+class NonFiniteStepError(DivergedError, ValueError):
     """An optimizer step produced NaN or infinite parameters (training diverged)."""
 
 
@@ -151,15 +152,15 @@ class Telescope:
         chunk_size: int | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+            raise UsageError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(
+            raise UsageError(
                 f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise ValueError(f"every must be a positive integer, got {every!r}")
+            raise UsageError(f"every must be a positive integer, got {every!r}")
         if chunk_size is not None and (isinstance(chunk_size, bool)
                                        or not isinstance(chunk_size, int) or chunk_size < 1):
-            raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
+            raise UsageError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
         with eval_mode(model):
             check_model(model)
 
@@ -220,7 +221,7 @@ class Telescope:
         missing = [n for n, p in named if id(p) not in in_opt]
         if missing:
             listed = ", ".join(missing[:10]) + (", ..." if len(missing) > 10 else "")
-            raise ValueError(
+            raise UsageError(
                 f"{len(missing)} trainable parameter(s) of the model are not in the optimizer's "
                 f"param_groups, so its steps would not move them: {listed}. Pass "
                 "all of model.parameters() to the optimizer, or set requires_grad=False on the "
@@ -231,7 +232,7 @@ class Telescope:
         if extra:
             listed = ", ".join(f"group {gi} shape {list(s)}" for gi, s in extra[:5])
             more = f" and {len(extra) - 5} more" if len(extra) > 5 else ""
-            raise ValueError(
+            raise UsageError(
                 f"the optimizer holds {len(extra)} parameter(s) that are not parameters of the "
                 f"model ({listed}{more}): the telescoping model would miss their changes. Build "
                 "the optimizer from this model's parameters.")
@@ -239,24 +240,24 @@ class Telescope:
     @staticmethod
     def _check_probes(probes: Any, device: torch.device) -> dict[str, Tensor]:
         if not isinstance(probes, Mapping):
-            raise TypeError(
+            raise UsageError(
                 "probes must be a dict mapping names to input tensors, e.g. "
                 f"{{'train': x_train, 'test': x_test}}, got {type(probes).__name__}")
         if not probes:
-            raise ValueError("probes is empty: give at least one probe set, e.g. {'test': x}")
+            raise UsageError("probes is empty: give at least one probe set, e.g. {'test': x}")
         checked: dict[str, Tensor] = {}
         for name, x in probes.items():
             if not isinstance(name, str):
-                raise TypeError(f"probe names must be strings, got {name!r}")
+                raise UsageError(f"probe names must be strings, got {name!r}")
             if not isinstance(x, Tensor):
-                raise TypeError(
+                raise UsageError(
                     f"probe {name!r} must be a torch.Tensor of inputs [N, ...], got "
                     f"{type(x).__name__}")
             if x.ndim == 0 or x.shape[0] == 0:
-                raise ValueError(
+                raise UsageError(
                     f"probe {name!r} must have shape [N, ...] with N >= 1, got {tuple(x.shape)}")
             if x.is_floating_point() and not torch.isfinite(x).all():
-                raise ValueError(f"probe {name!r} contains NaN or infinite values")
+                raise UsageError(f"probe {name!r} contains NaN or infinite values")
             checked[name] = x.detach().to(device)
         return checked
 
@@ -307,17 +308,17 @@ class Telescope:
             try:
                 out = functional_call(self.model, params, (xc,), strict=False)
             except (RuntimeError, TypeError, ValueError, IndexError) as err:
-                raise ValueError(
+                raise UsageError(
                     f"the model failed on probe {name!r} (inputs {tuple(x.shape)}, "
                     f"{x.dtype}): {err}") from err
             if not isinstance(out, Tensor):
-                raise TypeError(f"the model must return a Tensor, got {type(out).__name__}")
+                raise UsageError(f"the model must return a Tensor, got {type(out).__name__}")
             if out.ndim == 0 or out.shape[0] != xc.shape[0]:
-                raise ValueError(
+                raise UsageError(
                     f"probe {name!r}: the model returned shape {tuple(out.shape)} for a batch of "
                     f"{xc.shape[0]} inputs; expected [N] or [N, ...] with N the number of inputs")
             if not out.is_floating_point():
-                raise TypeError(f"the model output must be floating point, got {out.dtype}")
+                raise UsageError(f"the model output must be floating point, got {out.dtype}")
             outs.append(out)
         return torch.cat(outs) if len(outs) > 1 else outs[0]
 

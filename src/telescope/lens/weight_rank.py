@@ -24,6 +24,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from telescope.errors import UsageError
+
 __all__ = ["WeightRank"]
 
 _KINDS = ("weight", "qk", "vo")
@@ -92,9 +94,9 @@ class WeightRank:
 
     def __init__(self, model: nn.Module, *, threshold: float = 0.01) -> None:
         if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+            raise UsageError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not (0.0 <= threshold < 1.0):
-            raise ValueError(f"threshold must lie in [0, 1), got {threshold}")
+            raise UsageError(f"threshold must lie in [0, 1), got {threshold}")
         self.model, self.threshold = model, float(threshold)
         self._w0 = {n: self._snap(p) for n, p in model.named_parameters() if p.dim() == 2}
         self._attn = [(n, m) for n, m in model.named_modules() if _is_attention(m)]
@@ -136,7 +138,7 @@ class WeightRank:
         head.
         """
         if kind not in _KINDS:
-            raise ValueError(f"kind must be one of {_KINDS}, got {kind!r}")
+            raise UsageError(f"kind must be one of {_KINDS}, got {kind!r}")
         if kind == "weight":
             if name not in self._w0:
                 raise KeyError(f"WeightRank: no 2-D parameter named {name!r}; known: "

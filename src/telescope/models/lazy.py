@@ -19,6 +19,8 @@ import copy
 import torch
 from torch import Tensor, nn
 
+from telescope.errors import UsageError
+
 __all__ = ["LazyModel"]
 
 
@@ -61,10 +63,10 @@ class LazyModel(nn.Module):
     def __init__(self, model: nn.Module, alpha: float = 1.0) -> None:
         super().__init__()
         if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+            raise UsageError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         alpha = float(alpha)
         if not (alpha > 0 and alpha < float("inf")):
-            raise ValueError(f"alpha must be a positive finite number, got {alpha}")
+            raise UsageError(f"alpha must be a positive finite number, got {alpha}")
         self.alpha = alpha
         self.model = model
         self.reference = _frozen_copy(model)

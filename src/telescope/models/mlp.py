@@ -8,6 +8,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from telescope.errors import UsageError
+
 _ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU, "sigmoid": nn.Sigmoid,
                 "erf": None, "identity": nn.Identity}
 
@@ -67,14 +69,14 @@ class MLP(nn.Module):
                  alpha: float = 1.0) -> None:
         super().__init__()
         if activation not in _ACTIVATIONS:
-            raise ValueError(
+            raise UsageError(
                 f"activation must be one of {sorted(_ACTIVATIONS)}, got {activation!r}")
         if parametrization not in ("standard", "ntk"):
-            raise ValueError(
+            raise UsageError(
                 f"parametrization must be 'standard' or 'ntk', got {parametrization!r}")
         widths = [int(in_features), *map(int, hidden), int(out_features)]
         if min(widths) < 1:
-            raise ValueError(f"all layer widths must be >= 1, got {widths}")
+            raise UsageError(f"all layer widths must be >= 1, got {widths}")
         layers: list[nn.Module] = []
         for i, (n_in, n_out) in enumerate(zip(widths[:-1], widths[1:], strict=True)):
             if parametrization == "ntk":

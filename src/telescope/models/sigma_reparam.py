@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from telescope.errors import UsageError
+
 __all__ = ["SigmaReparamLinear"]
 
 
@@ -65,7 +67,7 @@ class SigmaReparamLinear(nn.Module):
                  dtype: torch.dtype | None = None) -> None:
         super().__init__()
         if in_features < 1 or out_features < 1:
-            raise ValueError(f"in_features and out_features must be positive, got "
+            raise UsageError(f"in_features and out_features must be positive, got "
                              f"{in_features}, {out_features}")
         kw = {"device": device, "dtype": dtype}
         self.in_features, self.out_features, self.eps = in_features, out_features, float(eps)

@@ -18,6 +18,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from telescope.errors import UsageError
 from telescope.models.sigma_reparam import SigmaReparamLinear
 
 
@@ -37,7 +38,7 @@ class SelfAttention(nn.Module):
                  sigma_reparam: bool = False) -> None:
         super().__init__()
         if d_model % n_heads:
-            raise ValueError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads})")
+            raise UsageError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads})")
         self.n_heads, self.d_head, self.causal = n_heads, d_model // n_heads, causal
         self.query = _linear(d_model, d_model, sigma_reparam)
         self.key = _linear(d_model, d_model, sigma_reparam)
@@ -119,11 +120,11 @@ class TinyTransformer(nn.Module):
                  alpha: float = 1.0, sigma_reparam: bool = False) -> None:
         super().__init__()
         if readout not in ("last", "mean", "token"):
-            raise ValueError(f"readout must be 'last', 'mean' or 'token', got {readout!r}")
+            raise UsageError(f"readout must be 'last', 'mean' or 'token', got {readout!r}")
         if not (alpha > 0 and math.isfinite(alpha)):
-            raise ValueError(f"alpha (initialization scale) must be a positive number, got {alpha}")
+            raise UsageError(f"alpha (initialization scale) must be a positive number, got {alpha}")
         if input_dim is not None and input_dim < 1:
-            raise ValueError(f"input_dim must be a positive integer or None, got {input_dim}")
+            raise UsageError(f"input_dim must be a positive integer or None, got {input_dim}")
         self.seq_len, self.readout, self.input_dim = seq_len, readout, input_dim
         self.token_embedding: nn.Module = (nn.Embedding(vocab, d_model) if input_dim is None
                                            else nn.Linear(input_dim, d_model))
@@ -145,15 +146,15 @@ class TinyTransformer(nn.Module):
     def forward(self, tokens: Tensor) -> Tensor:
         if self.input_dim is None:
             if tokens.dtype not in (torch.int64, torch.int32) or tokens.dim() != 2:
-                raise TypeError(f"TinyTransformer takes integer tokens [N, S], got "
+                raise UsageError(f"TinyTransformer takes integer tokens [N, S], got "
                                 f"{tokens.dtype} {list(tokens.shape)} (for float sequences "
                                 f"[N, S, D] build it with input_dim=D)")
         elif tokens.dim() != 3 or tokens.shape[-1] != self.input_dim:
-            raise ValueError(f"TinyTransformer(input_dim={self.input_dim}) takes float inputs "
+            raise UsageError(f"TinyTransformer(input_dim={self.input_dim}) takes float inputs "
                              f"[N, S, {self.input_dim}], got {list(tokens.shape)}")
         n, s = tokens.shape[:2]
         if s > self.seq_len:
-            raise ValueError(f"sequence length {s} exceeds the model's seq_len {self.seq_len}")
+            raise UsageError(f"sequence length {s} exceeds the model's seq_len {self.seq_len}")
         # positions expanded per example, so every module sees a batch dimension
         pos = torch.arange(s, device=tokens.device).expand(n, s)
         x = self.token_embedding(tokens) + self.position_embedding(pos)

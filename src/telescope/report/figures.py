@@ -37,6 +37,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
+from telescope.errors import UsageError
+
 __all__ = ["STYLE", "COLORS", "paper_style", "new_figure", "seed_summary", "plot_mean_spread",
            "log_axis", "panel_label", "save_figure", "color_cycle"]
 
@@ -118,9 +120,9 @@ def seed_summary(df: pd.DataFrame, x: str, y: str, *, by: str | Sequence[str] = 
     keys = [by] if isinstance(by, str) else list(by)
     missing = [c for c in [*keys, x, y] if c not in df.columns]
     if missing:
-        raise ValueError(f"columns {missing} not in the results (columns: {list(df.columns)})")
+        raise UsageError(f"columns {missing} not in the results (columns: {list(df.columns)})")
     if spread not in ("minmax", "std", "sem"):
-        raise ValueError(f"spread must be 'minmax', 'std' or 'sem', got {spread!r}")
+        raise UsageError(f"spread must be 'minmax', 'std' or 'sem', got {spread!r}")
     grouped = df.groupby([*keys, x], sort=True, dropna=False)[y]
     out = grouped.agg(["mean", "min", "max", "std", "count"]).reset_index()
     out = out.rename(columns={"count": "n"})

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from telescope._threads import available_cpus, configure_threads
+from telescope.errors import TelescopeError, UsageError
 
 __all__ = ["Progress", "TqdmProgress", "PointResult", "SweepResult", "LocalExecutor",
            "RayExecutor", "ExecutorUnavailableError", "make_executor", "execute_point",
@@ -168,7 +169,7 @@ OnResult = Callable[[PointResult], None]
 # --------------------------------------------------------------------------- executors
 
 
-class ExecutorUnavailableError(RuntimeError):
+class ExecutorUnavailableError(TelescopeError, RuntimeError):
     """The requested executor cannot run here (e.g. Ray is not installed)."""
 
 
@@ -209,7 +210,7 @@ class LocalExecutor:
     def __init__(self, workers: int = 1, *, threads: int | None = None,
                  progress: bool = True) -> None:
         if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-            raise ValueError(f"workers must be a positive integer, got {workers!r}")
+            raise UsageError(f"workers must be a positive integer, got {workers!r}")
         self.workers = workers
         self.threads = threads
         self.progress = progress
@@ -310,7 +311,7 @@ class RayExecutor:
                  threads: int | None = None) -> None:
         if isinstance(cpus_per_point, bool) or not isinstance(cpus_per_point, int) or \
                 cpus_per_point < 1:
-            raise ValueError(f"cpus_per_point must be a positive integer, got {cpus_per_point!r}")
+            raise UsageError(f"cpus_per_point must be a positive integer, got {cpus_per_point!r}")
         self.address = address
         self.cpus_per_point = cpus_per_point
         self.threads = threads
@@ -383,14 +384,14 @@ def make_executor(kind: str = "local", *, workers: int = 1, address: str | None 
     """``"local"`` -> :class:`LocalExecutor`, ``"ray"`` -> :class:`RayExecutor`."""
     if kind == "local":
         if address:
-            raise ValueError("--address is for --executor ray")
+            raise UsageError("--address is for --executor ray")
         return LocalExecutor(workers, threads=threads or cpus_per_point, progress=progress)
     if kind == "ray":
         if workers != 1:
-            raise ValueError("--workers is for --executor local; Ray runs as many points at "
+            raise UsageError("--workers is for --executor local; Ray runs as many points at "
                              "once as the cluster's CPUs allow (see --cpus-per-point)")
         return RayExecutor(address, cpus_per_point=cpus_per_point or 1, threads=threads)
-    raise ValueError(f"unknown executor {kind!r}; executors: local, ray")
+    raise UsageError(f"unknown executor {kind!r}; executors: local, ray")
 
 
 # --------------------------------------------------------------------------- the sweep
@@ -466,7 +467,7 @@ def run_sweep(study: Any, config: Any, run_dir: str | os.PathLike, *,
     log = log or (lambda msg: tqdm.write(msg, file=sys.stderr))
     points = _check_points(study, study.points(config))
     if not points:
-        raise ValueError(f"study {study.name!r}: the sweep has no points")
+        raise UsageError(f"study {study.name!r}: the sweep has no points")
     store = RunStore(run_dir)
     store.prepare(study.name, preset, config_to_dict(config), force=force)
     frames = store.load_points(points)

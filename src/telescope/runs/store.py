@@ -31,6 +31,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from telescope.errors import UsageError
+
 __all__ = ["RunStore", "ConfigMismatchError", "point_key", "canonical_json", "atomic_write",
            "atomic_write_text", "rows_to_frame"]
 
@@ -48,7 +50,7 @@ def _file_mode() -> int:
 _FILE_MODE = _file_mode()
 
 
-class ConfigMismatchError(ValueError):
+class ConfigMismatchError(UsageError):
     """The run directory holds results of a different study or config."""
 
 
@@ -139,11 +141,11 @@ class RunStore:
     def read_config(self) -> dict[str, Any]:
         """The saved ``config.json`` (``{"study", "preset", "config"}``)."""
         if not self.config_path.is_file():
-            raise ValueError(f"{self.dir} is not a run directory (no config.json)")
+            raise UsageError(f"{self.dir} is not a run directory (no config.json)")
         try:
             return json.loads(self.config_path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as err:
-            raise ValueError(f"{self.config_path} is not valid JSON: {err}") from None
+            raise UsageError(f"{self.config_path} is not valid JSON: {err}") from None
 
     def prepare(self, study: str, preset: str | None, config: dict[str, Any], *,
                 force: bool = False) -> bool:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from telescope.data import Dataset, binary_subset, load_dataset
+from telescope.errors import UsageError
 
 __all__ = ["FILE_DATASETS", "BinaryData", "load_binary_task", "check_data"]
 
@@ -38,9 +39,9 @@ class BinaryData:
 
     def __post_init__(self) -> None:
         if len(self.classes) != 2 or self.classes[0] == self.classes[1]:
-            raise ValueError(f"data.classes must be two different classes, got {self.classes}")
+            raise UsageError(f"data.classes must be two different classes, got {self.classes}")
         if self.n_train < 2 or self.n_test < 1:
-            raise ValueError(f"need data.n_train >= 2 and data.n_test >= 1, got "
+            raise UsageError(f"need data.n_train >= 2 and data.n_test >= 1, got "
                              f"{self.n_train} and {self.n_test}")
 
 
@@ -68,6 +69,6 @@ def _load_binary_cached(key: tuple, dtype_name: str) -> Dataset:
 def check_data(data: BinaryData) -> None:
     """A clear error, before anything runs, when a file-backed data set has no ``data.path``."""
     if data.name in FILE_DATASETS and not data.path:
-        raise ValueError(
+        raise UsageError(
             f"data set {data.name!r} is read from files: give their location with "
             f"--set data.path=DIR (or use a bundled data set: --set data.name=mnist1d)")

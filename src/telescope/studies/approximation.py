@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from matplotlib.lines import Line2D
 from torch import nn
 
+from telescope.errors import UsageError
 from telescope.lens import Telescope
 from telescope.lens_demo import HIDDEN, OPTIMIZER_TITLES, OPTIMIZERS, make_optimizer
 from telescope.models import MLP
@@ -93,15 +94,15 @@ class ApproximationConfig:
     def __post_init__(self) -> None:
         unknown = [o for o in self.optimizers if o not in VARIANTS]
         if not self.optimizers or unknown:
-            raise ValueError(f"optimizers must be some of {', '.join(VARIANTS)}; got "
+            raise UsageError(f"optimizers must be some of {', '.join(VARIANTS)}; got "
                              f"{', '.join(self.optimizers) or 'none'}")
         for lr in (*self.lrs, *self.adamw_lrs, *self.sigmoid_lrs):
             if not (lr > 0 and math.isfinite(lr)):
-                raise ValueError(f"learning rates must be positive numbers, got {lr}")
+                raise UsageError(f"learning rates must be positive numbers, got {lr}")
         if self.steps < 1 or self.every < 1:
-            raise ValueError(f"steps and every must be >= 1, got {self.steps} and {self.every}")
+            raise UsageError(f"steps and every must be >= 1, got {self.steps} and {self.every}")
         if self.batch_size is not None and self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1 or None, got {self.batch_size}")
+            raise UsageError(f"batch_size must be >= 1 or None, got {self.batch_size}")
 
 
 PRESETS = {
@@ -131,7 +132,7 @@ def run_point(config: ApproximationConfig, point: dict, progress: Progress) -> l
     recorded step."""
     name, lr, seed = str(point["optimizer"]), float(point["lr"]), int(point["seed"])
     if name not in VARIANTS:
-        raise ValueError(f"unknown optimizer {name!r}; known: {', '.join(VARIANTS)}")
+        raise UsageError(f"unknown optimizer {name!r}; known: {', '.join(VARIANTS)}")
     dtype = getattr(torch, config.dtype)
     device = _device(config.device)
     ds = load_binary_task(config.data, dtype=dtype)

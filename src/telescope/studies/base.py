@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from telescope.errors import UsageError
 from telescope.runs.executors import Progress
 
 __all__ = ["Study", "Progress", "REGISTRY", "register", "get_study", "list_studies",
@@ -195,7 +196,7 @@ def get_study(name: str) -> Study:
         known = ", ".join(sorted(REGISTRY)) or "(none)"
         close = difflib.get_close_matches(_normalize_name(str(name)), list(REGISTRY), n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ValueError(f"unknown study {name!r}{hint}; known studies: {known}")
+        raise UsageError(f"unknown study {name!r}{hint}; known studies: {known}")
     return study
 
 
@@ -253,7 +254,7 @@ def _unknown_key(config_cls: type, key: str, study_name: str) -> typing.NoReturn
     close = difflib.get_close_matches(key, valid, n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
     where = f" of study {study_name!r}" if study_name else f" of {config_cls.__name__}"
-    raise ValueError(f"unknown config key {key!r}{where}{hint}; valid keys: {', '.join(valid)}")
+    raise UsageError(f"unknown config key {key!r}{where}{hint}; valid keys: {', '.join(valid)}")
 
 
 def _type_name(tp: Any) -> str:
@@ -281,7 +282,7 @@ def _split_items(text: str) -> list[str]:
     if items and items[-1] == "":  # a trailing comma: "8," is a one-element tuple
         items = items[:-1]
     if any(item == "" for item in items):
-        raise ValueError(f"empty item in {text!r}")
+        raise UsageError(f"empty item in {text!r}")
     return [item.strip("'\"") for item in items]
 
 
@@ -319,18 +320,18 @@ def parse_value(text: str, tp: Any) -> Any:
                 return parse_value(text, option)
             except (ValueError, TypeError):
                 continue
-        raise ValueError(f"expected {_type_name(tp)}, got {text!r}")
+        raise UsageError(f"expected {_type_name(tp)}, got {text!r}")
     if origin is typing.Literal:
         for choice in args:
             if str(choice) == s or (isinstance(choice, str) and choice.lower() == s.lower()):
                 return choice
-        raise ValueError(f"expected one of {', '.join(map(repr, args))}, got {text!r}")
+        raise UsageError(f"expected one of {', '.join(map(repr, args))}, got {text!r}")
     if tp is bool:
         if s.lower() in _TRUE:
             return True
         if s.lower() in _FALSE:
             return False
-        raise ValueError(f"expected a boolean (true/false, yes/no, 1/0), got {text!r}")
+        raise UsageError(f"expected a boolean (true/false, yes/no, 1/0), got {text!r}")
     if tp is int:
         try:
             return int(s.replace("_", ""), 0)
@@ -339,21 +340,21 @@ def parse_value(text: str, tp: Any) -> Any:
         try:
             value = float(s)
         except ValueError:
-            raise ValueError(f"expected an integer, got {text!r}") from None
+            raise UsageError(f"expected an integer, got {text!r}") from None
         if value.is_integer():
             return int(value)
-        raise ValueError(f"expected an integer, got {text!r}")
+        raise UsageError(f"expected an integer, got {text!r}")
     if tp is float:
         try:
             return float(s.replace("_", ""))
         except ValueError:
-            raise ValueError(f"expected a number, got {text!r}") from None
+            raise UsageError(f"expected a number, got {text!r}") from None
     if tp is str:
         return text
     if isinstance(tp, type) and issubclass(tp, Path):
         return Path(s).expanduser()
     if _is_dataclass_type(tp):
-        raise ValueError(f"{tp.__name__} is a group of settings: set its fields one by one "
+        raise UsageError(f"{tp.__name__} is a group of settings: set its fields one by one "
                          f"(e.g. key.{dataclasses.fields(tp)[0].name}=...)")
     if origin in (tuple, list, set, frozenset) or tp in (tuple, list):
         if s.startswith("["):
@@ -364,7 +365,7 @@ def parse_value(text: str, tp: Any) -> Any:
         items = _split_items(s)
         if origin is tuple and args and not (len(args) == 2 and args[1] is Ellipsis):
             if len(items) != len(args):
-                raise ValueError(f"expected {len(args)} comma-separated values "
+                raise UsageError(f"expected {len(args)} comma-separated values "
                                  f"({_type_name(tp)}), got {text!r}")
             return tuple(parse_value(item, a) for item, a in zip(items, args, strict=True))
         elem = args[0] if args else Any
@@ -374,7 +375,7 @@ def parse_value(text: str, tp: Any) -> Any:
         try:
             value = json.loads(s)
         except json.JSONDecodeError:
-            raise ValueError(f"expected a JSON object, got {text!r}") from None
+            raise UsageError(f"expected a JSON object, got {text!r}") from None
         return coerce_value(value, tp)
     # any other annotation: JSON if it parses, then checked
     try:
@@ -405,54 +406,54 @@ def coerce_value(value: Any, tp: Any) -> Any:
                 return coerce_value(value, option)
             except (ValueError, TypeError):
                 continue
-        raise ValueError(f"expected {_type_name(tp)}, got {value!r}")
+        raise UsageError(f"expected {_type_name(tp)}, got {value!r}")
     if origin is typing.Literal:
         if value in args:
             return value
-        raise ValueError(f"expected one of {', '.join(map(repr, args))}, got {value!r}")
+        raise UsageError(f"expected one of {', '.join(map(repr, args))}, got {value!r}")
     if tp is bool:
         if isinstance(value, bool):
             return value
-        raise ValueError(f"expected a boolean, got {value!r}")
+        raise UsageError(f"expected a boolean, got {value!r}")
     if tp is int:
         if isinstance(value, bool):
-            raise ValueError(f"expected an integer, got {value!r}")
+            raise UsageError(f"expected an integer, got {value!r}")
         if isinstance(value, int):
             return value
         if isinstance(value, float) and value.is_integer():
             return int(value)
-        raise ValueError(f"expected an integer, got {value!r}")
+        raise UsageError(f"expected an integer, got {value!r}")
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
-        raise ValueError(f"expected a number, got {value!r}")
+        raise UsageError(f"expected a number, got {value!r}")
     if tp is str:
         if isinstance(value, str):
             return value
-        raise ValueError(f"expected a string, got {value!r}")
+        raise UsageError(f"expected a string, got {value!r}")
     if isinstance(tp, type) and issubclass(tp, Path):
         if isinstance(value, (str, Path)):
             return Path(value)
-        raise ValueError(f"expected a path, got {value!r}")
+        raise UsageError(f"expected a path, got {value!r}")
     if _is_dataclass_type(tp):
         if isinstance(value, tp):
             return value
         if isinstance(value, Mapping):
             return _build(tp, _nest(tp, dict(value), ""), "")
-        raise ValueError(f"expected the settings of {tp.__name__} (a dict), got {value!r}")
+        raise UsageError(f"expected the settings of {tp.__name__} (a dict), got {value!r}")
     if origin in (tuple, list, set, frozenset) or tp in (tuple, list):
         if not isinstance(value, (list, tuple, set, frozenset)):
-            raise ValueError(f"expected {_type_name(tp)}, got {value!r}")
+            raise UsageError(f"expected {_type_name(tp)}, got {value!r}")
         items = list(value)
         if origin is tuple and args and not (len(args) == 2 and args[1] is Ellipsis):
             if len(items) != len(args):
-                raise ValueError(f"expected {len(args)} values ({_type_name(tp)}), got {value!r}")
+                raise UsageError(f"expected {len(args)} values ({_type_name(tp)}), got {value!r}")
             return tuple(coerce_value(v, a) for v, a in zip(items, args, strict=True))
         elem = args[0] if args else Any
         return (origin or tp)(coerce_value(v, elem) for v in items)
     if origin is dict or tp is dict:
         if not isinstance(value, Mapping):
-            raise ValueError(f"expected a dict, got {value!r}")
+            raise UsageError(f"expected a dict, got {value!r}")
         if len(args) == 2:
             return {coerce_value(k, args[0]): coerce_value(v, args[1]) for k, v in value.items()}
         return dict(value)
@@ -460,7 +461,7 @@ def coerce_value(value: Any, tp: Any) -> Any:
         try:
             return tp(value)
         except Exception as err:
-            raise ValueError(f"expected {_type_name(tp)}, got {value!r}") from err
+            raise UsageError(f"expected {_type_name(tp)}, got {value!r}") from err
     return value
 
 
@@ -480,7 +481,7 @@ def _nest(config_cls: type, flat: dict[str, Any], study_name: str) -> dict[str, 
         try:
             coerced = coerce_value(value, tp)
         except (ValueError, TypeError) as err:
-            raise ValueError(f"config key {key!r}: {err}") from None
+            raise UsageError(f"config key {key!r}: {err}") from None
         _set_path(nested, key.split("."), coerced)
     return nested
 
@@ -513,7 +514,7 @@ def _build(cls: type, values: dict[str, Any], study_name: str) -> Any:
     try:
         return cls(**kwargs)
     except TypeError as err:
-        raise ValueError(f"cannot build {cls.__name__}: {err} (every config field needs a "
+        raise UsageError(f"cannot build {cls.__name__}: {err} (every config field needs a "
                          f"default, or a value in the preset)") from None
 
 
@@ -523,7 +524,7 @@ def parse_overrides(pairs: list[str] | None) -> dict[str, str]:
     for pair in pairs or []:
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
-            raise ValueError(f"--set expects key=value, got {pair!r}")
+            raise UsageError(f"--set expects key=value, got {pair!r}")
         out[key.strip()] = value
     return out
 
@@ -549,7 +550,7 @@ def make_config(study: Study, preset: str | None, overrides: Mapping[str, Any] |
     values: dict[str, Any] = {}
     if preset is not None:
         if preset not in study.presets:
-            raise ValueError(f"unknown preset {preset!r} for study {study.name!r}; presets: "
+            raise UsageError(f"unknown preset {preset!r} for study {study.name!r}; presets: "
                              f"{', '.join(study.presets) or '(none)'}")
         _merge(values, _nest(study.config_cls, dict(study.presets[preset]), study.name))
     flat: dict[str, Any] = {}
@@ -559,14 +560,14 @@ def make_config(study: Study, preset: str | None, overrides: Mapping[str, Any] |
             try:
                 flat[key] = parse_value(raw, tp)
             except (ValueError, TypeError) as err:
-                raise ValueError(f"--set {key}={raw}: {err}") from None
+                raise UsageError(f"--set {key}={raw}: {err}") from None
         else:
             flat[key] = raw
     _merge(values, _nest(study.config_cls, flat, study.name))
     config = _build(study.config_cls, values, study.name)
     seeds = getattr(config, "seeds", None)
     if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
-        raise ValueError(f"seeds must be a positive integer, got {seeds!r}")
+        raise UsageError(f"seeds must be a positive integer, got {seeds!r}")
     return config
 
 
@@ -637,7 +638,7 @@ def resolve_device(name: str) -> torch.device:
     try:
         return torch.device(name)
     except RuntimeError as exc:
-        raise ValueError(f"device must be 'cpu', 'cuda', 'cuda:N', 'auto', ...; got {name!r}"
+        raise UsageError(f"device must be 'cpu', 'cuda', 'cuda:N', 'auto', ...; got {name!r}"
                          ) from exc
 
 

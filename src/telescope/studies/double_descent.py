@@ -50,6 +50,7 @@ import torch
 import torch.nn.functional as F
 
 from telescope.data import add_label_noise
+from telescope.errors import UsageError
 from telescope.lens import Smoother
 from telescope.models import MLP
 from telescope.report import figures as fg
@@ -80,15 +81,15 @@ class DoubleDescentConfig:
 
     def __post_init__(self) -> None:
         if not self.widths or min(self.widths) < 1:
-            raise ValueError(f"widths must be positive integers, got {self.widths}")
+            raise UsageError(f"widths must be positive integers, got {self.widths}")
         if not self.label_noise or any(not 0.0 <= p <= 1.0 for p in self.label_noise):
-            raise ValueError(f"label_noise must be fractions in [0, 1], got {self.label_noise}")
+            raise UsageError(f"label_noise must be fractions in [0, 1], got {self.label_noise}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ValueError(f"lr must be a positive number, got {self.lr}")
+            raise UsageError(f"lr must be a positive number, got {self.lr}")
         if self.steps < 1 or self.evals < 1:
-            raise ValueError(f"steps and evals must be >= 1, got {self.steps} and {self.evals}")
+            raise UsageError(f"steps and evals must be >= 1, got {self.steps} and {self.evals}")
         if self.batch_size is not None and self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1 or None, got {self.batch_size}")
+            raise UsageError(f"batch_size must be >= 1 or None, got {self.batch_size}")
 
 
 PRESETS = {

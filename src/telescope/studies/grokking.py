@@ -31,6 +31,7 @@ from torch import nn
 
 import telescope
 from telescope.data import load_digits, polynomial_activation, polynomial_task
+from telescope.errors import UsageError
 from telescope.models import MLP
 from telescope.report import figures as fg
 from telescope.studies.base import Progress, Study
@@ -82,17 +83,17 @@ class GrokkingConfig:
 
     def __post_init__(self) -> None:
         if not (self.polynomial.epsilons and self.polynomial.alphas) and not self.digits.alphas:
-            raise ValueError("nothing to run: polynomial.epsilons (or polynomial.alphas) and "
+            raise UsageError("nothing to run: polynomial.epsilons (or polynomial.alphas) and "
                              "digits.alphas are empty")
         if any(a <= 0 for a in (*self.polynomial.alphas, *self.digits.alphas)):
-            raise ValueError("alphas must be positive")
+            raise UsageError("alphas must be positive")
         for name, s in (("polynomial", self.polynomial), ("digits", self.digits)):
             if s.steps < 1 or s.n_train < 1 or s.n_test < 1 or s.n_probe < 1:
-                raise ValueError(f"{name}: steps, n_train, n_test and n_probe must be >= 1")
+                raise UsageError(f"{name}: steps, n_train, n_test and n_probe must be >= 1")
         if self.digits.batch_size < 1:
-            raise ValueError("digits.batch_size must be >= 1")
+            raise UsageError("digits.batch_size must be >= 1")
         if self.n_log < 2:
-            raise ValueError(f"n_log must be >= 2, got {self.n_log}")
+            raise UsageError(f"n_log must be >= 2, got {self.n_log}")
 
 
 PRESETS = {

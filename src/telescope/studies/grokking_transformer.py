@@ -51,6 +51,7 @@ import torch
 import torch.nn.functional as F
 
 from telescope.data import modular_arithmetic
+from telescope.errors import UsageError
 from telescope.kernels import kernel_regression, ntk
 from telescope.lens import KernelEvolution, WeightRank, attention_entropy
 from telescope.models import TinyTransformer
@@ -100,25 +101,25 @@ class GrokkingTransformerConfig:
 
     def __post_init__(self) -> None:
         if self.p < 3:
-            raise ValueError(f"p must be >= 3, got {self.p}")
+            raise UsageError(f"p must be >= 3, got {self.p}")
         if not 0.0 < self.train_fraction < 1.0:
-            raise ValueError(f"train_fraction must lie in (0, 1), got {self.train_fraction}")
+            raise UsageError(f"train_fraction must lie in (0, 1), got {self.train_fraction}")
         if self.d_model < 1 or self.n_heads < 1 or self.d_model % self.n_heads:
-            raise ValueError(f"d_model ({self.d_model}) must be a positive multiple of "
+            raise UsageError(f"d_model ({self.d_model}) must be a positive multiple of "
                              f"n_heads ({self.n_heads})")
         if self.steps < 1 or self.lr <= 0:
-            raise ValueError("steps must be >= 1 and lr > 0")
+            raise UsageError("steps must be >= 1 and lr > 0")
         if not self.weight_decays or any(w < 0 for w in self.weight_decays):
-            raise ValueError(f"weight_decays must be a non-empty list of numbers >= 0, got "
+            raise UsageError(f"weight_decays must be a non-empty list of numbers >= 0, got "
                              f"{self.weight_decays}")
         if self.n_log < 2 or self.n_linear < 0:
-            raise ValueError("n_log must be >= 2 and n_linear >= 0")
+            raise UsageError("n_log must be >= 2 and n_linear >= 0")
         if self.n_kernel < 2 or self.n_probe < 1:
-            raise ValueError("n_kernel must be >= 2 and n_probe >= 1")
+            raise UsageError("n_kernel must be >= 2 and n_probe >= 1")
         if self.smoother_ridge <= 0:
-            raise ValueError(f"smoother_ridge must be > 0, got {self.smoother_ridge}")
+            raise UsageError(f"smoother_ridge must be > 0, got {self.smoother_ridge}")
         if not 0.0 < self.accuracy <= 1.0:
-            raise ValueError(f"accuracy must lie in (0, 1], got {self.accuracy}")
+            raise UsageError(f"accuracy must lie in (0, 1], got {self.accuracy}")
 
 
 PRESETS = {

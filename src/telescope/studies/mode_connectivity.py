@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from telescope.data import load_mnist1d
+from telescope.errors import UsageError
 from telescope.models import ConvNet1d
 from telescope.report import figures as fg
 from telescope.studies.base import Progress, Study
@@ -55,12 +56,12 @@ class ModeConnectivityConfig:
 
     def __post_init__(self) -> None:
         if not self.spawn_steps or any(t < 0 for t in self.spawn_steps):
-            raise ValueError(f"spawn_steps must be a non-empty list of steps >= 0, "
+            raise UsageError(f"spawn_steps must be a non-empty list of steps >= 0, "
                              f"got {self.spawn_steps}")
         if self.k < 1 or self.batch_size < 1:
-            raise ValueError("k and batch_size must be >= 1")
+            raise UsageError("k and batch_size must be >= 1")
         if self.n_alpha < 3:
-            raise ValueError(f"n_alpha must be >= 3, got {self.n_alpha}")
+            raise UsageError(f"n_alpha must be >= 3, got {self.n_alpha}")
 
 
 PRESETS = {

@@ -62,6 +62,7 @@ from scipy.stats import spearmanr
 
 from telescope.data import add_label_noise, binary_subset, sequence_task
 from telescope.data.synthetic import SEQUENCE_TASKS
+from telescope.errors import UsageError
 from telescope.kernels import kernel_distance
 from telescope.kernels.empirical import ntk
 from telescope.kernels.regression import KernelRegressor
@@ -97,11 +98,11 @@ class SequenceData:
 
     def __post_init__(self) -> None:
         if self.kind not in SEQUENCE_TASKS:
-            raise ValueError(f"data.kind must be one of {SEQUENCE_TASKS}, got {self.kind!r}")
+            raise UsageError(f"data.kind must be one of {SEQUENCE_TASKS}, got {self.kind!r}")
         if len(self.classes) != 2 or self.classes[0] == self.classes[1]:
-            raise ValueError(f"data.classes must be two different classes, got {self.classes}")
+            raise UsageError(f"data.classes must be two different classes, got {self.classes}")
         if self.n_train < 2 or self.n_test < 1:
-            raise ValueError(f"need data.n_train >= 2 and data.n_test >= 1, got "
+            raise UsageError(f"need data.n_train >= 2 and data.n_test >= 1, got "
                              f"{self.n_train} and {self.n_test}")
 
 
@@ -135,26 +136,26 @@ class NTKDoubleDescentConfig:
     def __post_init__(self) -> None:
         unknown = [m for m in self.models if m not in MODELS]
         if not self.models or unknown:
-            raise ValueError(f"models must be a non-empty subset of {MODELS}, got {self.models}")
+            raise UsageError(f"models must be a non-empty subset of {MODELS}, got {self.models}")
         for name, kind in (("widths", "transformer"), ("mlp_widths", "mlp")):
             values = getattr(self, name)
             if kind in self.models and (not values or min(values) < 1):
-                raise ValueError(f"{name} must be positive integers, got {values}")
+                raise UsageError(f"{name} must be positive integers, got {values}")
         bad = [w for w in self.widths if w % self.n_heads]
         if "transformer" in self.models and bad:
-            raise ValueError(f"every transformer width must be divisible by n_heads="
+            raise UsageError(f"every transformer width must be divisible by n_heads="
                              f"{self.n_heads}; not {bad}")
         if not 0.0 <= self.label_noise <= 1.0:
-            raise ValueError(f"label_noise must be a fraction in [0, 1], got {self.label_noise}")
+            raise UsageError(f"label_noise must be a fraction in [0, 1], got {self.label_noise}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ValueError(f"lr must be a positive number, got {self.lr}")
+            raise UsageError(f"lr must be a positive number, got {self.lr}")
         if self.steps < 1 or self.evals < 1 or self.warmup < 0:
-            raise ValueError(f"need steps >= 1, evals >= 1, warmup >= 0; got {self.steps}, "
+            raise UsageError(f"need steps >= 1, evals >= 1, warmup >= 0; got {self.steps}, "
                              f"{self.evals}, {self.warmup}")
         if self.telescoping < 0:
-            raise ValueError(f"telescoping must be >= 0 test points, got {self.telescoping}")
+            raise UsageError(f"telescoping must be >= 0 test points, got {self.telescoping}")
         if self.ridge < 0 or min(self.n_layers, self.n_heads, self.mlp_ratio) < 1:
-            raise ValueError("ridge must be >= 0 and n_layers, n_heads, mlp_ratio >= 1")
+            raise UsageError("ridge must be >= 0 and n_layers, n_heads, mlp_ratio >= 1")
 
 
 PRESETS = {

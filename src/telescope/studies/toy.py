@@ -22,6 +22,7 @@ import pandas as pd
 import torch
 
 from telescope.data import teacher_regression
+from telescope.errors import UsageError
 from telescope.kernels import infinite_ntk, kernel_regression
 from telescope.report import figures as fg
 from telescope.studies.base import Progress, Study
@@ -51,9 +52,9 @@ class ToyConfig:
 
     def __post_init__(self) -> None:
         if not self.ridges or any(r < 0 for r in self.ridges):
-            raise ValueError(f"ridges must be a non-empty list of numbers >= 0, got {self.ridges}")
+            raise UsageError(f"ridges must be a non-empty list of numbers >= 0, got {self.ridges}")
         if not self.times or any(t < 0 for t in self.times):
-            raise ValueError(f"times must be a non-empty list of numbers >= 0, got {self.times}")
+            raise UsageError(f"times must be a non-empty list of numbers >= 0, got {self.times}")
 
 
 PRESETS = {

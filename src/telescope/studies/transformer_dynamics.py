@@ -78,6 +78,7 @@ import torch
 import torch.nn.functional as F
 
 from telescope.data import modular_arithmetic, sequence_task
+from telescope.errors import UsageError
 from telescope.lens import NormCycles, WeightRank, attention_entropy
 from telescope.lens.telescope import Telescope
 from telescope.models import LazyModel, TinyTransformer
@@ -186,25 +187,25 @@ class TransformerDynamicsConfig:
     def __post_init__(self) -> None:
         bad = [e for e in self.experiments if e not in EXPERIMENTS]
         if not self.experiments or bad:
-            raise ValueError(f"experiments must be a non-empty subset of {EXPERIMENTS}, got "
+            raise UsageError(f"experiments must be a non-empty subset of {EXPERIMENTS}, got "
                              f"{self.experiments}")
         if self.seeds < 1:
-            raise ValueError(f"seeds must be >= 1, got {self.seeds}")
+            raise UsageError(f"seeds must be >= 1, got {self.seeds}")
         for name in ("entropy", "rank", "slingshot", "lazy"):
             sub = getattr(self, name)
             if sub.steps < 1 or not (sub.lr > 0 and math.isfinite(sub.lr)):
-                raise ValueError(f"{name}.steps must be >= 1 and {name}.lr positive, got "
+                raise UsageError(f"{name}.steps must be >= 1 and {name}.lr positive, got "
                                  f"{sub.steps} and {sub.lr}")
         if not self.entropy.sigma_reparam:
-            raise ValueError("entropy.sigma_reparam must list at least one of true/false")
+            raise UsageError("entropy.sigma_reparam must list at least one of true/false")
         for name, values in (("rank.alphas", self.rank.alphas), ("lazy.alphas", self.lazy.alphas),
                              ("slingshot.eps", self.slingshot.eps)):
             if not values or any(not (v > 0 and math.isfinite(v)) for v in values):
-                raise ValueError(f"{name} must be positive numbers, got {values}")
+                raise UsageError(f"{name} must be positive numbers, got {values}")
         if not 0.0 <= self.rank.threshold < 1.0:
-            raise ValueError(f"rank.threshold must lie in [0, 1), got {self.rank.threshold}")
+            raise UsageError(f"rank.threshold must lie in [0, 1), got {self.rank.threshold}")
         if self.slingshot.every < 1 or self.slingshot.spike_factor <= 1.0:
-            raise ValueError("slingshot.every must be >= 1 and slingshot.spike_factor > 1")
+            raise UsageError("slingshot.every must be >= 1 and slingshot.spike_factor > 1")
 
 
 PRESETS = {
@@ -331,7 +332,7 @@ def run_point(config: TransformerDynamicsConfig, point: dict, progress: Progress
     runner = {"entropy": _run_entropy, "rank": _run_rank, "slingshot": _run_slingshot,
               "lazy": _run_lazy}.get(experiment)
     if runner is None:
-        raise ValueError(f"unknown experiment {experiment!r}; known: {EXPERIMENTS}")
+        raise UsageError(f"unknown experiment {experiment!r}; known: {EXPERIMENTS}")
     start = time.perf_counter()
     name = _setting_name(experiment, float(point["setting"]))
     rows = runner(config, float(point["setting"]), int(point["seed"]), name, progress)

@@ -57,6 +57,7 @@ from telescope.data import (
     load_openml_cache,
     load_table,
 )
+from telescope.errors import UsageError
 from telescope.lens import Smoother
 from telescope.lens.boosting import boosting_smoother, kernel_weight_norms
 from telescope.models import MLP
@@ -84,10 +85,10 @@ class TabularData:
 
     def __post_init__(self) -> None:
         if self.name not in ("synthetic", "bundled-table", "table", "openml"):
-            raise ValueError("data.name must be synthetic, bundled-table, table or openml, got "
+            raise UsageError("data.name must be synthetic, bundled-table, table or openml, got "
                              f"{self.name!r}")
         if self.n_test < 2 or self.n_pool < 0 or self.n_train < 0:
-            raise ValueError("data.n_test must be >= 2 and data.n_pool, data.n_train >= 0")
+            raise UsageError("data.n_test must be >= 2 and data.n_pool, data.n_train >= 0")
 
 
 @dataclass
@@ -120,9 +121,9 @@ class TreesVsNetsConfig:
 
     def __post_init__(self) -> None:
         if not self.fractions or any(not 0.0 <= f <= 1.0 for f in self.fractions):
-            raise ValueError(f"fractions must be numbers in [0, 1], got {self.fractions}")
+            raise UsageError(f"fractions must be numbers in [0, 1], got {self.fractions}")
         if 0.0 not in self.fractions:
-            raise ValueError("fractions must include 0 (the reference of rel_increase)")
+            raise UsageError("fractions must include 0 (the reference of rel_increase)")
 
 
 PRESETS = {
@@ -165,7 +166,7 @@ def synthetic_table(n: int, d: int, noise: float, seed: int) -> tuple[np.ndarray
 
 def _need_path(d: TabularData) -> str:
     if not d.path:
-        raise ValueError(f"data.name={d.name} reads files: give them with --set data.path=...")
+        raise UsageError(f"data.name={d.name} reads files: give them with --set data.path=...")
     return d.path
 
 
@@ -184,7 +185,7 @@ def _pool(config: TreesVsNetsConfig, seed: int) -> tuple[np.ndarray, np.ndarray]
                 kw["target"] = d.target
             ds = load_openml_cache(_need_path(d), d.dataset, task="regression", **kw)
         if ds.n_classes is not None:
-            raise ValueError(f"{ds.name} is a classification set; trees-vs-nets needs regression")
+            raise UsageError(f"{ds.name} is a classification set; trees-vs-nets needs regression")
         x = torch.cat([ds.x_train, ds.x_test]).reshape(ds.n_train + ds.n_test, -1).double()
         y = torch.cat([ds.y_train, ds.y_test]).reshape(-1).double()
         x, y = x.numpy(), y.numpy()

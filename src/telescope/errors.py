@@ -1,0 +1,39 @@
+"""The errors telescope raises on purpose, under one base class.
+
+Every problem the caller can fix (a wrong argument, config value, input, model, optimizer or
+run directory) raises a subclass of :class:`TelescopeError` whose message names the problem and
+the fix. Anything else that escapes telescope (a plain ``ValueError`` from deep inside torch, an
+``AssertionError``) is a bug and keeps its traceback: the command line prints ``telescope:
+error: ...`` and exits with code 2 only for :class:`TelescopeError`.
+
+:class:`UsageError` is also a ``ValueError`` and a ``TypeError`` (as numpy's ``AxisError`` is
+both a ``ValueError`` and an ``IndexError``), so code written against the built-in exceptions
+keeps catching it.
+"""
+
+from __future__ import annotations
+
+__all__ = ["TelescopeError", "UsageError", "UnsupportedModelError", "UnsupportedOptimizerError",
+           "DivergedError"]
+
+
+class TelescopeError(Exception):
+    """Base class of the errors telescope raises for problems the caller can fix."""
+
+
+class UsageError(TelescopeError, ValueError, TypeError):
+    """An argument, config value or input is invalid: the message says which and how to fix
+    it."""
+
+
+class UnsupportedModelError(UsageError):
+    """The model cannot be given a per-example tangent kernel as it is (and how to fix it)."""
+
+
+class UnsupportedOptimizerError(UsageError):
+    """The optimizer, or one of its options, is not reproduced exactly by a lens that must be
+    exact (the message names the option and what to use instead)."""
+
+
+class DivergedError(TelescopeError, FloatingPointError):
+    """Training produced NaN or infinite values (lower the learning rate)."""
