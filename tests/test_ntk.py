@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import telescope
-from telescope.kernels._functional import UnsupportedModelError
+from telescope.errors import UnsupportedModelError, UsageError
 from telescope.models import MLP, ConvNet1d, TinyTransformer
 
 METHODS = ["jacobian", "vector", "structured"]
@@ -280,3 +280,105 @@ def test_rmsnorm_rule_and_grouped_conv_fallback():
     x = torch.randn(5, 4, 6, dtype=torch.float64)
     k = telescope.ntk(model, x, output="full", method="structured")
     torch.testing.assert_close(k, oracle_ntk(model, x, None, "full"), rtol=1e-10, atol=1e-10)
+
+
+class BatchCentered(nn.Module):
+    """Couples the examples of a batch through a plain tensor op (no BatchNorm to spot)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 8), nn.Linear(8, 2)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        return self.b(h - h.mean(0))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_models_that_couple_examples_are_refused(method):
+    """Per example the kernel of ``h - h.mean(0)`` is 0; it must raise, not return zeros."""
+    torch.manual_seed(0)
+    model = BatchCentered()
+    for x1, x2 in ((torch.randn(5, 3), None), (torch.randn(1, 3), None),
+                   (torch.randn(1, 3), torch.randn(4, 3))):
+        with pytest.raises(UnsupportedModelError, match="depends on the other examples"):
+            telescope.ntk(model, x1, x2, method=method)
+    with pytest.raises(UnsupportedModelError, match="depends on the other examples"):
+        telescope.lowrank_ntk(model, torch.randn(6, 3), rank=2)
+
+
+def test_parameters_without_values_are_refused():
+    lin = nn.Linear(3, 2)
+    with torch.no_grad():
+        lin.weight[0, 1] = float("nan")
+    with pytest.raises(UsageError, match=r"'weight' holds NaN or infinite"):
+        telescope.ntk(lin, torch.randn(4, 3))
+    with torch.no_grad():
+        lin.weight.fill_(1.0)
+        lin.bias[0] = float("-inf")
+    with pytest.raises(UsageError, match=r"'bias' holds NaN or infinite"):
+        telescope.ntk(lin, torch.randn(4, 3), method="jacobian")
+    meta = nn.Linear(3, 2, device="meta")
+    with pytest.raises(UsageError, match="meta device.*to_empty"):
+        telescope.ntk(meta, torch.randn(4, 3))
+
+
+@pytest.mark.parametrize("budget, match", [
+    (float("inf"), "finite positive"), (float("nan"), "finite positive"), (0, "finite positive"),
+    (-1.0, "finite positive"), ("1", "number of GiB"), (True, "number of GiB"),
+])
+def test_memory_budget_must_be_a_finite_positive_number(budget, match):
+    with pytest.raises(UsageError, match=f"max_memory_gb must be a {match}"):
+        telescope.ntk(nn.Linear(3, 2), torch.randn(4, 3), max_memory_gb=budget)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_inputs_the_model_does_not_take_name_the_argument(method):
+    torch.manual_seed(0)
+    mlp = MLP(12, [8], 2)
+    with pytest.raises(UsageError, match=r"failed on x1 \(per-example shape \(11,\)"):
+        telescope.ntk(mlp, torch.randn(4, 11), method=method)
+    with pytest.raises(UsageError, match=r"failed on x1 .*torch.float64.*torch.float32"):
+        telescope.ntk(mlp, torch.randn(4, 12, dtype=torch.float64), method=method)
+    with pytest.raises(UsageError, match="same dtype"):
+        telescope.ntk(mlp, torch.randn(4, 12), torch.randn(3, 12, dtype=torch.float64))
+    tr = _transformer()  # vocab 11: token 11 is out of range, only in x2
+    x1 = torch.randint(0, 11, (3, 6))
+    with pytest.raises(UsageError, match="failed on x2"):
+        telescope.ntk(tr, x1, torch.full((2, 6), 11), method=method)
+
+
+def test_a_budget_that_forces_tiny_blocks_warns_with_a_better_budget():
+    """MLP 40-512-512-10 on 600 points: 0.02 GiB allows blocks of one or two examples (the
+    kernel takes many times longer than at the default); the warning names a budget that
+    allows sensible blocks, and at that budget there is no warning."""
+    import re
+
+    torch.manual_seed(0)
+    model = MLP(40, [512, 512], 10)
+    x = torch.randn(600, 40)
+    from telescope.kernels import structured
+
+    engine, n_out = structured._plan(model, x[:2])
+    with pytest.warns(RuntimeWarning, match="allows blocks of only") as record:
+        structured._check_block_pairs(engine, 600, 0, n_out, "trace", int(0.02 * 2**30), 4,
+                                      *structured._choose_blocks(engine, 600, 0, n_out, "trace",
+                                                                 int(0.02 * 2**30), 4))
+    suggested = float(re.search(r"; max_memory_gb=([0-9.e+-]+) allows", str(record[0].message))
+                      .group(1))
+    blocks = structured._choose_blocks(engine, 600, 0, n_out, "trace", int(suggested * 2**30), 4)
+    assert blocks[1] > 8
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        structured._check_block_pairs(engine, 600, 0, n_out, "trace", int(suggested * 2**30), 4,
+                                      *blocks)
+        structured._check_block_pairs(engine, 600, 0, n_out, "trace", 2 * 2**30, 4,
+                                      *structured._choose_blocks(engine, 600, 0, n_out, "trace",
+                                                                 2 * 2**30, 4))
+    # through telescope.ntk, for structured and jacobian (the warning comes before the work:
+    # as an error it stops the call at once)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for method in ("structured", "jacobian"):
+            with pytest.raises(RuntimeWarning, match="allows blocks of only"):
+                telescope.ntk(model, x, method=method, max_memory_gb=0.01)

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from telescope.errors import UnsupportedModelError, UnsupportedOptimizerError, UsageError
 from telescope.lens.smoother import Smoother
 
 
@@ -48,6 +49,13 @@ OPTIMIZERS = {
     "adam": lambda p: torch.optim.Adam(p, lr=0.02, weight_decay=0.01),
     "adam-amsgrad": lambda p: torch.optim.Adam(p, lr=0.02, amsgrad=True),
     "adamw": lambda p: torch.optim.AdamW(p, lr=0.02, weight_decay=0.1, betas=(0.8, 0.95)),
+    # torch >= 2.6 spells AdamW as Adam(decoupled_weight_decay=True): decay must be decoupled
+    "adam-decoupled": lambda p: torch.optim.Adam(p, lr=0.02, weight_decay=0.1,
+                                                 decoupled_weight_decay=True),
+    # per group: decoupled decay on the first, L2 decay on the second, foreach, maximize off
+    "adam-mixed-groups": lambda p: torch.optim.Adam(
+        [{"params": p[:1], "weight_decay": 0.2, "decoupled_weight_decay": True},
+         {"params": p[1:], "weight_decay": 0.05, "lr": 0.01}], lr=0.02, foreach=True),
 }
 
 
@@ -207,7 +215,7 @@ def test_clear_errors():
     sm = Smoother(model, opt, x, y)
     opt.zero_grad()
     F.mse_loss(model(x)[:, 0], y).backward()
-    with pytest.raises(RuntimeError, match="record"):
+    with pytest.raises(UsageError, match="record"):
         opt.step()
     # a loss with the wrong reduction is caught at the first step
     opt.zero_grad()
@@ -217,3 +225,175 @@ def test_clear_errors():
         opt.step()
     with pytest.raises(ValueError, match="batch indices"):
         sm.record([0, 99])
+
+
+def test_decoupled_decay_differs_from_l2_decay():
+    """The oracle test above would pass for both rules if they agreed: make sure they do not
+    here, so that choosing the wrong one is caught."""
+    x, y, _ = data()
+    finals = []
+    for name in ("adam-decoupled", "adam"):
+        model = linear_model()
+        opt = torch.optim.Adam(model.parameters(), lr=0.02, weight_decay=0.1,
+                               decoupled_weight_decay=name == "adam-decoupled")
+        for idx in batches(10, 25, 4):
+            opt.zero_grad()
+            F.mse_loss(model(x[idx])[:, 0], y[idx]).backward()
+            opt.step()
+        with torch.no_grad():
+            finals.append(model(x)[:, 0])
+    assert float((finals[0] - finals[1]).abs().max()) > 1e-3
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda p: torch.optim.Adagrad(p), "Adagrad is not one of them"),
+    (lambda p: torch.optim.RMSprop(p), "RMSprop is not one of them"),
+    (lambda p: torch.optim.NAdam(p), "NAdam is not one of them"),
+    (lambda p: torch.optim.Adam(p, lr=torch.tensor(0.01)), "tensor lr"),
+    (lambda p: torch.optim.SGD(p, lr=0.1, differentiable=True), "differentiable"),
+])
+def test_optimizers_and_options_it_does_not_reproduce_are_refused(make, match):
+    x, y, _ = data()
+    model = linear_model()
+    with pytest.raises(UnsupportedOptimizerError, match=match):
+        Smoother(model, make(model.parameters()), x, y)
+
+
+def test_optimizer_subclasses_are_judged_by_their_step():
+    x, y, xt = data()
+
+    class Renamed(torch.optim.SGD):  # same update: reproduced exactly
+        pass
+
+    class Clipped(torch.optim.SGD):  # a different update: refused
+        def step(self, closure=None):
+            for g in self.param_groups:
+                for p in g["params"]:
+                    p.grad.clamp_(-0.01, 0.01)
+            return super().step(closure)
+
+    model = linear_model()
+    with pytest.raises(UnsupportedOptimizerError, match="overrides SGD.step"):
+        Smoother(model, Clipped(model.parameters(), lr=0.1), x, y)
+    opt = Renamed(model.parameters(), lr=0.1)
+    sm = Smoother(model, opt, x, y, probes={"test": xt})
+    for idx in batches(10, 10, 4):
+        opt.zero_grad()
+        F.mse_loss(model(x[idx])[:, 0], y[idx]).backward()
+        sm.record(idx)
+        opt.step()
+    with torch.no_grad():
+        torch.testing.assert_close(sm.predict("test"), model(xt)[:, 0], rtol=1e-9, atol=1e-10)
+
+
+def _step(model, opt, sm, x, y, idx):
+    opt.zero_grad()
+    F.mse_loss(model(x[idx])[:, 0], y[idx]).backward()
+    sm.record(idx)
+    opt.step()
+
+
+def test_record_accepts_indices_and_masks_and_refuses_the_rest():
+    x, y, xt = data()
+    mask = torch.zeros(10, dtype=torch.bool)
+    mask[[1, 4, 7]] = True
+    results = []
+    for batch in (torch.tensor([1, 4, 7]), [1, 4, 7], mask, mask.tolist()):
+        model = linear_model()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        sm = Smoother(model, opt, x, y, probes={"test": xt})
+        opt.zero_grad()
+        F.mse_loss(model(x[mask])[:, 0], y[mask]).backward()
+        sm.record(batch)  # passes the gradient check only if it means examples 1, 4, 7
+        opt.step()
+        with torch.no_grad():
+            torch.testing.assert_close(sm.predict("test"), model(xt)[:, 0], rtol=1e-9,
+                                       atol=1e-10)
+        results.append(sm.weights("test"))
+    for r in results[1:]:
+        torch.testing.assert_close(r, results[0], rtol=0, atol=0)
+    for bad, match in (([0.5, 1.7], "integers"), (torch.tensor([0.0, 1.0]), "integers"),
+                       (torch.ones(20, dtype=torch.bool), "length n = 10"),
+                       ([True] * 3, "length n = 10"), (torch.zeros(2, 2, dtype=torch.long),
+                                                       "1-D"),
+                       ([], "empty"), ([0, 10], r"\[0, 10\)"), ("abc", "integers")):
+        with pytest.raises(UsageError, match=match):
+            sm.record(bad)
+
+
+def test_changes_outside_the_optimizer_are_refused_not_drifted_from():
+    x, y, xt = data()
+    # an in-place edit between steps
+    model = linear_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sm = Smoother(model, opt, x, y, probes={"test": xt})
+    _step(model, opt, sm, x, y, torch.arange(4))
+    with torch.no_grad():
+        model[1].weight.mul_(0.5)
+    with pytest.raises(UsageError, match="outside optimizer.step"):
+        _step(model, opt, sm, x, y, torch.arange(4))
+    # a layer replaced and added to the optimizer
+    model = linear_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sm = Smoother(model, opt, x, y, probes={"test": xt})
+    _step(model, opt, sm, x, y, torch.arange(4))
+    model[1] = nn.Linear(12, 1).double()
+    opt.add_param_group({"params": model[1].parameters()})
+    with pytest.raises(UsageError, match="param groups changed"):
+        _step(model, opt, sm, x, y, torch.arange(4))
+    # a schedule that makes SGD's groups differ breaks the function-space recursion
+    model = linear_model()
+    opt = torch.optim.SGD([{"params": model[1].weight}, {"params": model[1].bias}], lr=0.1)
+    sm = Smoother(model, opt, x, y)
+    assert sm.mode == "function"
+    _step(model, opt, sm, x, y, torch.arange(4))
+    opt.param_groups[1]["lr"] = 0.05
+    with pytest.raises(UsageError, match="mode='weight'"):
+        _step(model, opt, sm, x, y, torch.arange(4))
+
+
+class Centered(nn.Module):
+    """Subtracts the batch mean of the hidden layer: examples are coupled by a plain op."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 1)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        return self.b(h - h.mean(0))
+
+
+def test_models_it_cannot_follow_get_a_clear_error():
+    x, y, xt = data()
+    torch.manual_seed(0)
+    for layer, match in ((nn.BatchNorm1d(8), "BatchNorm1d.*train mode"),
+                         (nn.Dropout(0.1), "Dropout.*train mode")):
+        model = nn.Sequential(nn.Linear(4, 8), layer, nn.Tanh(), nn.Linear(8, 1)).double()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        with pytest.raises(UnsupportedModelError, match=f"Smoother.*{match}"):
+            Smoother(model, opt, x, y)
+        model.eval()  # trained in eval mode the smoother is fine...
+        sm = Smoother(model, opt, x, y)
+        model.train()  # ... but not if training then switches to train mode
+        with pytest.raises(UnsupportedModelError, match=match):
+            _step(model, opt, sm, x, y, torch.arange(4))
+    model = Centered().double()
+    with pytest.raises(UnsupportedModelError, match="depends on the other examples"):
+        Smoother(model, torch.optim.SGD(model.parameters(), lr=0.1), x, y)
+
+
+def test_non_finite_inputs_and_parameters_are_refused_at_construction():
+    x, y, xt = data()
+    model = linear_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    bad = x.clone()
+    bad[3, 1] = float("nan")
+    with pytest.raises(UsageError, match="x_train contains NaN"):
+        Smoother(model, opt, bad, y)
+    with pytest.raises(UsageError, match="probe 'test' contains NaN"):
+        Smoother(model, opt, x, y, probes={"test": bad})
+    with torch.no_grad():
+        model[1].bias.fill_(float("inf"))
+    with pytest.raises(UsageError, match="NaN or infinite"):
+        Smoother(model, opt, x, y)

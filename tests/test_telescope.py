@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from telescope.errors import UsageError
 from telescope.lens import Telescope
 from telescope.lens.telescope import NonFiniteStepError
 from telescope.models import TinyTransformer
@@ -511,3 +512,29 @@ def test_memory_is_independent_of_the_number_of_steps():
     assert len(tel.history) == 2 * 45  # only the tidy rows grow (python floats)
     assert all(not isinstance(v, torch.Tensor) for r in tel.history for v in r.values())
     tel.close()
+
+
+def test_parameters_added_or_replaced_after_creation_are_refused():
+    """``add_param_group`` with a replaced layer, or a frozen parameter unfrozen: the
+    telescoping sum and ``actual`` would describe another network, so both refuse."""
+    x, y, x_test = regression_data()
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    tel = Telescope(model, opt, {"test": x_test})
+    train(model, opt, x, y, steps=3)
+    model[4] = nn.Linear(32, 1, dtype=F64)
+    opt.add_param_group({"params": model[4].parameters()})
+    with pytest.raises(UsageError, match=r"changed after step 3 .*replaced: 4.bias, 4.weight"):
+        tel.actual("test")
+    with pytest.raises(UsageError, match="param groups changed"):
+        train(model, opt, x, y, steps=1)
+    assert tel.step == 3
+
+    model = mlp()
+    model[0].requires_grad_(False)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    tel = Telescope(model, opt, {"test": x_test})
+    train(model, opt, x, y, steps=2)
+    model[0].requires_grad_(True)
+    with pytest.raises(UsageError, match="new: 0.bias, 0.weight"):
+        train(model, opt, x, y, steps=1)

@@ -22,6 +22,8 @@ summed over every trainable parameter. Three methods compute it (all agree to ro
 from __future__ import annotations
 
 import contextlib
+import math
+import warnings
 from collections.abc import Callable, Iterator
 
 import torch
@@ -31,8 +33,7 @@ from torch.func import jacrev, jvp, vmap
 from telescope.errors import UsageError
 from telescope.kernels._functional import (
     batched_fn,
-    check_inputs,
-    check_model,
+    checked_call,
     frozen_state,
     model_dtype_device,
     num_outputs,
@@ -80,8 +81,11 @@ def ntk(
         Any module mapping a batch ``[N, ...]`` to ``[N]`` or ``[N, O]`` (trailing output dims
         are flattened into ``O``). It is evaluated at its current parameters and train/eval mode
         and is left exactly as it was (parameters, ``.grad``, mode). Only parameters with
-        ``requires_grad=True`` count. Modules that couple the examples of a batch (BatchNorm in
-        train mode) or are random (dropout in train mode) raise an error explaining the fix.
+        ``requires_grad=True`` count. Models whose output for one example depends on the other
+        examples of the batch (BatchNorm in train mode, ``h - h.mean(0)``: checked once per
+        model by comparing a batched and a per-example forward), random models (dropout in
+        train mode), and parameters on the meta device or holding NaN/inf raise an error that
+        explains the fix.
     x1, x2:
         Inputs ``[N1, ...]`` and ``[N2, ...]`` of any dtype the model takes (integer tokens
         included). ``x2=None`` means ``x2 = x1`` and uses the symmetry of the kernel.
@@ -112,12 +116,10 @@ def ntk(
         raise UsageError(f"output must be one of {OUTPUTS}, got {output!r}")
     if block_size is not None and (not isinstance(block_size, int) or block_size < 1):
         raise UsageError(f"block_size must be a positive int or None, got {block_size!r}")
-    check_model(model)
-    check_inputs(x1, x2)
-    dtype, device = model_dtype_device(model)
-    x1 = x1.to(device)
-    x2 = None if x2 is None else x2.to(device)
     budget = parse_memory(max_memory_gb)
+    with ad_safe_attention():
+        x1, x2 = checked_call(model, x1, x2)
+    dtype, _ = model_dtype_device(model)
     if method == "auto":
         method = "structured"
     with ad_safe_attention():
@@ -132,13 +134,63 @@ def ntk(
         itemsize = torch.finfo(dtype).bits // 8
         if block_size is None:
             # two blocks of Jacobians [B, O, P] plus vmap/jacrev intermediates
-            block_size = max(1, budget // (6 * n_out * n_params * itemsize))
+            per_example = 6 * n_out * n_params * itemsize
+            block_size = max(1, budget // per_example)
+            n1, n2 = x1.shape[0], x1.shape[0] if x2 is None else x2.shape[0]
+            work = block_pairs(n1, n2, block_size, x2 is None)
+            if work > SLOW_BLOCK_PAIRS:
+                good = _block_for_pairs(n1, n2, x2 is None)
+                warn_small_blocks(block_size, n1, n2, budget, work,
+                                  (good * per_example, good))
         frozen = frozen_state(model)
         if method == "jacobian":
             block_kernel = _jacobian_block_fn(model, frozen, params, output)
         else:
             block_kernel = _vector_block_fn(model, frozen, params, output, n_out, budget)
         return blocked_kernel(block_kernel, x1, x2, block_size, output, n_out, dtype, progress)
+
+
+SLOW_BLOCK_PAIRS = 20_000
+"""More block pairs than this (each with its own Python and kernel-launch overhead, and
+recomputed per-block work) makes a kernel far slower than it needs to be: warn."""
+GOOD_BLOCK_PAIRS = 2_000
+"""The block-pair count a suggested memory budget aims for."""
+
+
+def block_pairs(n1: int, n2: int, block: int, symmetric: bool, chunks: int = 1) -> int:
+    """Number of block pairs ``blocked_kernel`` evaluates (times the output chunks)."""
+    a, b = -(-n1 // block), -(-n2 // block)
+    return chunks * (a * (a + 1) // 2 if symmetric else a * b)
+
+
+def _block_for_pairs(n1: int, n2: int, symmetric: bool) -> int:
+    """The smallest block size with at most ``GOOD_BLOCK_PAIRS`` block pairs."""
+    block = 1
+    while block_pairs(n1, n2, block, symmetric) > GOOD_BLOCK_PAIRS:
+        block *= 2
+    return block
+
+
+def warn_small_blocks(block: int, n1: int, n2: int, budget: int, work: int,
+                      suggestion: tuple[int, int] | None, stacklevel: int = 3) -> None:
+    """Warn that ``max_memory_gb`` forces blocks so small that the time explodes (``work``
+    block computations), and which budget would avoid it (``suggestion = (bytes, block)``;
+    ``None`` when no budget helps)."""
+    hint = ("" if suggestion is None else
+            f"; max_memory_gb={_round_up_gb(suggestion[0]):g} allows blocks of "
+            f"{suggestion[1]}")
+    warnings.warn(
+        f"ntk: max_memory_gb={budget / 2**30:.3g} allows blocks of only {block} example(s) "
+        f"({work:,} block computations for {n1} x {n2} examples, each with its own "
+        f"overhead): this will take many times longer than it needs to{hint} (or pass "
+        "block_size= to choose the blocks yourself)", RuntimeWarning, stacklevel=stacklevel)
+
+
+def _round_up_gb(nbytes: int) -> float:
+    """Bytes as GiB, rounded up to two significant digits."""
+    gb = nbytes / 2**30
+    scale = 10 ** (math.floor(math.log10(gb)) - 1)
+    return math.ceil(gb / scale) * scale
 
 
 def blocked_kernel(

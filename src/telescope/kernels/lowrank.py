@@ -74,8 +74,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from telescope.errors import UsageError
 from telescope.kernels._functional import (
     batched_fn,
-    check_inputs,
-    check_model,
+    checked_call,
     frozen_state,
     parse_memory,
     trainable_params,
@@ -290,8 +289,8 @@ def lowrank_ntk(
     2021. N. Halko, P.-G. Martinsson, J. A. Tropp, "Finding structure with randomness", SIAM
     Review 53(2), 2011.
     """
-    check_model(model)
-    check_inputs(x, None)
+    with sdpa_kernel(SDPBackend.MATH):
+        x, _ = checked_call(model, x)
     if output not in _OUTPUTS:
         raise UsageError(f"output must be one of {_OUTPUTS}, got {output!r}")
     _check_int("oversample", oversample, 0)

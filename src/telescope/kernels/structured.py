@@ -47,13 +47,22 @@ from torch.func import functional_call, vjp, vmap
 
 from telescope.kernels._functional import (
     batched_fn,
+    check_batch_independence,
     flatten_output,
     frozen_state,
     model_dtype_device,
+    model_signature,
     single_fn,
     trainable_params,
 )
-from telescope.kernels.empirical import blocked_kernel, per_example_jacobian
+from telescope.kernels.empirical import (
+    GOOD_BLOCK_PAIRS,
+    SLOW_BLOCK_PAIRS,
+    block_pairs,
+    blocked_kernel,
+    per_example_jacobian,
+    warn_small_blocks,
+)
 
 # --------------------------------------------------------------------------------------------
 # Factors: what a rule extracts from one block of examples
@@ -589,17 +598,9 @@ def _choose_blocks(engine: _Engine, n1: int, n2: int, n_out: int, output: str, b
 _PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _signature(model: nn.Module, x: Tensor) -> tuple:
-    """What the plan (rules, fallback, shapes, verification) depends on: structure, not values."""
-    params = tuple((n, id(p), tuple(p.shape), p.dtype, p.requires_grad)
-                   for n, p in model.named_parameters(remove_duplicate=False))
-    modules = tuple((n, id(m), m.training) for n, m in model.named_modules())
-    return params, modules, tuple(x.shape[1:]), x.dtype, x.device
-
-
 def _plan(model: nn.Module, probe: Tensor) -> tuple[_Engine, int]:
     """The structured engine for ``model``, with every rule verified against autograd once."""
-    key = _signature(model, probe)
+    key = model_signature(model, probe)
     cached = _PLANS.get(model)
     if cached is not None and cached[0] == key:
         engine, n_out = cached[1], cached[2]
@@ -621,6 +622,30 @@ def _plan(model: nn.Module, probe: Tensor) -> tuple[_Engine, int]:
     return engine, n_out
 
 
+def _slowness(n1: int, n2: int, n_out: int, chunk: int, block: int, keep_all: bool) -> int:
+    """Block pairs, weighted by how often each block's factors are recomputed."""
+    nb, symmetric = max(n1, n2), n2 == 0
+    pairs = block_pairs(n1, n2 or n1, block, symmetric, -(-n_out // chunk))
+    # without kept factors every block pair recomputes the factors of its second block
+    return pairs * (1 if keep_all else max(1, -(-nb // block)))
+
+
+def _check_block_pairs(engine: _Engine, n1: int, n2: int, n_out: int, output: str, budget: int,
+                       itemsize: int, chunk: int, block: int, keep_all: bool) -> None:
+    """Warn (with a budget that would do) when the memory budget forces tiny blocks."""
+    work = _slowness(n1, n2, n_out, chunk, block, keep_all)
+    if work <= SLOW_BLOCK_PAIRS:
+        return
+    needed, suggestion = budget, None
+    for _ in range(40):  # doubling: at most 2^40 times the budget
+        needed *= 2
+        c, b, k = _choose_blocks(engine, n1, n2, n_out, output, needed, itemsize)
+        if _slowness(n1, n2, n_out, c, b, k) <= GOOD_BLOCK_PAIRS or b >= max(n1, n2):
+            suggestion = (needed, b)
+            break
+    warn_small_blocks(block, n1, n2 or n1, budget, work, suggestion, stacklevel=5)
+
+
 def structured_ntk(model: nn.Module, x1: Tensor, x2: Tensor | None, *, output: str,
                    block_size: int | None, budget: int, progress: bool) -> Tensor:
     """The ``method="structured"`` path of :func:`telescope.ntk` (inputs already validated)."""
@@ -630,6 +655,9 @@ def structured_ntk(model: nn.Module, x1: Tensor, x2: Tensor | None, *, output: s
     chunk, block, keep_all = _choose_blocks(engine, n1, n2, n_out, output, budget, itemsize)
     if block_size is not None:
         block = block_size
+    else:
+        _check_block_pairs(engine, n1, n2, n_out, output, budget, itemsize, chunk, block,
+                           keep_all)
     if chunk >= n_out:
         kernel = _block_kernel_fn(engine, n_out, output, None, {} if keep_all else None)
         return blocked_kernel(kernel, x1, x2, block, output, n_out, engine.dtype, progress)
@@ -663,6 +691,8 @@ def ntk_to_subset(model: nn.Module, x: Tensor, idx: Tensor, *, output: str = "fu
     from telescope.kernels.empirical import ad_safe_attention, ntk
 
     check_model(model)
+    with ad_safe_attention():
+        check_batch_independence(model, x)
     engine, n_out = _plan(model, x[:2])
     per_output, inputs, _ = _sizes(engine)
     itemsize = torch.finfo(engine.dtype).bits // 8

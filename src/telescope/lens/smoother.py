@@ -67,14 +67,28 @@ the squared loss, ``c`` depends on the labels through the observed ``p``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from telescope.errors import UsageError
-from telescope.kernels._functional import eval_mode, flatten_output, frozen_state
+from telescope.errors import (
+    DivergedError,
+    UnsupportedModelError,
+    UnsupportedOptimizerError,
+    UsageError,
+)
+from telescope.kernels._functional import (
+    check_batch_independence,
+    check_model,
+    check_parameters,
+    eval_mode,
+    flatten_output,
+    forward_checked,
+    frozen_state,
+)
 from telescope.kernels.empirical import ad_safe_attention, per_example_jacobian
 from telescope.kernels.structured import ntk_to_subset
 
@@ -90,8 +104,17 @@ class Smoother:
     ----------
     model, optimizer:
         The network and the ``torch.optim.SGD``, ``Adam`` or ``AdamW`` optimizer training it
-        (freshly constructed: no state yet). Every trainable parameter of the model must be in
-        the optimizer.
+        (freshly constructed: no state yet; a subclass is accepted when it keeps their
+        ``step``). The update rule is read from every param group's options, so
+        ``Adam(decoupled_weight_decay=True)`` is AdamW, per group; options the smoother does
+        not reproduce (``differentiable=True``, tensor learning rates, options of a newer
+        torch it does not know) and other optimizers raise
+        :class:`~telescope.errors.UnsupportedOptimizerError`. Every trainable parameter of the
+        model must be in the optimizer. The model must train in a deterministic, per-example
+        way (no dropout or BatchNorm in train mode, no ops across the batch). Only the
+        optimizer's steps may change the parameters: an in-place edit between steps, a
+        replaced layer or ``add_param_group`` raise at the next step instead of letting the
+        smoother drift from the network.
     x_train, y_train:
         The training set; ``y_train`` is ``[n]`` or ``[n, O]`` for the squared loss, integer
         classes ``[n]`` (or one-hot ``[n, O]``) for cross-entropy.
@@ -121,17 +144,23 @@ class Smoother:
             raise UsageError(f"loss must be one of {LOSSES}, got {loss!r}")
         if mode not in MODES:
             raise UsageError(f"mode must be one of {MODES}, got {mode!r}")
-        if not isinstance(every, int) or every < 1:
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise UsageError(f"every must be a positive int, got {every!r}")
+        if not isinstance(model, nn.Module):
+            raise UsageError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        _check_inputs("x_train", x_train)
         probes = dict(probes or {})
         if TRAIN in probes:
             raise UsageError('the probe name "train" is reserved for the training set')
         for name, x in probes.items():
-            if not isinstance(x, Tensor) or x.ndim == 0 or x.shape[0] == 0:
-                raise UsageError(f"probe {name!r} must be a tensor of shape [m, ...], m >= 1")
-            if x.shape[1:] != x_train.shape[1:]:
-                raise UsageError(f"probe {name!r} has per-example shape {tuple(x.shape[1:])}, "
-                                 f"the training inputs {tuple(x_train.shape[1:])}")
+            _check_inputs(f"probe {name!r}", x)
+            if x.shape[1:] != x_train.shape[1:] or x.dtype != x_train.dtype:
+                raise UsageError(f"probe {name!r} has per-example shape {tuple(x.shape[1:])} "
+                                 f"({x.dtype}), the training inputs {tuple(x_train.shape[1:])} "
+                                 f"({x_train.dtype})")
+        kind, self.mode = _optimizer_rule(optimizer, mode)  # before anything reads its state
+        _check_training_mode(model)
+        check_parameters(model)
         self.model, self.optimizer, self.loss, self.every = model, optimizer, loss, every
         self.check_gradient = check_gradient
         self._names = _param_names(model, optimizer)
@@ -142,13 +171,14 @@ class Smoother:
         self.x_train = x_train.to(device)
         n = self.x_train.shape[0]
         self.n = n
-        with torch.no_grad(), eval_mode(model):
-            f0_train = flatten_output(model(self.x_train), n).to(dtype)
+        with eval_mode(model), ad_safe_attention():
+            # kernels and Jacobians are per example: the model must not couple its examples
+            check_batch_independence(model, self.x_train, "x_train")
+            f0_train = forward_checked(model, self.x_train, "x_train").to(dtype)
         self.n_out = o = f0_train.shape[1]
         self.y = _targets(y_train, n, o, loss).to(device=device, dtype=dtype)  # [n, O]
         self.sets = {TRAIN: self.x_train, **{k: v.to(device) for k, v in probes.items()}}
-        self.kind = type(optimizer).__name__
-        self.mode = _choose_mode(optimizer, mode)
+        self.kind = kind  # "sgd" or "adam" (Adam and AdamW)
         # A(x) = [S(x) | c(x)]: [m, O, nO + 1]; f~(x) = A(x) @ [vec(Y); 1]
         self.f0: dict[str, Tensor] = {}
         self.A: dict[str, Tensor] = {}
@@ -156,8 +186,8 @@ class Smoother:
             if name == TRAIN:
                 f0 = f0_train
             else:
-                with torch.no_grad(), eval_mode(model):
-                    f0 = flatten_output(model(x), x.shape[0]).to(dtype)
+                with eval_mode(model), ad_safe_attention():
+                    f0 = forward_checked(model, x, f"probe {name!r}").to(dtype)
             self.f0[name] = f0
             a = torch.zeros(x.shape[0], o, n * o + 1, dtype=dtype, device=device)
             a[:, :, -1] = f0
@@ -165,6 +195,8 @@ class Smoother:
         self._x_all = torch.cat(list(self.sets.values()))  # train first: batch rows = indices
         self._sizes = [x.shape[0] for x in self.sets.values()]
         self.theta0 = [p.detach().clone() for p in self.params]
+        self._seen = [p.detach().clone() for p in self.params]  # after the last step
+        self._opt_ids = _optimizer_param_ids(optimizer)
         self._buffers: dict[str, Tensor] | None = None  # function-space momentum
         self._D: Tensor | None = None  # weight space: theta - theta0 = D [vecY; 1]
         self._m: Tensor | None = None  # weight space: Adam first moment / SGD momentum
@@ -178,14 +210,10 @@ class Smoother:
     # ---- public API ------------------------------------------------------------------------
 
     def record(self, batch_indices: Sequence[int] | Tensor) -> None:
-        """Declare the training indices of the batch of the coming ``optimizer.step()``."""
-        idx = torch.as_tensor(batch_indices, dtype=torch.long).reshape(-1)
-        if idx.numel() == 0:
-            raise UsageError("the batch is empty")
-        if int(idx.min()) < 0 or int(idx.max()) >= self.n:
-            raise UsageError(f"batch indices must lie in [0, {self.n}), got "
-                             f"[{int(idx.min())}, {int(idx.max())}]")
-        self._batch = idx.to(self.x_train.device)
+        """Declare the training examples of the batch of the coming ``optimizer.step()``:
+        integer indices into ``x_train`` (a 1-D tensor, list or array; repeats allowed), or a
+        boolean mask of length ``n`` (its ``True`` positions)."""
+        self._batch = _batch_indices(batch_indices, self.n).to(self.x_train.device)
 
     def weights(self, name: str = TRAIN) -> Tensor:
         """Smoother weights: ``[m, n]`` for a single output, else ``[m, O, n O]``
@@ -238,9 +266,12 @@ class Smoother:
     def _pre_step(self, optimizer, args, kwargs) -> None:
         batch = getattr(self, "_batch", None)
         if batch is None:
-            raise RuntimeError("Smoother: call smoother.record(batch_indices) before every "
-                               "optimizer.step()")
+            raise UsageError("Smoother: call smoother.record(batch_indices) before every "
+                             "optimizer.step()")
         self._batch = None
+        self._check_unchanged()
+        if self.mode == "function":
+            _check_uniform_groups(optimizer)  # a schedule may have made the groups differ
         if self.check_gradient and self.step == 0:
             self._check_gradient(batch)
         resid = self._residual(batch)  # [|B|, O, nO+1]
@@ -257,16 +288,41 @@ class Smoother:
             self._function_update(pending)
         else:
             self._weight_update(pending)
+        for seen, p in zip(self._seen, self.params, strict=True):
+            seen.copy_(p.detach())
         self.step += 1
         for name, a in self.A.items():
             if not torch.isfinite(a).all():
-                raise FloatingPointError(
+                raise DivergedError(
                     f"Smoother: non-finite smoother weights for {name!r} at step {self.step} "
                     "(the training diverged: lower the learning rate)")
         if self.step % self.every == 0:
             self._log()
 
     # ---- shared pieces ---------------------------------------------------------------------
+
+    def _check_unchanged(self) -> None:
+        """Refuse to go on when anything but the optimizer's steps changed what is trained: the
+        smoother would silently drift from the network."""
+        trainable = [n for n, p in self.model.named_parameters() if p.requires_grad]
+        current = dict(self.model.named_parameters())
+        if (trainable != self._names or _optimizer_param_ids(self.optimizer) != self._opt_ids
+                or any(current[n] is not p for n, p in zip(self._names, self.params,
+                                                            strict=True))):
+            raise UsageError(
+                f"Smoother: the model's trainable parameters or the optimizer's param groups "
+                f"changed after step {self.step} (a replaced layer, add_param_group, "
+                "requires_grad toggled): the smoother follows the parameters it started with "
+                "only. Create a new Smoother (and optimizer) after changing the model")
+        _check_training_mode(self.model)
+        changed = [n for n, p, q in zip(self._names, self.params, self._seen, strict=True)
+                   if not torch.equal(p.detach(), q)]
+        if changed:
+            raise UsageError(
+                f"Smoother: parameters changed outside optimizer.step() after step {self.step} "
+                f"({', '.join(changed[:5])}{', ...' if len(changed) > 5 else ''}); the "
+                "smoother is exact only for changes made by the optimizer's steps. Make such "
+                "changes before creating the Smoother (telescope.Telescope tolerates them)")
 
     def _get(self, name: str) -> Tensor:
         if name not in self.A:
@@ -407,7 +463,7 @@ class Smoother:
             state = self.optimizer.state[p]
             g = grad[rows] * (-1.0 if grp.get("maximize", False) else 1.0)
             lr = grp["lr"]
-            if self.kind == "SGD":
+            if self.kind == "sgd":
                 wd, mu = grp["weight_decay"], grp["momentum"]
                 if wd:
                     g = g + wd * theta_prev[rows]
@@ -418,10 +474,11 @@ class Smoother:
                     g = g + mu * buf if grp["nesterov"] else buf
                 delta[rows] = -lr * g
                 continue
-            b1, b2 = grp["betas"]
+            b1, b2 = (float(b) for b in grp["betas"])
             wd, eps = grp["weight_decay"], grp["eps"]
             step = float(state["step"])
-            if self.kind == "AdamW":
+            if grp.get("decoupled_weight_decay", isinstance(self.optimizer,
+                                                            torch.optim.AdamW)):
                 delta[rows] -= lr * wd * theta_prev[rows]
             elif wd:
                 g = g + wd * theta_prev[rows]
@@ -447,37 +504,166 @@ def _param_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str
     if extra:
         raise UsageError(f"Smoother: the optimizer holds {len(extra)} parameters that are not "
                          "trainable parameters of the model")
-    if any(len(s) for s in optimizer.state.values()):
+    if any(len(st) for st in optimizer.state.values()):
         raise UsageError("Smoother: the optimizer already has state (momentum or moments from "
                          "earlier steps); attach the Smoother to a freshly created optimizer")
     return list(named.values())
 
 
-def _choose_mode(optimizer: torch.optim.Optimizer, mode: str) -> str:
-    kind = type(optimizer).__name__
-    if kind not in ("SGD", "Adam", "AdamW"):
-        raise UsageError(f"Smoother supports torch.optim.SGD, Adam and AdamW, got {kind}. "
-                        "(telescope.Telescope works with any optimizer.)")
-    if kind == "SGD":
-        keys = ("lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize")
-        first = optimizer.param_groups[0]
-        uniform = all(all(g.get(k) == first.get(k) for k in keys)
-                      for g in optimizer.param_groups)
+# Every option of the optimizers the smoother reproduces, with the values it reproduces (a
+# predicate). An optimizer's step reads exactly the keys of its ``defaults``; any other key of
+# a param group (a scheduler's ``initial_lr``, a user's ``name``) does not change the step.
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _anything(v) -> bool:
+    return True
+
+
+def _false(v) -> bool:
+    return not v
+
+
+_SGD_OPTIONS = {
+    "lr": _number, "momentum": _number, "dampening": _number, "weight_decay": _number,
+    "nesterov": _anything, "maximize": _anything, "foreach": _anything, "fused": _anything,
+    "differentiable": _false,
+}
+_ADAM_OPTIONS = {
+    "lr": _number, "eps": _number, "weight_decay": _number,
+    "betas": lambda v: len(v) == 2 and all(_number(float(b)) for b in v),
+    "amsgrad": _anything, "maximize": _anything, "foreach": _anything, "fused": _anything,
+    "capturable": _anything, "decoupled_weight_decay": _anything, "differentiable": _false,
+}
+_RULES = {torch.optim.SGD: ("sgd", _SGD_OPTIONS), torch.optim.Adam: ("adam", _ADAM_OPTIONS),
+          torch.optim.AdamW: ("adam", _ADAM_OPTIONS)}
+_SGD_UNIFORM = ("lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize")
+
+
+def _optimizer_rule(optimizer: torch.optim.Optimizer, mode: str) -> tuple[str, str]:
+    """``(kind, mode)`` for an optimizer the smoother reproduces exactly, from what it does:
+    its class (``torch.optim.SGD``, ``Adam`` or ``AdamW``, or a subclass that keeps their
+    ``step``) and every option of every param group, read against an allow-list; anything else
+    raises :class:`UnsupportedOptimizerError` naming the option. ``Adam(...,
+    decoupled_weight_decay=True)`` is AdamW (as in PyTorch >= 2.6), per param group."""
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise UsageError(f"optimizer must be a torch.optim.Optimizer, got "
+                         f"{type(optimizer).__name__}")
+    name = type(optimizer).__name__
+    base = next((cls for cls in type(optimizer).__mro__ if cls in _RULES), None)
+    if base is None or type(optimizer).step is not base.step:
+        what = (f"{name} overrides {base.__name__}.step" if base is not None else
+                f"{name} is not one of them")
+        raise UnsupportedOptimizerError(
+            f"Smoother reproduces the updates of torch.optim.SGD, Adam and AdamW exactly; "
+            f"{what}. (telescope.Telescope follows any optimizer.)")
+    kind, allowed = _RULES[base]
+    for key in optimizer.defaults:
+        if key not in allowed:
+            raise UnsupportedOptimizerError(
+                f"Smoother: {name} option {key!r} is not reproduced (known options: "
+                f"{', '.join(allowed)}); use telescope.Telescope, or a torch version whose "
+                f"{name} has no such option")
+    for i, group in enumerate(optimizer.param_groups):
+        for key, ok in allowed.items():
+            if key not in group:
+                continue
+            value = group[key]
+            if isinstance(value, Tensor):
+                raise UnsupportedOptimizerError(
+                    f"Smoother: param group {i} has a tensor {key} ({value!r}); pass a Python "
+                    f"number")
+            try:
+                good = ok(value)
+            except (TypeError, ValueError):
+                good = False
+            if not good:
+                raise UnsupportedOptimizerError(
+                    f"Smoother: {name} with {key}={value!r} (param group {i}) is not "
+                    f"reproduced; "
+                    + ("differentiable optimizers are not supported" if key == "differentiable"
+                       else f"{key} must be a finite number"))
+    if kind == "sgd":
+        uniform = _uniform_groups(optimizer)
         if mode == "auto":
-            return "function" if uniform else "weight"
+            return kind, "function" if uniform else "weight"
         if mode == "function" and not uniform:
             raise UsageError("Smoother(mode='function') needs the same SGD hyperparameters in "
                              "every param group; use mode='weight' (or 'auto')")
-        return mode
+        return kind, mode
     if mode == "function":
-        raise UsageError(f"Smoother(mode='function') supports SGD only; {kind} needs "
+        raise UsageError(f"Smoother(mode='function') supports SGD only; {name} needs "
                          "mode='weight' (the default 'auto' picks it)")
-    for g in optimizer.param_groups:
-        if g.get("amsgrad") is None or g.get("capturable") or g.get("differentiable"):
-            raise UsageError(f"Smoother: unsupported {kind} options in a param group")
-        if isinstance(g["lr"], Tensor):
-            raise UsageError("Smoother: a tensor learning rate is not supported")
-    return "weight"
+    return kind, "weight"
+
+
+def _uniform_groups(optimizer: torch.optim.Optimizer) -> bool:
+    first = optimizer.param_groups[0]
+    return all(all(g.get(k) == first.get(k) for k in _SGD_UNIFORM)
+               for g in optimizer.param_groups)
+
+
+def _check_uniform_groups(optimizer: torch.optim.Optimizer) -> None:
+    if not _uniform_groups(optimizer):
+        raise UsageError(
+            "Smoother: the SGD param groups no longer share their hyperparameters (a schedule "
+            "with one rule per group?), which the function-space recursion needs; create the "
+            "Smoother with mode='weight'")
+
+
+def _optimizer_param_ids(optimizer: torch.optim.Optimizer) -> list[int]:
+    return [id(p) for g in optimizer.param_groups for p in g["params"]]
+
+
+def _check_inputs(name: str, x: object) -> None:
+    if not isinstance(x, Tensor):
+        raise UsageError(f"{name} must be a tensor of shape [m, ...], got {type(x).__name__}")
+    if x.ndim == 0 or x.shape[0] == 0:
+        raise UsageError(f"{name} must be a tensor of shape [m, ...] with m >= 1, got "
+                         f"{tuple(x.shape)}")
+    if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+        raise UsageError(f"{name} contains NaN or infinite values")
+
+
+def _check_training_mode(model: nn.Module) -> None:
+    """The training step must be a deterministic function of each example."""
+    try:
+        check_model(model)
+    except UnsupportedModelError as err:
+        raise UnsupportedModelError(
+            f"Smoother: the model trains in a mode whose steps the smoother cannot reproduce: "
+            f"{err} (The smoother follows deterministic, per-example training steps: train "
+            "with the model in eval mode, or without such layers.)") from None
+
+
+def _batch_indices(batch: object, n: int) -> Tensor:
+    """Integer indices ``[B]`` from integer indices or a boolean mask of length ``n``."""
+    if isinstance(batch, Tensor):
+        idx = batch.detach()
+    else:
+        try:
+            idx = torch.as_tensor(batch)
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise UsageError(f"batch indices must be integers or a boolean mask, got "
+                             f"{type(batch).__name__} ({err})") from None
+    if idx.numel() == 0:
+        raise UsageError("the batch is empty")
+    if idx.dtype == torch.bool:
+        if idx.ndim != 1 or idx.shape[0] != n:
+            raise UsageError(f"a boolean batch mask must have length n = {n}, got shape "
+                             f"{tuple(idx.shape)}")
+        idx = idx.nonzero()[:, 0]
+    elif idx.is_floating_point() or idx.is_complex():
+        raise UsageError(f"batch indices must be integers (or a boolean mask of length {n}), "
+                         f"got {idx.dtype} values")
+    elif idx.ndim > 1:
+        raise UsageError(f"batch indices must be 1-D, got shape {tuple(idx.shape)}")
+    idx = idx.reshape(-1).long()
+    if int(idx.min()) < 0 or int(idx.max()) >= n:
+        raise UsageError(f"batch indices must lie in [0, {n}), got [{int(idx.min())}, "
+                         f"{int(idx.max())}]")
+    return idx
 
 
 def _targets(y: Tensor, n: int, o: int, loss: str) -> Tensor:

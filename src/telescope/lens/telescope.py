@@ -39,6 +39,7 @@ from telescope.kernels._functional import (
     UnsupportedModelError,
     batched_fn,
     check_model,
+    check_parameters,
     eval_mode,
     frozen_state,
 )
@@ -163,6 +164,7 @@ class Telescope:
             raise UsageError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
         with eval_mode(model):
             check_model(model)
+        check_parameters(model)
 
         self.model = model
         self.optimizer = optimizer
@@ -174,6 +176,7 @@ class Telescope:
         self._check_optimizer(named, optimizer, model)
         self._names = [n for n, _ in named]
         self._params = [p for _, p in named]
+        self._opt_ids = _optimizer_param_ids(optimizer)
         with torch.no_grad():
             self._theta0 = [p.detach().clone() for p in self._params]
             self._prev = [p.detach().clone() for p in self._params]  # theta_{t-1}
@@ -366,8 +369,30 @@ class Telescope:
     # the optimizer hooks
     # ------------------------------------------------------------------------------------------
 
+    def _check_structure(self) -> None:
+        """Refuse to go on when the trained parameters are no longer the ones the telescoping
+        model follows (a replaced layer, ``add_param_group``, ``requires_grad`` toggled): its
+        sums and ``actual`` would silently describe another network."""
+        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        same = ([n for n, _ in named] == self._names
+                and all(p is q for (_, p), q in zip(named, self._params, strict=True))
+                and _optimizer_param_ids(self.optimizer) == self._opt_ids)
+        if not same:
+            now, old = dict(named), dict(zip(self._names, self._params, strict=True))
+            added = sorted(set(now) - set(old))
+            gone = sorted(set(old) - set(now))
+            replaced = sorted(n for n in set(now) & set(old) if now[n] is not old[n])
+            detail = "; ".join(f"{what}: {', '.join(names[:5])}" for what, names in (
+                ("new", added), ("replaced", replaced), ("gone", gone)) if names)
+            raise UsageError(
+                f"Telescope: the model's trainable parameters or the optimizer's param groups "
+                f"changed after step {self._step}{f' ({detail})' if detail else ''}; the "
+                "telescoping model follows the parameters it was created with only. Create a "
+                "new Telescope (and optimizer) after changing the model")
+
     def _pre_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
         """Before the step: make sure ``self._prev`` holds theta_{t-1} (the current parameters)."""
+        self._check_structure()
         with torch.no_grad():
             changed = [n for n, p, q in zip(self._names, self._params, self._prev, strict=True)
                        if not torch.equal(p, q)]
@@ -513,6 +538,7 @@ class Telescope:
         :math:`f_0(x) + \nabla_\theta f_{\theta_0}(x)^\top (\theta_T - \theta_0)`, at the current
         parameters (one JVP, computed on demand)."""
         self._name(name)
+        self._check_structure()
         with self._evaluating():
             tangent = [p.detach() - p0 for p, p0 in zip(self._params, self._theta0, strict=True)]
             return self._shaped(name, self._linearized(tangent, [name])[name])
@@ -521,6 +547,7 @@ class Telescope:
         """The actual network :math:`f_T(x)` on probe set ``name`` (a forward pass in eval
         mode at the current parameters)."""
         self._name(name)
+        self._check_structure()
         with self._evaluating():
             return self._shaped(name, self._forward(name, [p.detach() for p in self._params]))
 
@@ -550,6 +577,10 @@ class Telescope:
         state = "closed" if self._closed else "open"
         return (f"Telescope(step={self._step}, probes={{{sizes}}}, every={self.every}, "
                 f"params={sum(p.numel() for p in self._params):,}, {state})")
+
+
+def _optimizer_param_ids(optimizer: torch.optim.Optimizer) -> list[int]:
+    return [id(p) for group in optimizer.param_groups for p in group["params"]]
 
 
 def _accumulation_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
