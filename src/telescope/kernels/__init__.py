@@ -1,5 +1,5 @@
-"""Kernels: empirical NTK (jacobian / vector / structured), low-rank NTK, infinite-width kernels,
-kernel regression and kernel metrics."""
+"""Kernels: empirical NTK (jacobian / vector / structured), its per-layer plan and rules,
+low-rank NTK, infinite-width kernels, kernel regression and kernel metrics."""
 
 from telescope.kernels.empirical import ntk
 from telescope.kernels.infinite import infinite_ntk
@@ -12,9 +12,15 @@ from telescope.kernels.metrics import (
     spectrum,
 )
 from telescope.kernels.regression import kernel_regression
+from telescope.kernels.rules import AffineRule, LinearRule, register_rule
+from telescope.kernels.structured import explain
 
 __all__ = [
     "ntk",
+    "explain",
+    "register_rule",
+    "LinearRule",
+    "AffineRule",
     "lowrank_ntk",
     "infinite_ntk",
     "kernel_regression",

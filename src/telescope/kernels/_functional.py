@@ -8,14 +8,19 @@ buffers and train/eval mode. Nothing in this module changes the model.
 from __future__ import annotations
 
 import contextlib
+import difflib
+import fnmatch
 import math
 import numbers
+import warnings
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
+import torch.utils._pytree as pytree
 from torch import Tensor, nn
-from torch.func import functional_call
+from torch.func import functional_call, vmap
 
 from telescope.errors import TelescopeError, UnsupportedModelError, UsageError
 
@@ -72,12 +77,25 @@ def frozen_state(model: nn.Module) -> dict[str, Tensor]:
     return state
 
 
+def unwrap_output(out: Any) -> Any:
+    """The logits of a mapping with a ``"logits"`` tensor (a Hugging Face ``ModelOutput``);
+    anything else as it is."""
+    if isinstance(out, Mapping) and isinstance(out.get("logits"), Tensor):
+        return out["logits"]
+    return out
+
+
 def flatten_output(out: Tensor, batch: int) -> Tensor:
-    """Shape a model output ``[N]`` or ``[N, ...]`` into ``[N, O]`` (trailing dims flattened)."""
+    """Shape a model output ``[N]`` or ``[N, ...]`` into ``[N, O]`` (trailing dims flattened).
+
+    A mapping with a ``"logits"`` entry (the ``ModelOutput`` of Hugging Face models) stands for
+    its logits (:func:`unwrap_output`)."""
+    out = unwrap_output(out)
     if not isinstance(out, Tensor):
         raise UsageError(
-            f"the model must return a Tensor of shape [N] or [N, O], got {type(out).__name__}"
-        )
+            f"the model must return a Tensor of shape [N] or [N, O] (or a ModelOutput with "
+            f"logits), got {type(out).__name__}: wrap it in a module whose forward returns the "
+            "tensor the kernel is of")
     if out.ndim == 0 or out.shape[0] != batch:
         raise UsageError(
             f"the model returned shape {tuple(out.shape)} for a batch of {batch}; "
@@ -199,6 +217,21 @@ def forward_checked(model: nn.Module, x: Tensor, name: str = "x1") -> Tensor:
             "per-example shape and dtype the model's forward takes") from err
 
 
+def at_least_two(x: Tensor) -> Tensor:
+    """``x`` with at least two examples: a single one gets a second made from it (noise for
+    float inputs, its values rolled for integer inputs), so that shapes that depend on the
+    batch size and couplings between examples can show."""
+    if x.shape[0] > 1:
+        return x
+    if x.is_floating_point():
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        noise = torch.randn(x.shape, generator=gen, dtype=x.dtype).to(x.device)
+        other = x + noise * (x.abs().mean() + 1)
+    else:
+        other = x.reshape(1, -1).roll(1, dims=1).reshape(x.shape)
+    return torch.cat([x, other])
+
+
 def check_batch_independence(model: nn.Module, x: Tensor, name: str = "x1") -> None:
     """Raise :class:`UnsupportedModelError` when the model's output for an example depends on
     the other examples of its batch (``h - h.mean(0)``, batch statistics, attention over the
@@ -206,26 +239,24 @@ def check_batch_independence(model: nn.Module, x: Tensor, name: str = "x1") -> N
     it would silently give something else (e.g. all zeros).
 
     Compares one batched forward over up to four examples of ``x`` with the same examples one
-    at a time; with a single example, a second one is made from it (noise for float inputs, its
-    values rolled for integer inputs). The result is cached per model structure
+    at a time (a single example gets a second, :func:`at_least_two`), and two batched forward
+    passes (a random model differs between them). The result is cached per model structure
     (:func:`model_signature`), so the check costs a few small forward passes once.
     """
     key = model_signature(model, x)
     if _INDEPENDENCE.get(model) == key:
         return
-    xs = x[:4]
-    if xs.shape[0] == 1:
-        if x.is_floating_point():
-            gen = torch.Generator(device="cpu").manual_seed(0)
-            noise = torch.randn(x[:1].shape, generator=gen, dtype=x.dtype).to(x.device)
-            other = x[:1] + noise * (x[:1].abs().mean() + 1)
-        else:
-            other = x[:1].reshape(1, -1).roll(1, dims=1).reshape(x[:1].shape)
-        xs = torch.cat([x[:1], other])
+    xs = at_least_two(x[:4])
     batched = forward_checked(model, xs, name)
     single = torch.cat([forward_checked(model, xs[i:i + 1], name) for i in range(xs.shape[0])])
     low = batched.dtype in (torch.float16, torch.bfloat16)
     tol = 1e-2 if low else 1e-4
+    again = forward_checked(model, xs, name)
+    if not torch.equal(batched, again):
+        raise UnsupportedModelError(
+            "the model gives different outputs for the same inputs (a random operation such "
+            "as F.dropout in train mode?), so its tangent kernel is undefined: call "
+            "model.eval() first, or make the operation respect self.training")
     diff = float((batched - single).abs().max())
     scale = float(single.abs().max())
     if not diff <= tol * scale + tol * 1e-3:
@@ -245,7 +276,7 @@ def checked_call(model: nn.Module, x1: Tensor, x2: Tensor | None = None
     (:func:`check_model`), its parameters (:func:`check_parameters`), the inputs
     (:func:`check_inputs`), a forward pass on them that the model accepts, and that examples do
     not interact (:func:`check_batch_independence`). Returns the inputs on the model's
-    device. Must run with the attention backend the kernel uses (``ad_safe_attention``)."""
+    device. Must run with the attention backend the kernel uses (:func:`ad_safe_backends`)."""
     check_model(model)
     check_parameters(model)
     check_inputs(x1, x2)
@@ -257,6 +288,131 @@ def checked_call(model: nn.Module, x1: Tensor, x2: Tensor | None = None
     if x2 is not None:
         forward_checked(model, x2[:1], "x2")
     return x1, x2
+
+
+_NO_VMAP: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def map_or_loop(fn: Callable, in_dims: tuple, *args: Any, owner: object, what: str) -> Any:
+    """``vmap(fn, in_dims)(*args)``; when ``fn`` cannot run under ``torch.func.vmap``
+    (data-dependent control flow such as ``pad_token_id in input_ids``, ``.item()``, ops without
+    a batching rule, RNN hidden states), the same one slice at a time (exact, slower), with one
+    warning naming the cause. Which ``(owner, what)`` pairs fail is remembered, so later calls
+    go straight to the loop. A random operation (``F.dropout`` in train mode) raises
+    :class:`UnsupportedModelError`: a random network has no tangent kernel.
+
+    ``in_dims`` holds 0 (mapped over the leading axis) or ``None`` per argument; the outputs
+    (any pytree of tensors) are stacked along a new leading axis."""
+    failed = _NO_VMAP.setdefault(owner, set()) if _weakrefable(owner) else set()
+    if what not in failed:
+        try:
+            return vmap(fn, in_dims=in_dims)(*args)
+        except (RuntimeError, NotImplementedError) as err:
+            if "randomness" in str(err):
+                raise UnsupportedModelError(
+                    "the model calls a random operation (e.g. F.dropout in train mode), so its "
+                    "tangent kernel is undefined: call model.eval() first (or make the "
+                    "operation respect self.training)") from None
+            failed.add(what)
+            cause = (str(err).strip().splitlines() or [""])[0][:200]
+            warnings.warn(
+                f"{what} cannot run under torch.func.vmap ({type(err).__name__}: {cause}); "
+                "computing it one slice at a time instead (exact, slower)", RuntimeWarning,
+                stacklevel=3)
+    size = next(a.shape[0] for a, d in zip(args, in_dims, strict=True) if d is not None)
+    outs = [fn(*(a[i] if d is not None else a for a, d in zip(args, in_dims, strict=True)))
+            for i in range(size)]
+    return pytree.tree_map(lambda *xs: torch.stack(xs), *outs)
+
+
+def _weakrefable(obj: object) -> bool:
+    try:
+        weakref.ref(obj)
+    except TypeError:
+        return False
+    return True
+
+
+ParamSpec = str | Sequence[str] | Callable[[str, Tensor], bool] | None
+"""Which parameters a kernel is of: ``None`` (every trainable parameter), a parameter name or
+glob pattern (``"*.bias"``, ``"transformer.h.3.*"``), a sequence of them, or a predicate
+``(name, parameter) -> bool``. Only trainable parameters (``requires_grad=True``) count."""
+
+
+def select_params(model: nn.Module, params: ParamSpec) -> list[str] | None:
+    """The names of the trainable parameters ``params`` selects (``None``: all of them), in
+    ``named_parameters`` order; a clear error when it selects nothing or names a parameter the
+    model does not have."""
+    if params is None:
+        return None
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    names = [n for n, _ in trainable]
+    if callable(params) and not isinstance(params, str):
+        chosen = [n for n, p in trainable if params(n, p)]
+    else:
+        patterns = [params] if isinstance(params, str) else list(params)
+        if not patterns or not all(isinstance(q, str) for q in patterns):
+            raise UsageError(f"params must be parameter names, glob patterns or a predicate "
+                             f"(name, param) -> bool, got {params!r}")
+        for q in patterns:
+            if not any(ch in q for ch in "*?[") and q not in names:
+                close = difflib.get_close_matches(q, names, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise UsageError(f"params: the model has no trainable parameter {q!r}{hint}")
+        chosen = [n for n in names if any(fnmatch.fnmatchcase(n, q) for q in patterns)]
+    if not chosen:
+        shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
+        raise UsageError(f"params={params!r} selects no trainable parameter; the model's are: "
+                         f"{shown}")
+    return chosen
+
+
+@contextlib.contextmanager
+def only_params(model: nn.Module, names: list[str] | None) -> Iterator[None]:
+    """Treat every trainable parameter not in ``names`` as frozen (``requires_grad=False``)
+    while inside, then restore each flag (``names=None``: no change)."""
+    if names is None:
+        yield
+        return
+    keep = set(names)
+    frozen = [p for n, p in model.named_parameters() if p.requires_grad and n not in keep]
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+
+
+@contextlib.contextmanager
+def ad_safe_backends(model: nn.Module | None = None) -> Iterator[None]:
+    """Backends whose kernels support every autodiff transform (same numbers, maybe slower):
+
+    - the math backend of ``F.scaled_dot_product_attention`` (the fused CPU kernels have no
+      forward-mode derivative);
+    - ``nn.MultiheadAttention`` / ``nn.TransformerEncoderLayer`` without their inference fast
+      path (``_transformer_encoder_layer_fwd`` and ``_native_multi_head_attention`` have no
+      forward-mode derivative either);
+    - for models with RNN modules, the native RNN kernels instead of oneDNN's
+      (``mkldnn_rnn_layer`` has no forward-mode derivative); oneDNN stays on for everything
+      else, convolutions included.
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    has_rnn = isinstance(model, nn.Module) and any(isinstance(m, nn.RNNBase)
+                                                   for m in model.modules())
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    onednn = torch._C._get_mkldnn_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    if has_rnn:
+        torch._C._set_mkldnn_enabled(False)
+    try:
+        with sdpa_kernel(SDPBackend.MATH):
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+        torch._C._set_mkldnn_enabled(onednn)
 
 
 @contextlib.contextmanager

@@ -69,14 +69,17 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.graph import saved_tensors_hooks
 from torch.func import jvp, vjp, vmap
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from telescope.errors import UsageError
 from telescope.kernels._functional import (
+    ParamSpec,
+    ad_safe_backends,
     batched_fn,
     checked_call,
     frozen_state,
+    only_params,
     parse_memory,
+    select_params,
     trainable_params,
 )
 
@@ -132,6 +135,7 @@ class _NTKOperator:
         max_memory_gb: float | None,
         n_columns: int,
     ) -> None:
+        self.model = model
         self.f = batched_fn(model, frozen_state(model))
         self.params = trainable_params(model)
         self.x = x
@@ -190,7 +194,7 @@ class _NTKOperator:
     def matmul(self, omega: Tensor) -> Tensor:
         """``K @ omega`` with ``omega`` of shape ``[M, k]`` (``M = N*O`` full, ``N`` trace)."""
         n, n_out, k = self.n, self.n_out, omega.shape[1]
-        with sdpa_kernel(SDPBackend.MATH):
+        with ad_safe_backends(self.model):
             if self.output == "full":
                 cots = omega.T.reshape(k, n, n_out)
                 out = torch.cat(
@@ -224,6 +228,7 @@ def lowrank_ntk(
     seed: int = 0,
     block_size: int | None = None,
     max_memory_gb: float | None = None,
+    params: ParamSpec = None,
 ) -> tuple[Tensor, Tensor]:
     r"""Top-``rank`` eigenpairs of the empirical NTK on ``x``, without ever forming the kernel.
 
@@ -267,6 +272,9 @@ def lowrank_ntk(
         budget and the activations autograd saves for one example.
     max_memory_gb : float, optional
         Memory budget used to choose the column chunk and the block size (default 2 GiB).
+    params : optional
+        The kernel of a subset of the parameters (names, glob patterns or a predicate), as in
+        :func:`telescope.ntk`.
 
     Returns
     -------
@@ -278,7 +286,7 @@ def lowrank_ntk(
 
     Raises
     ------
-    ValueError
+    UsageError
         For a bad ``rank``, ``output``, ``oversample``, ``n_iter`` or ``block_size``.
     UnsupportedModelError
         For models whose per-example kernel is undefined (BatchNorm or dropout in train mode).
@@ -289,7 +297,17 @@ def lowrank_ntk(
     2021. N. Halko, P.-G. Martinsson, J. A. Tropp, "Finding structure with randomness", SIAM
     Review 53(2), 2011.
     """
-    with sdpa_kernel(SDPBackend.MATH):
+    if not isinstance(model, nn.Module):
+        raise UsageError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    with only_params(model, select_params(model, params)):
+        return _lowrank_ntk(model, x, rank, oversample=oversample, n_iter=n_iter, output=output,
+                            seed=seed, block_size=block_size, max_memory_gb=max_memory_gb)
+
+
+def _lowrank_ntk(model: nn.Module, x: Tensor, rank: int, *, oversample: int, n_iter: int,
+                 output: str, seed: int, block_size: int | None,
+                 max_memory_gb: float | None) -> tuple[Tensor, Tensor]:
+    with ad_safe_backends(model):
         x, _ = checked_call(model, x)
     if output not in _OUTPUTS:
         raise UsageError(f"output must be one of {_OUTPUTS}, got {output!r}")
@@ -304,7 +322,7 @@ def lowrank_ntk(
     dtype, device = first.dtype, first.device
     x = x.detach().to(device)
     n = x.shape[0]
-    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+    with torch.no_grad(), ad_safe_backends(model):
         n_out = batched_fn(model, frozen_state(model))(params, x[:1]).shape[1]
     m = n * n_out if output == "full" else n
     if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= m:

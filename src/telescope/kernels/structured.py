@@ -37,25 +37,15 @@ from __future__ import annotations
 
 import warnings
 import weakref
-from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
+import torch.utils._pytree as pytree
 from torch import Tensor, nn
-from torch.func import functional_call, vjp, vmap
+from torch.func import functional_call, vjp
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from telescope.kernels._functional import (
-    batched_fn,
-    check_batch_independence,
-    flatten_output,
-    frozen_state,
-    model_dtype_device,
-    model_signature,
-    single_fn,
-    trainable_params,
-)
-from telescope.kernels.empirical import (
+from telescope.errors import UsageError
+from telescope.kernels._blocks import (
     GOOD_BLOCK_PAIRS,
     SLOW_BLOCK_PAIRS,
     block_pairs,
@@ -63,219 +53,30 @@ from telescope.kernels.empirical import (
     per_example_jacobian,
     warn_small_blocks,
 )
-
-# --------------------------------------------------------------------------------------------
-# Factors: what a rule extracts from one block of examples
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class TokenFactor:
-    """``Theta[o,o'] = sum_{s,s'} k(s, s') <d[:,s,o], d'[:,s',o']>`` for a linear-like layer.
-
-    ``a [B, S, q]`` gives ``k = <a_s, a'_s'>`` (dense); ``idx [B, S]`` gives
-    ``k = [idx_s == idx'_s']`` (gather, ``q`` = vocabulary size, ``idx < 0`` = no gradient).
-    ``d`` is ``[B, S, O, p]`` (contiguous; the layout every contraction below reads).
-    ``to_params`` maps per-example gradients ``G [B, O, p, q]`` to the layer's parameters
-    (each ``[B, O, *shape]``); ``from_params`` maps parameter-shaped tensors (a dict by name)
-    to the layer's ``[p, q]`` matrix (dense) or ``[q, p]`` table (gather).
-    """
-
-    d: Tensor
-    a: Tensor | None
-    idx: Tensor | None
-    q: int
-    to_params: Callable[[Tensor], dict[str, Tensor]]
-    from_params: Callable[[dict[str, Tensor]], Tensor]
-
-    @classmethod
-    def create(cls, d: Tensor, a: Tensor | None, idx: Tensor | None, q: int,
-               to_params: Callable, from_params: Callable) -> TokenFactor:
-        """From ``d [O, B, S, p]`` (as the backward pass gives it), dropping the tokens whose
-        delta is zero for every output, example and unit (e.g. all but the last token above
-        the last attention layer of a last-token readout)."""
-        if d.shape[2] > 1:
-            keep = d.any(dim=3).any(dim=1).any(dim=0)
-            if not bool(keep.all()):
-                keep[0] = keep[0] | ~keep.any()
-                d = d[:, :, keep]
-                a = None if a is None else a[:, keep]
-                idx = None if idx is None else idx[:, keep]
-        return cls(d.permute(1, 2, 0, 3).contiguous(), a, idx, q, to_params, from_params)
-
-    def select(self, rows: slice) -> TokenFactor:
-        return TokenFactor(self.d[rows], None if self.a is None else self.a[rows],
-                           None if self.idx is None else self.idx[rows], self.q, self.to_params,
-                           self.from_params)
-
-    def dot(self, theta: dict[str, Tensor]) -> Tensor:
-        """``<d f_o(x_b) / d theta_layer, theta>`` for every example and output: ``[B, O]``."""
-        m = self.from_params(theta)
-        if self.a is not None:
-            y = self.a @ m.T  # [B, S, p]
-        else:
-            y = m[self.idx.clamp(min=0)] * (self.idx >= 0).unsqueeze(-1)
-        return torch.einsum("bsop,bsp->bo", self.d, y)
-
-    def grads(self) -> Tensor:
-        """Per-example gradients ``G [B, O, p, q]`` (``sum_s d_s a_s^T``)."""
-        if self.a is not None:
-            return torch.einsum("bsop,bsq->bopq", self.d, self.a)
-        b, s, o, p = self.d.shape
-        g = self.d.new_zeros(b, o, p, self.q)
-        index = self.idx.clamp(min=0).view(b, 1, 1, s).expand(b, o, p, s)
-        valid = (self.idx >= 0).view(b, s, 1, 1)
-        g.scatter_add_(3, index, (self.d * valid).permute(0, 2, 3, 1))
-        return g
-
-
-@dataclass
-class GradFactor:
-    """Per-example gradients ``g [B, O, P]`` of some parameters (LayerNorm affine, fallback)."""
-
-    g: Tensor
-    to_params: Callable[[Tensor], dict[str, Tensor]]
-    names: list[str]
-
-    def select(self, rows: slice) -> GradFactor:
-        return GradFactor(self.g[rows], self.to_params, self.names)
-
-    def dot(self, theta: dict[str, Tensor]) -> Tensor:
-        return self.g @ torch.cat([theta[n].reshape(-1) for n in self.names])
-
-
-# --------------------------------------------------------------------------------------------
-# Rules: module -> factor, from the captured inputs and output deltas of every call
-# --------------------------------------------------------------------------------------------
-
-
-def _dense_factor(prefix: str, a: Tensor, d: Tensor, weight: Tensor, bias: Tensor | None,
-                  weight_scale: float = 1.0, bias_scale: float = 1.0) -> TokenFactor:
-    """Factor of ``y_s = weight_scale * W a_s + bias_scale * b`` with ``W`` viewed as ``[p, q]``.
-
-    ``a`` is ``[B, S, q]`` and ``d`` is ``[O, B, S, p]``; a constant column ``bias_scale`` is
-    appended to ``a`` for the bias, so the bias gradient is the last column of ``sum_s d_s a_s^T``.
-    """
-    has_w = weight.requires_grad
-    has_b = bias is not None and bias.requires_grad
-    n_in = a.shape[-1]
-    cols = [a * weight_scale] if has_w else []
-    if has_b:
-        cols.append(torch.full_like(a[..., :1], bias_scale))
-    a_aug = torch.cat(cols, dim=-1)
-    w_shape = tuple(weight.shape)
-
-    def to_params(g: Tensor) -> dict[str, Tensor]:
-        o, b = g.shape[:2]
-        out = {}
-        if has_w:
-            out[f"{prefix}weight"] = g[..., :n_in].reshape(o, b, *w_shape)
-        if has_b:
-            out[f"{prefix}bias"] = g[..., -1]
-        return out
-
-    def from_params(theta: dict[str, Tensor]) -> Tensor:
-        cols = [theta[f"{prefix}weight"].reshape(weight.shape[0], -1)] if has_w else []
-        if has_b:
-            cols.append(theta[f"{prefix}bias"].reshape(-1, 1))
-        return torch.cat(cols, dim=1)
-
-    return TokenFactor.create(d, a_aug, None, a_aug.shape[-1], to_params, from_params)
-
-
-def _tokens(ts: list[Tensor], width: int, lead: int = 1) -> Tensor:
-    """Concatenate the calls' tensors as ``[..., tokens, width]`` (``lead`` leading dims kept)."""
-    parts = [t.reshape(*t.shape[:lead], -1, width) for t in ts]
-    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=lead)
-
-
-def _linear_rule(module: nn.Module, prefix: str, inputs: list[Tensor],
-                 deltas: list[Tensor]) -> list:
-    w = module.weight
-    a, d = _tokens(inputs, w.shape[1]), _tokens(deltas, w.shape[0], lead=2)
-    if isinstance(module, nn.Linear):
-        return [_dense_factor(prefix, a, d, w, module.bias)]
-    # NTKLinear: y = (weight_std / sqrt(n_in)) W a + bias_std b
-    return [_dense_factor(prefix, a, d, w, module.bias, module.weight_scale, module.bias_std)]
-
-
-def _embedding_rule(module: nn.Embedding, prefix: str, inputs, deltas) -> list:
-    idx = torch.cat([x.reshape(x.shape[0], -1) for x in inputs], dim=1).long()
-    if module.padding_idx is not None:  # the padding row receives no gradient
-        idx = idx.masked_fill(idx == module.padding_idx, -1)
-    d = _tokens(deltas, module.embedding_dim, lead=2)
-    name = f"{prefix}weight"
-    return [TokenFactor.create(d, None, idx, module.num_embeddings,
-                               lambda g: {name: g.transpose(2, 3)}, lambda t: t[name])]
-
-
-def _conv_rule(module: nn.Module, prefix: str, inputs, deltas) -> list:
-    """A convolution is a linear layer on its input patches (tokens = output positions)."""
-    two_d = isinstance(module, nn.Conv2d)
-    pads = module._reversed_padding_repeated_twice
-    mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
-    patches = []
-    for x in inputs:
-        x = F.pad(x, pads, mode=mode) if any(pads) else x
-        if two_d:
-            ks, dil, st = module.kernel_size, module.dilation, module.stride
-        else:
-            x = x.unsqueeze(2)
-            ks, dil, st = (1, *module.kernel_size), (1, *module.dilation), (1, *module.stride)
-        patches.append(F.unfold(x, ks, dilation=dil, stride=st).transpose(1, 2))  # [B, L, C*k]
-    c_out = module.out_channels
-    d = torch.cat([dl.reshape(*dl.shape[:2], c_out, -1).transpose(2, 3) for dl in deltas], dim=2)
-    return [_dense_factor(prefix, torch.cat(patches, dim=1), d, module.weight, module.bias)]
-
-
-def _norm_rule(module: nn.Module, prefix: str, inputs, deltas) -> list:
-    shape = tuple(module.normalized_shape)
-    if isinstance(module, nn.LayerNorm):
-        xhat = [F.layer_norm(x, shape, None, None, module.eps) for x in inputs]
-    else:
-        xhat = [F.rms_norm(x, shape, None, module.eps) for x in inputs]
-    grads, names = [], []
-    w, b = module.weight, getattr(module, "bias", None)
-    # sum over every leading (token) dimension: [O, B, *shape]
-    def tok_sum(t: Tensor) -> Tensor:
-        return t.reshape(t.shape[0], t.shape[1], -1, *shape).sum(2)
-
-    if w is not None and w.requires_grad:
-        gw = sum(tok_sum(dl * xh.unsqueeze(0)) for dl, xh in zip(deltas, xhat, strict=True))
-        grads.append(gw.flatten(2))
-        names.append(f"{prefix}weight")
-    if b is not None and b.requires_grad:
-        grads.append(sum(tok_sum(dl) for dl in deltas).flatten(2))
-        names.append(f"{prefix}bias")
-    g = torch.cat(grads, dim=2).transpose(0, 1)  # [B, O, P]
-    numel = [int(torch.Size(shape).numel())] * len(names)
-
-    def to_params(gr: Tensor) -> dict[str, Tensor]:
-        return {n: c.reshape(*c.shape[:2], *shape)
-                for n, c in zip(names, gr.split(numel, dim=2), strict=True)}
-
-    return [GradFactor(g, to_params, names)]
-
-
-def _rules() -> dict[type, Callable]:
-    from telescope.models.mlp import NTKLinear
-
-    rules = {nn.Linear: _linear_rule, NTKLinear: _linear_rule, nn.Embedding: _embedding_rule,
-             nn.Conv1d: _conv_rule, nn.Conv2d: _conv_rule, nn.LayerNorm: _norm_rule}
-    if hasattr(nn, "RMSNorm"):
-        rules[nn.RMSNorm] = _norm_rule
-    return rules
-
-
-def _has_rule(module: nn.Module, rules: dict) -> bool:
-    rule_type = type(module)
-    if rule_type not in rules:
-        return False
-    if isinstance(module, nn.Conv1d | nn.Conv2d) and module.groups != 1:
-        return False
-    # parametrized modules (torch.nn.utils.parametrize) compute their weight on the fly
-    return not hasattr(module, "parametrizations")
-
+from telescope.kernels._functional import (
+    ad_safe_backends,
+    at_least_two,
+    batched_fn,
+    check_batch_independence,
+    check_model,
+    checked_call,
+    flatten_output,
+    frozen_state,
+    map_or_loop,
+    model_dtype_device,
+    model_signature,
+    parse_memory,
+    single_fn,
+    trainable_params,
+)
+from telescope.kernels.rules import (
+    GradFactor,
+    Rule,
+    RuleMismatch,
+    TokenFactor,
+    rule_for,
+    rules_version,
+)
 
 # --------------------------------------------------------------------------------------------
 # The structured engine
@@ -283,41 +84,62 @@ def _has_rule(module: nn.Module, rules: dict) -> bool:
 
 
 class _Engine:
-    def __init__(self, model: nn.Module, x_probe: Tensor, excluded: set[str] = frozenset()):
+    """The plan of a structured kernel: which modules use which rule, which parameters fall
+    back to per-example Jacobians and why (``reasons``), and the output shapes of every call."""
+
+    def __init__(self, model: nn.Module, x_probe: Tensor,
+                 excluded: dict[str, str] | None = None):
+        excluded = excluded or {}
         self.model = model
         self.dtype, _ = model_dtype_device(model)
-        self.rules = _rules()
         self.params = trainable_params(model)
         self.frozen = frozen_state(model)
+        self.rules: dict[str, tuple[Rule, str]] = {}  # module name -> (rule, rule name)
+        self.reasons: dict[str, str] = {}  # fallback parameter -> why it has no rule
         owners: dict[int, list[str]] = {}
         for mname, module in model.named_modules(remove_duplicate=False):
             for pname, p in module._parameters.items():
                 if p is not None:
                     owners.setdefault(id(p), []).append(f"{mname}.{pname}" if mname else pname)
-        shared = {i for i, names in owners.items() if len(names) > 1}
         self.modules: list[tuple[str, nn.Module]] = []
-        covered: set[str] = set()
         for mname, module in model.named_modules():
             own = [(n, p) for n, p in module._parameters.items() if p is not None]
-            if not own or mname in excluded or not _has_rule(module, self.rules):
-                continue
-            if any(id(p) in shared for _, p in own) or not any(p.requires_grad for _, p in own):
+            trainable = [n for n, p in own if p.requires_grad]
+            if not trainable:
                 continue
             prefix = f"{mname}." if mname else ""
+            rule, why = rule_for(module)
+            shared = [o for n, p in own for o in owners[id(p)] if o != prefix + n]
+            if mname in excluded:
+                why, rule = excluded[mname], None
+            elif rule is not None and shared:
+                why, rule = f"a parameter is shared with {', '.join(shared[:3])}", None
+            if rule is None:
+                self.reasons.update({prefix + n: why for n in trainable})
+                continue
             self.modules.append((mname, module))
-            covered.update(prefix + n for n, p in own if p.requires_grad)
+            self.rules[mname] = (rule, why)
+        covered = {(f"{m}." if m else "") + n for m, mod in self.modules
+                   for n, p in mod._parameters.items() if p is not None and p.requires_grad}
         self.fallback = [n for n in self.params if n not in covered]
+        for n in self.fallback:  # parameters not held by any module's _parameters
+            self.reasons.setdefault(n, "no module holds it directly")
         self._discover(x_probe)
 
     def _discover(self, x: Tensor) -> None:
         """One forward pass to find each rule module's call count and output shapes."""
         shapes: dict[str, list[torch.Size]] = {m: [] for m, _ in self.modules}
-        bad: set[str] = set()
+        bad: dict[str, str] = {}
         handles = []
         for mname, module in self.modules:
             def hook(mod, args, out, mname=mname):
-                if not args or not isinstance(out, Tensor) or out.shape[:1] != x.shape[:1]:
-                    bad.add(mname)
+                if not args or not isinstance(args[0], Tensor):
+                    bad[mname] = "called without a positional tensor input"
+                elif not isinstance(out, Tensor):
+                    bad[mname] = f"its output is a {type(out).__name__}, not a tensor"
+                elif out.shape[:1] != x.shape[:1]:
+                    bad[mname] = (f"called with a batch of {out.shape[0] if out.ndim else 0} "
+                                  f"for {x.shape[0]} examples (e.g. position ids [1, S])")
                 else:
                     shapes[mname].append(out.shape[1:])
             handles.append(module.register_forward_hook(hook))
@@ -327,20 +149,31 @@ class _Engine:
         finally:
             for h in handles:
                 h.remove()
-        # no batch dimension, keyword-only call, or never called: use the fallback instead
-        drop = bad | {m for m, s in shapes.items() if not s}
-        for mname, module in self.modules:
-            if mname in drop:
-                prefix = f"{mname}." if mname else ""
-                self.fallback += [prefix + n for n, p in module._parameters.items()
-                                  if p is not None and p.requires_grad]
-        self.modules = [(m, mod) for m, mod in self.modules if m not in drop]
+        bad.update({m: "never called in the forward pass" for m, s in shapes.items()
+                    if not s and m not in bad})
+        self._drop(bad)
         self.shapes = {m: shapes[m] for m, _ in self.modules}
+
+    def _drop(self, bad: dict[str, str]) -> None:
+        """Move the parameters of the modules in ``bad`` (name -> reason) to the fallback."""
+        for mname, module in self.modules:
+            if mname in bad:
+                prefix = f"{mname}." if mname else ""
+                names = [prefix + n for n, p in module._parameters.items()
+                         if p is not None and p.requires_grad]
+                self.fallback += names
+                self.reasons.update({n: bad[mname] for n in names})
+        self.modules = [(m, mod) for m, mod in self.modules if m not in bad]
+        self.rules = {m: r for m, r in self.rules.items() if m not in bad}
 
     # ---- factors for one block ---------------------------------------------------------------
 
-    def factors(self, x: Tensor, n_out: int, outputs: Tensor | None = None) -> list:
-        """Factors of every rule module (and the fallback) on ``x`` for the given outputs."""
+    def factors(self, x: Tensor, n_out: int, outputs: Tensor | None = None,
+                mismatches: dict[str, str] | None = None) -> list:
+        """Factors of every rule module (and the fallback) on ``x`` for the given outputs.
+
+        With ``mismatches``, a rule that does not fit its module is recorded there (module
+        name -> reason) instead of raising."""
         b = x.shape[0]
         zs = {m: [torch.zeros(b, *s, dtype=self.dtype, device=x.device) for s in shp]
               for m, shp in self.shapes.items()}
@@ -370,17 +203,23 @@ class _Engine:
             if outputs is not None:
                 basis = basis[outputs]
             basis = basis.unsqueeze(1).expand(basis.shape[0], b, n_out)
-            (deltas,) = vmap(vjp_fn)(basis)
+            (deltas,) = map_or_loop(vjp_fn, (0,), basis, owner=self.model,
+                                    what="the backward pass over the outputs")
             for mname, module in self.modules:
                 prefix = f"{mname}." if mname else ""
-                rule = self.rules[type(module)]
-                factors += rule(module, prefix, captured[mname], deltas[mname])
+                rule = self.rules[mname][0]
+                try:
+                    factors += rule(module, prefix, captured[mname], deltas[mname])
+                except RuleMismatch as err:
+                    if mismatches is None:
+                        raise
+                    mismatches[mname] = f"its {self.rules[mname][1]} rule does not fit: {err}"
         if self.fallback:
             fb = {n: self.params[n] for n in self.fallback}
             rest = {n: p for n, p in self.params.items() if n not in fb}
             f_all = single_fn(self.model, {**self.frozen, **rest})
             f_single = f_all if outputs is None else (lambda p, xi: f_all(p, xi)[outputs])
-            g = per_example_jacobian(f_single, fb, x)
+            g = per_example_jacobian(f_single, fb, x, owner=self.model)
             sizes = [fb[n].numel() for n in self.fallback]
             names, shapes = list(self.fallback), [fb[n].shape for n in self.fallback]
 
@@ -393,40 +232,68 @@ class _Engine:
 
     # ---- checking the rules against autograd -------------------------------------------------
 
-    def verify(self, x: Tensor, n_out: int) -> set[str]:
-        """Names of rule modules whose gradients disagree with autograd on ``x`` (2 examples)."""
+    def verify(self, x: Tensor, n_out: int) -> dict[str, str]:
+        """Rule modules whose gradients disagree with autograd on ``x`` (2 examples, a random
+        cotangent), or whose rule does not fit them: module name -> reason.
+
+        The tolerance follows the lowest floating-point precision the forward pass computes in
+        (a float64 model whose RMSNorm computes in float32, as Hugging Face's do, is checked at
+        float32 accuracy; a bfloat16 model at bfloat16's)."""
         x = x[:2]
         gen = torch.Generator(device="cpu").manual_seed(0)
         c = torch.randn(x.shape[0], n_out, generator=gen, dtype=self.dtype).to(x.device)
         f = batched_fn(self.model, self.frozen)
-        _, pull = vjp(lambda p: f(p, x), self.params)
+        with _FloatDtypes() as seen:
+            _, pull = vjp(lambda p: f(p, x), self.params)
         (true,) = pull(c)
         recon: dict[str, Tensor] = {}
+        bad: dict[str, str] = {}
         saved_fallback, self.fallback = self.fallback, []
         try:
-            factors = self.factors(x, n_out)
+            factors = self.factors(x, n_out, mismatches=bad)
         finally:
             self.fallback = saved_fallback
         for fac in factors:
             per = fac.to_params(fac.grads() if isinstance(fac, TokenFactor) else fac.g)
             for n, g in per.items():  # g: [B, O, *shape]
                 recon[n] = torch.einsum("bo,bo...->...", c, g)
-        tol = 1e-3 if self.dtype in (torch.float32, torch.float16, torch.bfloat16) else 1e-8
+        tol = max(_TOLERANCE.get(d, 1e-3) for d in seen.dtypes | {self.dtype})
         # compared per module (weight and bias together): a parameter whose exact gradient is 0
         # (e.g. an attention key bias) only carries round-off, judged against its module's scale
         total = sum(float(g.norm()) ** 2 for g in true.values()) ** 0.5
-        bad: set[str] = set()
         for mname, module in self.modules:
             prefix = f"{mname}." if mname else ""
             names = [prefix + p for p, t in module._parameters.items()
                      if t is not None and prefix + p in recon]
-            if not names:
+            if not names or mname in bad:
                 continue
             err = sum(float((recon[n] - true[n]).norm()) ** 2 for n in names) ** 0.5
             scale = sum(float(true[n].norm()) ** 2 for n in names) ** 0.5
             if err > tol * scale + tol * 1e-3 * total + 1e-30:
-                bad.add(mname)
+                bad[mname] = (f"its {self.rules[mname][1]} rule does not reproduce autograd's "
+                              f"gradient (relative error {err / max(scale, 1e-30):.1e}; a weight "
+                              "also used outside the module, or a forward that differs)")
         return bad
+
+
+_TOLERANCE = {torch.float64: 1e-8, torch.float32: 1e-3, torch.float16: 1e-2,
+              torch.bfloat16: 5e-2}
+"""Relative gradient tolerance of the rule check, by the lowest precision a forward uses."""
+
+
+class _FloatDtypes(TorchDispatchMode):
+    """Records the floating-point dtypes of every op's outputs while active."""
+
+    def __enter__(self):
+        self.dtypes: set[torch.dtype] = set()
+        return super().__enter__()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in pytree.tree_leaves(out):
+            if isinstance(t, Tensor) and t.is_floating_point():
+                self.dtypes.add(t.dtype)
+        return out
 
 
 def _block_kernel_fn(engine: _Engine, n_out: int, output: str, outputs: Tensor | None,
@@ -598,9 +465,14 @@ def _choose_blocks(engine: _Engine, n1: int, n2: int, n_out: int, output: str, b
 _PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _plan(model: nn.Module, probe: Tensor) -> tuple[_Engine, int]:
-    """The structured engine for ``model``, with every rule verified against autograd once."""
-    key = model_signature(model, probe)
+FALLBACK_WARN_SHARE = 0.25
+"""``ntk`` warns (once per model) when per-example Jacobians cover more of the parameters."""
+
+
+def _plan(model: nn.Module, probe: Tensor, *, warn: bool = True) -> tuple[_Engine, int]:
+    """The structured engine for ``model``, with every rule verified against autograd once
+    (cached per model structure, input shape and rule registry)."""
+    key = (model_signature(model, probe), rules_version())
     cached = _PLANS.get(model)
     if cached is not None and cached[0] == key:
         engine, n_out = cached[1], cached[2]
@@ -611,15 +483,97 @@ def _plan(model: nn.Module, probe: Tensor) -> tuple[_Engine, int]:
         n_out = batched_fn(model, engine.frozen)(engine.params, probe).shape[1]
     bad = engine.verify(probe, n_out)
     if bad:
-        warnings.warn(
-            f"structured NTK: the per-layer rule for {sorted(bad)} does not reproduce autograd's "
-            "gradient (its parameters are probably also used outside the module's forward, "
-            "e.g. tied weights); these parameters use per-example Jacobians instead.",
-            stacklevel=4,
-        )
+        if warn:
+            listed = "; ".join(f"{m or type(model).__name__}: {why}"
+                               for m, why in sorted(bad.items())[:4])
+            more = f"; and {len(bad) - 4} more" if len(bad) > 4 else ""
+            warnings.warn(
+                f"structured NTK: {len(bad)} module(s) use per-example Jacobians (exact, "
+                f"slower) because their rule failed the autograd check ({listed}{more}); "
+                "telescope.kernels.explain(model, x) shows the whole plan", stacklevel=4)
         engine = _Engine(model, probe, excluded=bad)
+    if warn:
+        _warn_fallback_share(engine, model)
     _PLANS[model] = (key, engine, n_out)
     return engine, n_out
+
+
+def _warn_fallback_share(engine: _Engine, model: nn.Module) -> None:
+    total = sum(p.numel() for p in engine.params.values())
+    fallback = sum(engine.params[n].numel() for n in engine.fallback)
+    if not total or fallback <= FALLBACK_WARN_SHARE * total:
+        return
+    modules = dict(model.named_modules())
+    kinds: dict[str, int] = {}
+    for name in engine.fallback:
+        owner = modules.get(name.rpartition(".")[0])
+        kind = type(owner).__name__ if owner is not None else "?"
+        kinds[kind] = kinds.get(kind, 0) + engine.params[name].numel()
+    top = ", ".join(f"{k} ({v / total:.0%})" for k, v in
+                    sorted(kinds.items(), key=lambda kv: -kv[1])[:4])
+    warnings.warn(
+        f"structured NTK: {fallback / total:.0%} of the parameters have no per-layer rule and "
+        f"use per-example Jacobians (exact, slower): {top}. telescope.kernels.explain(model, x) "
+        "says why for each; telescope.kernels.register_rule adds a rule for your own layer "
+        "types", stacklevel=5)
+
+
+def explain(model: nn.Module, x: Tensor, *, output: str = "trace"):  # -> pandas.DataFrame
+    """The structured plan of ``ntk(model, x)``: one row per trainable parameter.
+
+    Columns: ``parameter``, ``module``, ``module_type``, ``shape``, ``numel``,
+    ``share_of_params``, ``rule`` (``"linear"``, ``"linear (Conv1D)"``, ``"embedding"``,
+    ``"convolution"``, ``"affine (norm)"``, ... or ``"per-example Jacobian"``), ``reason`` (why a
+    parameter has no rule: no rule for its module type, shared with another module, a module
+    called with a different batch size, a rule that failed the autograd check, ...), and
+    ``cost_share``: the module's share of the estimated multiply-adds of the kernel's
+    contraction for the ``N x N`` kernel of ``x`` (for a rule module the cheaper of its token
+    Gram and per-example-gradient contractions, for per-example Jacobians their contraction,
+    ``O P``, plus building them, ``~3 O`` backward passes of the parameter's layer per example;
+    an estimate to compare modules, not a timing).
+    """
+    import pandas as pd
+
+
+    if output not in ("trace", "full", "diagonal"):
+        raise UsageError(f"output must be 'trace', 'full' or 'diagonal', got {output!r}")
+    with ad_safe_backends(model):
+        x, _ = checked_call(model, x)
+        engine, n_out = _plan(model, at_least_two(x[:2]), warn=False)
+    n = x.shape[0]
+    m = n_out * n_out if output == "full" else n_out
+    modules = dict(model.named_modules())
+    total = sum(p.numel() for p in engine.params.values())
+    rule_of = {}
+    cost: dict[str, float] = {}
+    for mname, module in engine.modules:
+        prefix = f"{mname}." if mname else ""
+        names = [prefix + k for k, p in module._parameters.items()
+                 if p is not None and p.requires_grad]
+        numel = sum(engine.params[k].numel() for k in names)
+        tokens = sum(int(torch.Size(shp[:-1]).numel()) if len(shp) > 1 else 1
+                     for shp in engine.shapes[mname])
+        width = engine.shapes[mname][0][-1] if engine.shapes[mname][0] else 1
+        per_pair = min(tokens * tokens * (numel / max(width, 1) + m * width), m * numel)
+        for k in names:
+            rule_of[k] = engine.rules[mname][1]
+            cost[k] = n * n * per_pair * engine.params[k].numel() / max(numel, 1)
+    for k in engine.fallback:
+        numel = engine.params[k].numel()
+        cost[k] = n * n * m * numel + 3 * n * n_out * 2 * numel
+    all_cost = sum(cost.values()) or 1.0
+    rows = []
+    for name, p in engine.params.items():
+        owner = name.rpartition(".")[0]
+        rows.append({
+            "parameter": name, "module": owner,
+            "module_type": type(modules.get(owner, model)).__name__,
+            "shape": tuple(p.shape), "numel": p.numel(), "share_of_params": p.numel() / total,
+            "rule": rule_of.get(name, "per-example Jacobian"),
+            "reason": engine.reasons.get(name, "") if name not in rule_of else "",
+            "cost_share": cost[name] / all_cost,
+        })
+    return pd.DataFrame(rows)
 
 
 def _slowness(n1: int, n2: int, n_out: int, chunk: int, block: int, keep_all: bool) -> int:
@@ -649,7 +603,8 @@ def _check_block_pairs(engine: _Engine, n1: int, n2: int, n_out: int, output: st
 def structured_ntk(model: nn.Module, x1: Tensor, x2: Tensor | None, *, output: str,
                    block_size: int | None, budget: int, progress: bool) -> Tensor:
     """The ``method="structured"`` path of :func:`telescope.ntk` (inputs already validated)."""
-    engine, n_out = _plan(model, x1[:2])
+    engine, n_out = _plan(model, at_least_two(x1[:2] if x1.shape[0] > 1 or x2 is None
+                                                 else torch.cat([x1, x2[:1]])))
     itemsize = torch.finfo(engine.dtype).bits // 8
     n1, n2 = x1.shape[0], 0 if x2 is None else x2.shape[0]
     chunk, block, keep_all = _choose_blocks(engine, n1, n2, n_out, output, budget, itemsize)
@@ -687,20 +642,19 @@ def ntk_to_subset(model: nn.Module, x: Tensor, idx: Tensor, *, output: str = "fu
     With ``tangent`` (parameter-shaped tensors by name) also returns the directional derivative
     ``J(x) tangent`` ``[N, O]``, read off the same factors (no extra forward-mode pass).
     """
-    from telescope.kernels._functional import check_model, parse_memory
-    from telescope.kernels.empirical import ad_safe_attention, ntk
-
     check_model(model)
-    with ad_safe_attention():
+    with ad_safe_backends(model):
         check_batch_independence(model, x)
-    engine, n_out = _plan(model, x[:2])
+    engine, n_out = _plan(model, at_least_two(x[:2]))
     per_output, inputs, _ = _sizes(engine)
     itemsize = torch.finfo(engine.dtype).bits // 8
     budget = parse_memory(max_memory_gb)
     if x.shape[0] * (n_out * per_output + inputs) * itemsize > budget // 2:
-        k = ntk(model, x, x[idx], output=output, max_memory_gb=max_memory_gb)
+        with ad_safe_backends(model):
+            k = structured_ntk(model, x, x[idx], output=output, block_size=None, budget=budget,
+                               progress=False)
         return k if tangent is None else (k, _jvp(model, x, tangent))
-    with ad_safe_attention():
+    with ad_safe_backends(model):
         factors = engine.factors(x, n_out)
     b1, b2 = x.shape[0], idx.numel()
     shape = {"trace": (b1, b2), "diagonal": (b1, b2, n_out),

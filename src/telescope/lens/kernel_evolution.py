@@ -21,6 +21,7 @@ import math
 from torch import Tensor, nn
 
 from telescope.kernels import effective_rank, kernel_distance, kernel_target_alignment, ntk
+from telescope.kernels._functional import ParamSpec, eval_mode
 
 __all__ = ["KernelEvolution"]
 
@@ -50,9 +51,12 @@ class KernelEvolution:
         or ``None`` (the alignment is then NaN). For ``output="full"``/``"diagonal"`` the
         kernel is used as the ``[N O, N O]`` matrix with rows ``(i, o)`` and ``y [N, O]`` is
         flattened to match.
-    output, method
-        Passed to :func:`telescope.ntk`. ``"full"`` and ``"diagonal"`` kernels are compared as
-        ``[N O, N O]`` matrices (``diagonal`` as its block form, zero for ``o != o'``).
+    output, method, params
+        Passed to :func:`telescope.ntk` (``params``: the kernel of a parameter subset).
+        ``"full"`` and ``"diagonal"`` kernels are compared as ``[N O, N O]`` matrices
+        (``diagonal`` as its block form, zero for ``o != o'``). Kernels are evaluated with the
+        model in eval mode (as :class:`telescope.Telescope` evaluates its probes), its own mode
+        restored after.
 
     Attributes
     ----------
@@ -63,11 +67,16 @@ class KernelEvolution:
     """
 
     def __init__(self, model: nn.Module, x: Tensor, y: Tensor | None = None, *,
-                 output: str = "trace", method: str = "auto") -> None:
+                 output: str = "trace", method: str = "auto", params: ParamSpec = None) -> None:
         self.model, self.x, self.y = model, x, y
-        self.output, self.method = output, method
-        self.kernel0 = ntk(model, x, output=output, method=method)
+        self.output, self.method, self.params = output, method, params
+        self.kernel0 = self._kernel()
         self.kernel = self.kernel0
+
+    def _kernel(self) -> Tensor:
+        with eval_mode(self.model):
+            return ntk(self.model, self.x, output=self.output, method=self.method,
+                       params=self.params)
 
     def _target(self) -> Tensor | None:
         if self.y is None or self.output == "trace":
@@ -80,7 +89,7 @@ class KernelEvolution:
         parameters: ``kernel_distance(K_t, K_0)``, ``kernel_target_alignment(K_t, y)`` (NaN
         without ``y``), ``tr K_t`` (``sum_{i,o} K[(i,o),(i,o)]``) and ``effective_rank(K_t)``.
         """
-        self.kernel = ntk(self.model, self.x, output=self.output, method=self.method)
+        self.kernel = self._kernel()
         k = _as_matrix(self.kernel, self.output)
         k0 = _as_matrix(self.kernel0, self.output)
         y = self._target()

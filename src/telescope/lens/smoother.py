@@ -80,7 +80,10 @@ from telescope.errors import (
     UnsupportedOptimizerError,
     UsageError,
 )
+from telescope.kernels._blocks import per_example_jacobian
 from telescope.kernels._functional import (
+    ParamSpec,
+    ad_safe_backends,
     check_batch_independence,
     check_model,
     check_parameters,
@@ -88,8 +91,9 @@ from telescope.kernels._functional import (
     flatten_output,
     forward_checked,
     frozen_state,
+    only_params,
+    select_params,
 )
-from telescope.kernels.empirical import ad_safe_attention, per_example_jacobian
 from telescope.kernels.structured import ntk_to_subset
 
 TRAIN = "train"
@@ -128,6 +132,10 @@ class Smoother:
         ``"function"``, ``"weight"`` or ``"auto"`` (see the module docstring).
     every:
         Log effective parameters and kernel weight norms in ``.history`` every ``every`` steps.
+    params:
+        The trained subset of the parameters (names, glob patterns or a predicate, as in
+        :func:`telescope.ntk`): kernels and Jacobians are of these; the optimizer must hold all
+        of them and no other trainable parameter. ``None``: every trainable parameter.
     check_gradient:
         Verify at the first step that the gradient the optimizer sees is the gradient of the
         declared loss on the recorded batch (catches a wrong loss, reduction or batch).
@@ -139,7 +147,7 @@ class Smoother:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, x_train: Tensor,
                  y_train: Tensor, *, probes: dict[str, Tensor] | None = None,
                  loss: str = "mse", mode: str = "auto", every: int = 1,
-                 check_gradient: bool = True) -> None:
+                 check_gradient: bool = True, params: ParamSpec = None) -> None:
         if loss not in LOSSES:
             raise UsageError(f"loss must be one of {LOSSES}, got {loss!r}")
         if mode not in MODES:
@@ -163,7 +171,8 @@ class Smoother:
         check_parameters(model)
         self.model, self.optimizer, self.loss, self.every = model, optimizer, loss, every
         self.check_gradient = check_gradient
-        self._names = _param_names(model, optimizer)
+        self._spec = params
+        self._names = _param_names(model, optimizer, select_params(model, params))
         self.params = [dict(model.named_parameters())[n] for n in self._names]
         dtype = self.params[0].dtype
         device = self.params[0].device
@@ -171,7 +180,7 @@ class Smoother:
         self.x_train = x_train.to(device)
         n = self.x_train.shape[0]
         self.n = n
-        with eval_mode(model), ad_safe_attention():
+        with eval_mode(model), ad_safe_backends(model):
             # kernels and Jacobians are per example: the model must not couple its examples
             check_batch_independence(model, self.x_train, "x_train")
             f0_train = forward_checked(model, self.x_train, "x_train").to(dtype)
@@ -186,7 +195,7 @@ class Smoother:
             if name == TRAIN:
                 f0 = f0_train
             else:
-                with eval_mode(model), ad_safe_attention():
+                with eval_mode(model), ad_safe_backends(model):
                     f0 = forward_checked(model, x, f"probe {name!r}").to(dtype)
             self.f0[name] = f0
             a = torch.zeros(x.shape[0], o, n * o + 1, dtype=dtype, device=device)
@@ -304,7 +313,9 @@ class Smoother:
     def _check_unchanged(self) -> None:
         """Refuse to go on when anything but the optimizer's steps changed what is trained: the
         smoother would silently drift from the network."""
-        trainable = [n for n, p in self.model.named_parameters() if p.requires_grad]
+        chosen = select_params(self.model, self._spec)
+        trainable = [n for n, p in self.model.named_parameters()
+                     if p.requires_grad and (chosen is None or n in chosen)]
         current = dict(self.model.named_parameters())
         if (trainable != self._names or _optimizer_param_ids(self.optimizer) != self._opt_ids
                 or any(current[n] is not p for n, p in zip(self._names, self.params,
@@ -388,7 +399,8 @@ class Smoother:
         also ``J_x theta_0`` from the same pass."""
         decay = self.optimizer.param_groups[0]["weight_decay"] != 0
         tangent = dict(zip(self._names, self.theta0, strict=True)) if decay else None
-        with eval_mode(self.model), ad_safe_attention():
+        with eval_mode(self.model), ad_safe_backends(self.model), \
+                only_params(self.model, self._names):
             res = ntk_to_subset(self.model, self._x_all, batch, output="full", tangent=tangent)
         k, jt0 = res if decay else (res, None)
         out = {"kernels": dict(zip(self.sets, k.to(self.dtype).split(self._sizes), strict=True))}
@@ -437,8 +449,9 @@ class Smoother:
         def f_single(p, x):
             return flatten_output(functional_call(self.model, {**frozen, **p}, (x[None],)), 1)[0]
 
-        with eval_mode(self.model), ad_safe_attention():
-            jac = {name: per_example_jacobian(f_single, params, x).to(self.dtype)
+        with eval_mode(self.model), ad_safe_backends(self.model):
+            jac = {name: per_example_jacobian(f_single, params, x,
+                                                      owner=self.model).to(self.dtype)
                    for name, x in self.sets.items()}  # [m, O, P]
         return {"jac": jac}
 
@@ -493,14 +506,21 @@ class Smoother:
             self.A[name].add_(torch.einsum("mop,pk->mok", jac[name], delta))
 
 
-def _param_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
-    named = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
+def _param_names(model: nn.Module, optimizer: torch.optim.Optimizer,
+                 chosen: list[str] | None) -> list[str]:
+    named = {id(p): n for n, p in model.named_parameters()
+             if p.requires_grad and (chosen is None or n in chosen)}
     in_opt = {id(p) for g in optimizer.param_groups for p in g["params"]}
     missing = [n for i, n in named.items() if i not in in_opt]
     if missing:
         raise UsageError(f"Smoother: trainable parameters not in the optimizer: {missing}; "
                          "freeze them (requires_grad_(False)) or add them to the optimizer")
-    extra = [i for i in in_opt if i not in named]
+    left_out = [n for n, p in model.named_parameters()
+                if p.requires_grad and id(p) in in_opt and id(p) not in named]
+    if left_out:
+        raise UsageError(f"Smoother: the optimizer also trains parameters that params= leaves "
+                         f"out ({', '.join(left_out[:5])}); select every parameter it trains")
+    extra = [i for i in in_opt if i not in named and i not in {id(p) for p in model.parameters()}]
     if extra:
         raise UsageError(f"Smoother: the optimizer holds {len(extra)} parameters that are not "
                          "trainable parameters of the model")

@@ -36,14 +36,17 @@ from torch.func import functional_call, jvp
 
 from telescope.errors import DivergedError, UsageError
 from telescope.kernels._functional import (
+    ParamSpec,
     UnsupportedModelError,
+    ad_safe_backends,
     batched_fn,
     check_model,
     check_parameters,
     eval_mode,
     frozen_state,
+    select_params,
+    unwrap_output,
 )
-from telescope.kernels.empirical import ad_safe_attention
 
 __all__ = ["Telescope", "NonFiniteStepError"]
 
@@ -100,6 +103,11 @@ class Telescope:
     track_linearized:
         Also record the error of the linearized model in :attr:`history` (one more JVP per probe
         set on recorded steps). :meth:`linearized` works either way.
+    params:
+        Follow a subset of the trainable parameters (names, glob patterns or a predicate, as
+        in :func:`telescope.ntk`): the parameters that are trained, e.g. ``"*lora*"`` when
+        only LoRA adapters are fine-tuned. The optimizer must hold all of them and no other
+        trainable parameter; the others must not change. ``None``: every trainable parameter.
     chunk_size:
         Evaluate probe sets in chunks of at most this many inputs (bounds the memory of the JVP);
         ``None`` evaluates each probe set at once.
@@ -151,6 +159,7 @@ class Telescope:
         every: int = 1,
         track_linearized: bool = True,
         chunk_size: int | None = None,
+        params: ParamSpec = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise UsageError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -172,7 +181,8 @@ class Telescope:
         self.track_linearized = bool(track_linearized)
         self.chunk_size = chunk_size
 
-        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self._spec = params
+        named = self._selected(model)
         self._check_optimizer(named, optimizer, model)
         self._names = [n for n, _ in named]
         self._params = [p for _, p in named]
@@ -211,6 +221,12 @@ class Telescope:
     # validation
     # ------------------------------------------------------------------------------------------
 
+    def _selected(self, model: nn.Module) -> list[tuple[str, Tensor]]:
+        """The trainable parameters the telescoping model follows (``params=``)."""
+        chosen = select_params(model, self._spec)
+        return [(n, p) for n, p in model.named_parameters()
+                if p.requires_grad and (chosen is None or n in chosen)]
+
     @staticmethod
     def _check_optimizer(named: list[tuple[str, Tensor]], optimizer: torch.optim.Optimizer,
                          model: nn.Module) -> None:
@@ -229,6 +245,15 @@ class Telescope:
                 f"param_groups, so its steps would not move them: {listed}. Pass "
                 "all of model.parameters() to the optimizer, or set requires_grad=False on the "
                 "parameters you mean to freeze.")
+        followed = {id(p) for _, p in named}
+        left_out = [n for n, p in model.named_parameters()
+                    if p.requires_grad and id(p) not in followed and id(p) in in_opt]
+        if left_out:
+            listed = ", ".join(left_out[:5]) + (", ..." if len(left_out) > 5 else "")
+            raise UsageError(
+                f"the optimizer also trains {len(left_out)} parameter(s) that params= leaves "
+                f"out ({listed}): the telescoping model would miss their changes. Select every "
+                "parameter the optimizer trains, or build the optimizer from the selected ones")
         model_ids = {id(p) for p in model.parameters()}
         extra = [(gi, tuple(p.shape)) for gi, group in enumerate(optimizer.param_groups)
                  for p in group["params"] if id(p) not in model_ids]
@@ -292,7 +317,7 @@ class Telescope:
     @contextlib.contextmanager
     def _evaluating(self) -> Iterator[None]:
         """No autograd graph, eval mode (restored after), SDPA math backend for forward-mode AD."""
-        with torch.no_grad(), eval_mode(self.model), ad_safe_attention():
+        with torch.no_grad(), eval_mode(self.model), ad_safe_backends(self.model):
             yield
 
     def _as_dict(self, tensors: list[Tensor]) -> dict[str, Tensor]:
@@ -309,7 +334,7 @@ class Telescope:
         outs = []
         for xc in self._chunks(x):
             try:
-                out = functional_call(self.model, params, (xc,), strict=False)
+                out = unwrap_output(functional_call(self.model, params, (xc,), strict=False))
             except (RuntimeError, TypeError, ValueError, IndexError) as err:
                 raise UsageError(
                     f"the model failed on probe {name!r} (inputs {tuple(x.shape)}, "
@@ -373,7 +398,7 @@ class Telescope:
         """Refuse to go on when the trained parameters are no longer the ones the telescoping
         model follows (a replaced layer, ``add_param_group``, ``requires_grad`` toggled): its
         sums and ``actual`` would silently describe another network."""
-        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        named = self._selected(self.model)
         same = ([n for n, _ in named] == self._names
                 and all(p is q for (_, p), q in zip(named, self._params, strict=True))
                 and _optimizer_param_ids(self.optimizer) == self._opt_ids)

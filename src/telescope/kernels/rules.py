@@ -1,0 +1,404 @@
+"""The per-layer rules of the structured NTK, and how to add one for your own layer type.
+
+The NTK is a sum over parameters, so it splits into one kernel per layer. For a layer that maps
+its input ``a`` to ``y = W a + b`` at every token ``s`` (a linear layer on ``[N, S, in]``, a
+convolution on unfolded patches), the gradient of output ``o`` with respect to ``W`` is
+``sum_s delta_{o,s} a_s^T`` where ``delta_{o,s} = d f_o / d y_s``. Hence
+
+    Theta_W(x, x')[o, o'] = sum_{s, s'} <a_s, a'_{s'}> <delta_{o,s}, delta'_{o',s'}>
+
+and the bias adds the same sum with ``<a_s, a'_s'>`` replaced by 1 (a constant 1 is appended to
+``a``). An embedding is a linear layer on one-hot inputs, so ``<a_s, a'_s'>`` becomes the
+indicator ``[idx_s == idx'_{s'}]``. An elementwise affine layer ``y = w * u(x) + b`` (LayerNorm,
+RMSNorm, BatchNorm in eval mode, GroupNorm, ...; ``u`` free of parameters) has per-example
+gradients ``sum delta * u`` and ``sum delta`` over the axes ``w`` is broadcast along.
+
+A *rule* turns the inputs a module was called with and the output deltas of a block of examples
+into *factors* (:class:`TokenFactor`, :class:`GradFactor`) that the structured engine contracts.
+Rules are found by what a module is (``isinstance`` along its class's MRO, so subclasses inherit
+their base's rule) and, for layer types of other libraries, by what it computes (Hugging Face's
+``Conv1D`` ``y = x @ W + b``; norm layers with an elementwise weight). Every rule is checked
+against autograd on the model before it is used, so a rule that does not fit (a subclass whose
+forward computes something else, a weight also used outside the module) falls back to
+per-example Jacobians, never to a wrong kernel.
+
+Your own layer: ``register_rule(MyLinear, LinearRule(weight="w", bias="b"))`` for ``y = x @
+W.T + b``-style layers (``transposed=True`` for ``y = x @ W + b``, ``weight_scale``/
+``bias_scale`` for constant factors), ``register_rule(MyNorm, AffineRule(axis="last"))`` for
+``y = w * u(x) + b``.
+
+Reference: Novak, Sohl-Dickstein & Schoenholz (2022), "Fast Finite Width Neural Tangent Kernel"
+(structured derivatives).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from telescope.errors import UsageError
+from telescope.models.mlp import NTKLinear
+
+__all__ = ["TokenFactor", "GradFactor", "LinearRule", "AffineRule", "EmbeddingRule", "ConvRule",
+           "register_rule", "rule_for"]
+
+# --------------------------------------------------------------------------------------------
+# Factors: what a rule extracts from one block of examples
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TokenFactor:
+    """``Theta[o,o'] = sum_{s,s'} k(s, s') <d[:,s,o], d'[:,s',o']>`` for a linear-like layer.
+
+    ``a [B, S, q]`` gives ``k = <a_s, a'_s'>`` (dense); ``idx [B, S]`` gives
+    ``k = [idx_s == idx'_s']`` (gather, ``q`` = vocabulary size, ``idx < 0`` = no gradient).
+    ``d`` is ``[B, S, O, p]`` (contiguous; the layout every contraction below reads).
+    ``to_params`` maps per-example gradients ``G [B, O, p, q]`` to the layer's parameters
+    (each ``[B, O, *shape]``); ``from_params`` maps parameter-shaped tensors (a dict by name)
+    to the layer's ``[p, q]`` matrix (dense) or ``[q, p]`` table (gather).
+    """
+
+    d: Tensor
+    a: Tensor | None
+    idx: Tensor | None
+    q: int
+    to_params: Callable[[Tensor], dict[str, Tensor]]
+    from_params: Callable[[dict[str, Tensor]], Tensor]
+
+    @classmethod
+    def create(cls, d: Tensor, a: Tensor | None, idx: Tensor | None, q: int,
+               to_params: Callable, from_params: Callable) -> TokenFactor:
+        """From ``d [O, B, S, p]`` (as the backward pass gives it), dropping the tokens whose
+        delta is zero for every output, example and unit (e.g. all but the last token above
+        the last attention layer of a last-token readout)."""
+        if d.shape[2] > 1:
+            keep = d.any(dim=3).any(dim=1).any(dim=0)
+            if not bool(keep.all()):
+                keep[0] = keep[0] | ~keep.any()
+                d = d[:, :, keep]
+                a = None if a is None else a[:, keep]
+                idx = None if idx is None else idx[:, keep]
+        return cls(d.permute(1, 2, 0, 3).contiguous(), a, idx, q, to_params, from_params)
+
+    def select(self, rows: slice) -> TokenFactor:
+        return TokenFactor(self.d[rows], None if self.a is None else self.a[rows],
+                           None if self.idx is None else self.idx[rows], self.q, self.to_params,
+                           self.from_params)
+
+    def dot(self, theta: dict[str, Tensor]) -> Tensor:
+        """``<d f_o(x_b) / d theta_layer, theta>`` for every example and output: ``[B, O]``."""
+        m = self.from_params(theta)
+        if self.a is not None:
+            y = self.a @ m.T  # [B, S, p]
+        else:
+            y = m[self.idx.clamp(min=0)] * (self.idx >= 0).unsqueeze(-1)
+        return torch.einsum("bsop,bsp->bo", self.d, y)
+
+    def grads(self) -> Tensor:
+        """Per-example gradients ``G [B, O, p, q]`` (``sum_s d_s a_s^T``)."""
+        if self.a is not None:
+            return torch.einsum("bsop,bsq->bopq", self.d, self.a)
+        b, s, o, p = self.d.shape
+        g = self.d.new_zeros(b, o, p, self.q)
+        index = self.idx.clamp(min=0).view(b, 1, 1, s).expand(b, o, p, s)
+        valid = (self.idx >= 0).view(b, s, 1, 1)
+        g.scatter_add_(3, index, (self.d * valid).permute(0, 2, 3, 1))
+        return g
+
+
+@dataclass
+class GradFactor:
+    """Per-example gradients ``g [B, O, P]`` of some parameters (LayerNorm affine, fallback)."""
+
+    g: Tensor
+    to_params: Callable[[Tensor], dict[str, Tensor]]
+    names: list[str]
+
+    def select(self, rows: slice) -> GradFactor:
+        return GradFactor(self.g[rows], self.to_params, self.names)
+
+    def dot(self, theta: dict[str, Tensor]) -> Tensor:
+        return self.g @ torch.cat([theta[n].reshape(-1) for n in self.names])
+
+
+# --------------------------------------------------------------------------------------------
+# Rules: module -> factor, from the captured inputs and output deltas of every call
+# --------------------------------------------------------------------------------------------
+
+
+def _dense_factor(prefix: str, a: Tensor, d: Tensor, weight: Tensor, bias: Tensor | None,
+                  weight_scale: float = 1.0, bias_scale: float = 1.0, *,
+                  weight_name: str = "weight", bias_name: str | None = "bias",
+                  transposed: bool = False) -> TokenFactor:
+    """Factor of ``y_s = weight_scale * W a_s + bias_scale * b`` with ``W`` viewed as ``[p, q]``
+    (``weight`` itself is ``[p, ...]``, or ``[q, p]`` when ``transposed``: ``y = a @ weight``).
+
+    ``a`` is ``[B, S, q]`` and ``d`` is ``[O, B, S, p]``; a constant column ``bias_scale`` is
+    appended to ``a`` for the bias, so the bias gradient is the last column of ``sum_s d_s a_s^T``.
+    """
+    has_w = weight.requires_grad
+    has_b = bias is not None and bias.requires_grad
+    n_in = a.shape[-1]
+    cols = [a * weight_scale] if has_w else []
+    if has_b:
+        cols.append(torch.full_like(a[..., :1], bias_scale))
+    a_aug = torch.cat(cols, dim=-1)
+    w_shape = tuple(weight.shape)
+    w_key, b_key = f"{prefix}{weight_name}", f"{prefix}{bias_name}"
+
+    def to_params(g: Tensor) -> dict[str, Tensor]:
+        o, b = g.shape[:2]
+        out = {}
+        if has_w:
+            gw = g[..., :n_in]
+            out[w_key] = gw.transpose(2, 3) if transposed else gw.reshape(o, b, *w_shape)
+        if has_b:
+            out[b_key] = g[..., -1]
+        return out
+
+    def from_params(theta: dict[str, Tensor]) -> Tensor:
+        cols = []
+        if has_w:
+            w = theta[w_key]
+            cols.append(w.T if transposed else w.reshape(w_shape[0], -1))
+        if has_b:
+            cols.append(theta[b_key].reshape(-1, 1))
+        return torch.cat(cols, dim=1)
+
+    return TokenFactor.create(d, a_aug, None, a_aug.shape[-1], to_params, from_params)
+
+
+def _tokens(ts: list[Tensor], width: int, lead: int = 1) -> Tensor:
+    """Concatenate the calls' tensors as ``[..., tokens, width]`` (``lead`` leading dims kept)."""
+    parts = [t.reshape(*t.shape[:lead], -1, width) for t in ts]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=lead)
+
+
+
+class EmbeddingRule:
+    """An embedding is a linear layer on one-hot inputs: ``<a_s, a'_s'>`` becomes the indicator
+    ``[idx_s == idx'_s']`` (the padding row receives no gradient)."""
+
+    name = "embedding"
+
+    def __call__(self, module: nn.Embedding, prefix: str, inputs: list[Tensor],
+                 deltas: list[Tensor]) -> list:
+        idx = torch.cat([x.reshape(x.shape[0], -1) for x in inputs], dim=1).long()
+        if module.padding_idx is not None:  # the padding row receives no gradient
+            idx = idx.masked_fill(idx == module.padding_idx, -1)
+        d = _tokens(deltas, module.embedding_dim, lead=2)
+        key = f"{prefix}weight"
+        return [TokenFactor.create(d, None, idx, module.num_embeddings,
+                                   lambda g: {key: g.transpose(2, 3)}, lambda t: t[key])]
+
+
+class ConvRule:
+    """A convolution (``nn.Conv1d``/``nn.Conv2d``, any stride, padding, padding mode and dilation;
+    ``groups = 1``) is a linear layer on its input patches (tokens = output positions)."""
+
+    name = "convolution"
+
+    def __call__(self, module: nn.Module, prefix: str, inputs: list[Tensor],
+                 deltas: list[Tensor]) -> list:
+        two_d = isinstance(module, nn.Conv2d)
+        pads = module._reversed_padding_repeated_twice
+        mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+        patches = []
+        for x in inputs:
+            x = F.pad(x, pads, mode=mode) if any(pads) else x
+            if two_d:
+                ks, dil, st = module.kernel_size, module.dilation, module.stride
+            else:
+                x = x.unsqueeze(2)
+                ks, dil, st = (1, *module.kernel_size), (1, *module.dilation), (1, *module.stride)
+            # [B, L, C*k]
+            patches.append(F.unfold(x, ks, dilation=dil, stride=st).transpose(1, 2))
+        c_out = module.out_channels
+        d = torch.cat([dl.reshape(*dl.shape[:2], c_out, -1).transpose(2, 3) for dl in deltas],
+                      dim=2)
+        return [_dense_factor(prefix, torch.cat(patches, dim=1), d, module.weight, module.bias)]
+
+
+# --------------------------------------------------------------------------------------------
+# Rules: module -> factors, from the captured inputs and output deltas of every call
+# --------------------------------------------------------------------------------------------
+
+
+class RuleMismatch(Exception):
+    """A rule does not fit the module it was applied to (e.g. the weight's shape does not match
+    the input); the module falls back to per-example Jacobians."""
+
+
+def _scale(module: nn.Module, value: float | str) -> float:
+    return float(getattr(module, value)) if isinstance(value, str) else float(value)
+
+
+@dataclass(frozen=True)
+class LinearRule:
+    """``y_s = weight_scale * W a_s + bias_scale * b`` at every token ``s`` of the input's
+    leading axes (``a_s`` the last axis of the module's first positional input).
+
+    ``weight``/``bias`` name the parameters (``bias=None``: none); ``transposed=True`` for a
+    weight stored ``[in, out]`` (``y = a @ W + b``, Hugging Face's ``Conv1D``);
+    ``weight_scale``/``bias_scale`` are numbers or names of the module's attributes.
+    """
+
+    weight: str = "weight"
+    bias: str | None = "bias"
+    transposed: bool = False
+    weight_scale: float | str = 1.0
+    bias_scale: float | str = 1.0
+    name: str = "linear"
+
+    def __call__(self, module: nn.Module, prefix: str, inputs: list[Tensor],
+                 deltas: list[Tensor]) -> list:
+        w = getattr(module, self.weight)
+        b = getattr(module, self.bias) if self.bias else None
+        if w.ndim != 2:
+            raise RuleMismatch(f"{self.weight} is not a matrix")
+        n_in, n_out = (w.shape[0], w.shape[1]) if self.transposed else (w.shape[1], w.shape[0])
+        if any(x.shape[-1] != n_in for x in inputs) or any(d.shape[-1] != n_out for d in deltas):
+            raise RuleMismatch("the input's last axis does not match the weight")
+        a, d = _tokens(inputs, n_in), _tokens(deltas, n_out, lead=2)
+        return [_dense_factor(prefix, a, d, w, b, _scale(module, self.weight_scale),
+                              _scale(module, self.bias_scale), weight_name=self.weight,
+                              bias_name=self.bias, transposed=self.transposed)]
+
+
+@dataclass(frozen=True)
+class AffineRule:
+    """``y = w * u(x) + b`` elementwise, ``u`` free of parameters (a normalization).
+
+    ``u`` is read off the module's own forward with ``w = 1`` and ``b = 0`` (so its precision
+    and casts are the module's); ``axis="last"``: ``w`` has the shape of the input's trailing
+    axes (LayerNorm, RMSNorm); ``"channel"``: ``w`` is ``[C]`` on axis 1 of ``[N, C, ...]``
+    (BatchNorm in eval mode, GroupNorm, InstanceNorm); ``"auto"``: whichever fits the input.
+    """
+
+    weight: str = "weight"
+    bias: str | None = "bias"
+    axis: Literal["last", "channel", "auto"] = "last"
+    name: str = "affine"
+
+    def __call__(self, module: nn.Module, prefix: str, inputs: list[Tensor],
+                 deltas: list[Tensor]) -> list:
+        w = getattr(module, self.weight, None)
+        b = getattr(module, self.bias, None) if self.bias else None
+        unit: dict[str, Tensor] = {}
+        if isinstance(w, Tensor):
+            unit[self.weight] = torch.ones_like(w)
+        if isinstance(b, Tensor):
+            unit[self.bias] = torch.zeros_like(b)
+        shape = (w if isinstance(w, Tensor) else b).shape
+        grads, names = [], []
+        for x, dl in zip(inputs, deltas, strict=True):
+            with torch.no_grad():
+                u = functional_call(module, unit, (x,), strict=False)
+            if not isinstance(u, Tensor) or tuple(u.shape) != tuple(dl.shape[1:]):
+                raise RuleMismatch("the module's output does not match its deltas")
+            axis = self.axis
+            if axis == "auto":
+                axis = "last" if tuple(u.shape[-len(shape):]) == tuple(shape) else "channel"
+            if axis == "last":
+                if tuple(u.shape[-len(shape):]) != tuple(shape):
+                    raise RuleMismatch("the weight is not the input's trailing shape")
+
+                def reduce(t: Tensor) -> Tensor:  # [O, B, ...] -> [O, B, *shape]
+                    return t.reshape(t.shape[0], t.shape[1], -1, *shape).sum(2)
+            else:
+                if u.ndim < 2 or u.shape[1] != shape.numel():
+                    raise RuleMismatch("the weight is not the input's channel axis")
+
+                def reduce(t: Tensor) -> Tensor:  # [O, B, C, ...] -> [O, B, C]
+                    return t.reshape(t.shape[0], t.shape[1], t.shape[2], -1).sum(3)
+            parts = []
+            if isinstance(w, Tensor) and w.requires_grad:
+                parts.append(reduce(dl * u.unsqueeze(0)).flatten(2))
+            if isinstance(b, Tensor) and b.requires_grad:
+                parts.append(reduce(dl).flatten(2))
+            grads.append(torch.cat(parts, dim=2))
+        if isinstance(w, Tensor) and w.requires_grad:
+            names.append(f"{prefix}{self.weight}")
+        if isinstance(b, Tensor) and b.requires_grad:
+            names.append(f"{prefix}{self.bias}")
+        g = sum(grads).transpose(0, 1)  # [B, O, P]
+        numel = [int(shape.numel())] * len(names)
+
+        def to_params(gr: Tensor) -> dict[str, Tensor]:
+            return {n: c.reshape(*c.shape[:2], *shape)
+                    for n, c in zip(names, gr.split(numel, dim=2), strict=True)}
+
+        return [GradFactor(g, to_params, names)]
+
+
+
+
+Rule = Callable[[nn.Module, str, list, list], list]
+"""``rule(module, prefix, inputs, deltas) -> factors``: ``inputs`` are the module's first
+positional argument at each call (``[B, ...]``), ``deltas`` the derivatives of the selected
+outputs with respect to its output at each call (``[O, B, ...]``); parameter names in the
+factors are ``prefix + name``. A rule may raise :class:`RuleMismatch` when it does not fit."""
+
+_REGISTRY: dict[type, Rule] = {
+    nn.Linear: LinearRule(),
+    NTKLinear: LinearRule(weight_scale="weight_scale", bias_scale="bias_std"),
+    nn.Embedding: EmbeddingRule(),
+    nn.Conv1d: ConvRule(),
+    nn.Conv2d: ConvRule(),
+    nn.LayerNorm: AffineRule(axis="last", name="affine (norm)"),
+    nn.RMSNorm: AffineRule(axis="last", bias=None, name="affine (norm)"),
+    nn.GroupNorm: AffineRule(axis="channel", name="affine (norm)"),
+    nn.modules.batchnorm._NormBase: AffineRule(axis="channel", name="affine (norm)"),
+}
+_VERSION = [0]
+
+
+def register_rule(module_type: type, rule: Rule) -> None:
+    """Use ``rule`` (a :class:`LinearRule`, :class:`AffineRule`, or any callable with the
+    :data:`Rule` signature) for ``module_type`` and its subclasses. It is checked against
+    autograd on every model before use, like the built-in rules; plans made before are
+    rebuilt."""
+    if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
+        raise UsageError(f"module_type must be a torch.nn.Module subclass, got {module_type!r}")
+    if not callable(rule):
+        raise UsageError(f"rule must be a LinearRule, AffineRule or a callable, got {rule!r}")
+    _REGISTRY[module_type] = rule
+    _VERSION[0] += 1
+
+
+def rules_version() -> int:
+    """Increases with every :func:`register_rule` (plans depend on the registry)."""
+    return _VERSION[0]
+
+
+def rule_for(module: nn.Module) -> tuple[Rule | None, str]:
+    """The rule for ``module`` and its name, or ``(None, why not)``."""
+    if hasattr(module, "parametrizations"):
+        return None, "its weight is parametrized (torch.nn.utils.parametrize): no rule"
+    rule = next((_REGISTRY[cls] for cls in type(module).__mro__ if cls in _REGISTRY), None)
+    if rule is None:
+        rule = _by_computation(module)
+    if rule is None:
+        return None, f"no rule for {type(module).__name__}"
+    if isinstance(rule, ConvRule) and module.groups != 1:
+        return None, f"grouped convolution (groups={module.groups}): no rule yet"
+    return rule, getattr(rule, "name", type(rule).__name__)
+
+
+def _by_computation(module: nn.Module) -> Rule | None:
+    """Rules for other libraries' layers, recognized by what they hold (verified like all)."""
+    name = type(module).__name__
+    w = module._parameters.get("weight")
+    if name == "Conv1D" and isinstance(w, Tensor) and w.ndim == 2 and hasattr(module, "nf"):
+        return LinearRule(transposed=True, name="linear (Conv1D)")
+    if "Norm" in name and isinstance(w, Tensor) and w.ndim == 1 and set(module._parameters) <= {
+            "weight", "bias"}:
+        return AffineRule(axis="auto", name="affine (norm)")
+    return None
