@@ -70,7 +70,9 @@ def test_digits_shapes_split_and_standardization():
     np.testing.assert_allclose(raw.numpy(), x_all[te], atol=1e-4)
     np.testing.assert_allclose(ds.x_mean.numpy(), x_all[tr].mean(0), rtol=1e-5, atol=1e-6)
     raw01 = load_digits(300, 100, seed=1, standardize=False)
-    assert raw01.x_mean is None and float(raw01.x_train.max()) <= 1.0
+    assert raw01.x_mean is None and raw01.x_std is None
+    assert torch.equal(raw01.meta["train_idx"], ds.meta["train_idx"])
+    np.testing.assert_allclose(raw01.x_train.numpy(), x_all[tr] / 16.0, rtol=1e-6)  # pixels 0-16
 
 
 def test_digits_deterministic_nested_and_classes():

@@ -215,8 +215,10 @@ def test_zero_input_without_bias_is_finite():
     x = torch.zeros(2, 3, dtype=torch.float64)
     x[1] = 1.0
     out = infinite_ntk(x, depth=2)
-    assert torch.isfinite(out["ntk"]).all()
+    assert torch.isfinite(out["ntk"]).all()  # no 0/0 in the arc-cosine recursion
     assert out["ntk"][0].abs().max() == 0
+    # the zero input leaves the other point's kernel as it is on its own
+    torch.testing.assert_close(out["ntk"][1, 1], infinite_ntk(x[1:], depth=2)["ntk"][0, 0])
 
 
 # ----------------------------------------------------------------------------- (d) wide nets

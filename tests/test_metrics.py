@@ -119,7 +119,6 @@ def test_effective_rank_matches_formulas():
     assert effective_rank(k, method="participation") == pytest.approx(
         lam.sum() ** 2 / np.sum(lam**2), rel=1e-10
     )
-    assert 1 <= effective_rank(k, method="participation") <= effective_rank(k) <= 8
     assert effective_rank(torch.zeros(3, 3)) == 0.0
 
 

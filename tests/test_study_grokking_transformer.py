@@ -7,6 +7,8 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
+import torch
+import torch.nn.functional as F
 
 from telescope.cli import main
 from telescope.studies import get_study, make_config
@@ -35,6 +37,82 @@ class _Progress:
         pass
 
 
+def _trace_ntk(model, xa, xb) -> torch.Tensor:
+    """``K[i, j] = sum_o <df_o(xa_i)/dtheta, df_o(xb_j)/dtheta>`` from one backward per point
+    and output."""
+    params = list(model.parameters())
+
+    def jac(x):
+        rows = []
+        for i in range(len(x)):
+            out = model(x[i:i + 1])[0]
+            rows.append(torch.stack([
+                torch.cat([g.reshape(-1) for g in torch.autograd.grad(out[o], params,
+                                                                       retain_graph=True)])
+                for o in range(out.shape[0])]))
+        return torch.stack(rows).double()                       # [N, O, P]
+
+    ja = jac(xa)
+    jb = ja if xb is xa else jac(xb)
+    return torch.einsum("iop,jop->ij", ja, jb)
+
+
+def _replay(config) -> list[dict]:
+    """The TINY point written out plainly: full-batch AdamW from the seeded initialization;
+    losses, accuracies and norms by hand, the trace NTK of the first ``n_kernel`` training pairs
+    from explicit Jacobians, the kernel distance ``1 - <K_t, K_0>_F / (||K_t|| ||K_0||)``, the
+    ridge smoother ``S = K_*x (K + lambda I)^-1`` by a linear solve, and the causal attention
+    entropy from the recorded attention probabilities (query ``i`` sees ``i + 1`` keys)."""
+    from telescope.data import modular_arithmetic
+    from telescope.models import TinyTransformer
+
+    data = modular_arithmetic(7, op="add", train_fraction=0.5, seed=0, equals=True)
+    torch.manual_seed(0)
+    model = TinyTransformer(8, 8, 2, 1, 3, 7, mlp_ratio=2, causal=True, readout="last")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.9, 0.98), weight_decay=1.0)
+    xk, xp = data.x_train[:6], data.x_test[:5]
+    k0 = _trace_ntk(model, xk, xk)
+    e0 = model.token_embedding.weight.detach().clone()
+    attn = model.blocks[0].attn
+    out = []
+    for step in range(7):
+        if step:
+            opt.zero_grad()
+            F.cross_entropy(model(data.x_train), data.y_train).backward()
+            opt.step()
+        if step not in gt.log_steps(6, 3, 2):
+            continue
+        row = {"step": step}
+        with torch.no_grad():
+            for split, x, y in (("train", data.x_train, data.y_train),
+                                ("test", data.x_test, data.y_test)):
+                logits = model(x).double()
+                row[f"{split}_loss"] = float(-logits.log_softmax(1)[torch.arange(len(y)), y]
+                                             .mean())
+                row[f"{split}_acc"] = float((logits.argmax(1) == y).double().mean())
+        row["weight_norm"] = float(torch.sqrt(sum((p.detach().double() ** 2).sum()
+                                                  for p in model.parameters())))
+        row["dnorm_embed"] = float((model.token_embedding.weight.detach().double() - e0).norm())
+        k = _trace_ntk(model, xk, xk)
+        row["kernel_distance"] = float(1 - (k * k0).sum() / (k.norm() * k0.norm()))
+        row["kernel_trace"] = float(k.trace())
+        lam = 1e-2 * float(k.diagonal().mean())
+        inv = torch.linalg.inv(k + lam * torch.eye(6, dtype=torch.float64))
+        row["p_train_ntk"] = float(((k @ inv) ** 2).sum())            # n_k / n_k sum ||s||^2
+        row["p_test_ntk"] = float(6 * ((_trace_ntk(model, xp, xk) @ inv) ** 2).sum() / 5)
+        attn.record = True
+        with torch.no_grad():
+            model(data.x_test)
+        attn.record = False
+        a = attn.last_attention.double()
+        ent = -(a * a.clamp_min(1e-300).log()).sum(-1).mean(dim=(0, 2))     # per head
+        max_ent = (math.log(1) + math.log(2) + math.log(3)) / 3
+        for h in range(2):
+            row[f"entropy_l0_h{h}"] = float(ent[h]) / max_ent
+        out.append(row)
+    return out
+
+
 def test_run_point_mechanics():
     study = get_study("grokking_transformer")
     config = make_config(study, "quick", TINY)
@@ -44,28 +122,18 @@ def test_run_point_mechanics():
     rows = study.run_point(config, pts[0], prog)
     assert prog.total == 6 and prog.done == 6
     df = pd.DataFrame(rows)
-    assert list(df["step"]) == gt.log_steps(6, 3, 2)
-    assert df["step"].iloc[0] == 0 and df["step"].iloc[-1] == 6
-    for col in ("train_loss", "test_loss", "train_acc", "test_acc", "weight_norm",
-                "kernel_distance", "kernel_target_alignment", "kernel_trace",
-                "kernel_effective_rank", "p_train_ntk", "p_test_ntk", "entropy_l0_h0",
-                "entropy_l0_h1", "srank_embed", "srank_qk", "srank_vo", "srank_mlp_in",
-                "srank_unembed", "rank_qk_h0", "dnorm_vo_h1", "rank_wq"):
-        assert col in df.columns, col
+    assert list(df["step"]) == gt.log_steps(6, 3, 2) == [0, 1, 2, 3, 6]
+    for col in ("kernel_target_alignment", "kernel_effective_rank", "srank_embed", "srank_qk",
+                "srank_vo", "srank_mlp_in", "srank_unembed", "rank_qk_h0", "dnorm_vo_h1",
+                "rank_wq"):
         assert df[col].notna().all(), col
-    first = df.iloc[0]
-    assert first["kernel_distance"] == pytest.approx(0.0, abs=1e-5)
-    assert first["dnorm_embed"] == 0.0 and first["rank_embed"] == 0
-    assert df["dnorm_embed"].iloc[-1] > 0
-    assert df["kernel_distance"].iloc[-1] > 0
-    # the kernel smoother's effective parameters lie in (0, n_kernel]
-    assert ((df["p_train_ntk"] > 0) & (df["p_train_ntk"] <= 6 + 1e-9)).all()
-    assert (df["p_test_ntk"] > 0).all()
-    assert ((df["entropy_l0_h0"] > 0) & (df["entropy_l0_h0"] <= 1 + 1e-9)).all()
-    assert ((df["train_acc"] >= 0) & (df["train_acc"] <= 1)).all()
-    # same seed, same numbers
-    again = pd.DataFrame(study.run_point(config, pts[0], _Progress()))
-    np.testing.assert_allclose(again["test_loss"], df["test_loss"], rtol=1e-5)
+    # every lens value against the plain replay (the same seed gives the same numbers)
+    ref = pd.DataFrame(_replay(config))
+    for col in ref.columns.drop("kernel_distance"):
+        np.testing.assert_allclose(df[col], ref[col], rtol=1e-4, atol=1e-6, err_msg=col)
+    # six small steps move the kernel by ~1e-6 to 2e-5: compare relatively
+    np.testing.assert_allclose(df["kernel_distance"], ref["kernel_distance"], rtol=1e-3,
+                               atol=1e-10)
 
 
 def test_quick_tiny_end_to_end(tmp_path):

@@ -131,7 +131,9 @@ def run_point(config: ModeConnectivityConfig, point: dict, progress: Progress) -
     for c in (1, 2):                             # same state, different data orders
         child = copy.deepcopy(parent)
         child_opt = _optimizer(child, config)
-        child_opt.load_state_dict(opt.state_dict())
+        # a copy: load_state_dict keeps same-device tensors, so the children would share
+        # (and both advance) the parent's momentum buffers
+        child_opt.load_state_dict(copy.deepcopy(opt.state_dict()))
         _train(child, child_opt, data, config.k, config,
                torch.Generator().manual_seed(1_000_003 * seed + 7919 * c), progress)
         children.append(child)
