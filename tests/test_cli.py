@@ -73,12 +73,13 @@ def test_ntk_mnist1d_presets(model, tmp_path, capsys):
                  "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "effective rank" in printed and "top eigenvalues" in printed
-    saved = torch.load(out / "kernel.pt", weights_only=False)
+    saved = torch.load(out / "kernel.pt", weights_only=True)
     k = saved["kernel"]
     assert k.shape == (16, 16)
     assert torch.allclose(k, k.T, rtol=1e-4, atol=1e-5)
     assert saved["model"] == model and saved["data"] == "mnist1d" and saved["n"] == 16
     assert saved["eigenvalues"].shape == (16,)
+    assert type(saved["torch_version"]) is str and saved["shape"] == (16, 16)
     assert (out / "spectrum.png").stat().st_size > 0
 
 
@@ -87,7 +88,7 @@ def test_ntk_transformer_preset_diagonal_output(tmp_path, capsys):
     assert main(["ntk", "--model", "transformer", "--n", "8", "--output", "diagonal",
                  "--out", str(out), "--threads", "1"]) == 0
     assert "kernel [8, 8, 128]" in capsys.readouterr().out
-    saved = torch.load(out / "kernel.pt", weights_only=False)
+    saved = torch.load(out / "kernel.pt", weights_only=True)
     assert saved["kernel"].shape == (8, 8, 128)
     assert saved["data"] == "tokens"
     assert (out / "spectrum.png").exists()

@@ -11,12 +11,20 @@
               [--cpus-per-point C] [--force] [--no-report] [--no-progress]
     telescope study --list
     telescope report DIR
+
+Exit codes: 0 success; 1 some points failed, or the report could not be made completely;
+2 a mistake the user can fix (``telescope: error: ...``, no traceback); 130 interrupted
+(Ctrl-C, SIGINT); 143 terminated (SIGTERM): a study run keeps its finished points, writes
+``run.json`` and stops its workers in both cases. Anything else is a bug and keeps its
+traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -87,8 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
         "ntk", parents=[common],
         help="the empirical NTK of a built-in model/data preset (kernel.pt + spectrum.png)",
         description="Compute the empirical NTK of a built-in preset and save it (kernel.pt, a "
-                    "torch.save'd dict with the kernel and metadata) with a plot of its "
-                    "eigen-spectrum (spectrum.png).")
+                    "torch.save'd dict of tensors and plain values: the kernel, inputs, "
+                    "eigenvalues and metadata; load it with torch.load(path, "
+                    "weights_only=True)) with a plot of its eigen-spectrum (spectrum.png).")
     ntk.add_argument("--model", choices=MODEL_PRESETS, required=True,
                      help="mlp: MLP 40-512-512-10 (NTK param.); cnn: ConvNet1d; transformer: "
                           "2 layers, d_model 128, 4 heads, vocab 128, seq 16")
@@ -178,7 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="ray: CPUs reserved by each point's task (default: 1); local: torch "
                             "threads per worker")
     study.add_argument("--force", action="store_true",
-                       help="--out holds results of another config: discard them, start over")
+                       help="--out holds results of another config or study: discard them, "
+                            "start over (a directory that is not a telescope run is never "
+                            "touched)")
     study.add_argument("--no-report", action="store_true",
                        help="skip the figures and report.html (make them later with "
                             "`telescope report DIR`)")
@@ -187,10 +198,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     report = sub.add_parser(
         "report", parents=[common],
-        help="rebuild results.parquet, the figures and report.html of a run directory",
-        description="Rebuild results.parquet (from the point files), the figures and "
-                    "report.html of a study's run directory from its saved results and "
-                    "config.json; nothing is recomputed.")
+        help="make the figures and report.html of a run directory again",
+        description="Make the figures and report.html of a study's run directory again from "
+                    "its saved results and config.json; nothing is recomputed. "
+                    "results.parquet is rebuilt from the point files only when that loses "
+                    "nothing (every point file readable, no run writing the directory); "
+                    "otherwise it is left as it is, and files that cannot be read are "
+                    "named (exit code 1). Nothing is ever deleted.")
     report.add_argument("dir", metavar="DIR", help="the run directory (holds config.json)")
     report.set_defaults(func=_cmd_report)
     return parser
@@ -200,10 +214,19 @@ def _n_threads(n: int) -> str:
     return f"{n} thread" if n == 1 else f"{n} threads"
 
 
+def _out_dir(path: str | Path) -> Path:
+    """``--out`` created and checked to be writable (one-line errors, exit code 2)."""
+    from telescope.runs.store import ensure_writable_dir
+
+    return ensure_writable_dir(Path(path).resolve())
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from telescope.demo import demo_widths, format_table, run_demo
+    from telescope.demo import check_demo_memory, demo_widths, format_table, run_demo
 
     widths = demo_widths(args.width[0] if len(args.width) == 1 else args.width)
+    check_demo_memory(args.n, args.n_test)
+    _out_dir(args.out)
     print(f"telescope demo: MNIST-1D, {args.n} training / {args.n_test} test points, "
           f"MLP 40-W-W-10 (ReLU, NTK parametrization), widths {widths}, seed {args.seed}, "
           f"{_n_threads(args.threads_used)}", flush=True)
@@ -224,11 +247,13 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_ntk(args: argparse.Namespace) -> int:
-    from telescope.demo import run_ntk_preset
+    from telescope.demo import check_ntk_memory, check_preset, run_ntk_preset
 
-    out = args.out or f"out/ntk-{args.model}"
+    check_preset(args.model, args.data, args.n)
+    check_ntk_memory(args.model, args.n, args.output)
+    out = _out_dir(args.out or f"out/ntk-{args.model}")
     s = run_ntk_preset(args.model, args.data, n=args.n, method=args.method, output=args.output,
-                       out=Path(out).resolve(), seed=args.seed, progress=args.progress)
+                       out=out, seed=args.seed, progress=args.progress)
     top = ", ".join(f"{v:.4g}" for v in s["eigenvalues"][:5].tolist())
     print(f"telescope ntk: {s['model']} on {s['data']}, N={s['n']}, "
           f"{s['n_params']:,} parameters, method {s['method']}, output {s['output']}, "
@@ -248,6 +273,7 @@ def _cmd_lens(args: argparse.Namespace) -> int:
 
     from telescope.lens_demo import format_table, run_lens_demo, summarize
 
+    _out_dir(args.out)
     print(f"telescope lens: digits 3 vs 5, {args.n_train} training / {args.n_test} test points, "
           f"MLP 64-200-200-200-1 (ReLU), {args.steps} steps, optimizers "
           f"{', '.join(args.optimizer)}, seed {args.seed}, {_n_threads(args.threads_used)}",
@@ -274,9 +300,10 @@ def _cmd_lens(args: argparse.Namespace) -> int:
 
 def _cmd_study(args: argparse.Namespace) -> int:
     from telescope.report.html import ReportError, headline_text, write_report
-    from telescope.runs import make_executor, run_sweep
+    from telescope.runs import RunStore, make_executor, run_sweep
+    from telescope.runs.plan import plan_sweep
     from telescope.studies import get_study, list_studies, make_config
-    from telescope.studies.base import parse_overrides
+    from telescope.studies.base import config_to_dict, parse_overrides
 
     if args.list:
         studies = list_studies()
@@ -297,15 +324,17 @@ def _cmd_study(args: argparse.Namespace) -> int:
                              cpus_per_point=args.cpus_per_point,
                              threads=getattr(args, "threads", None),
                              progress=not args.no_progress)
-    n_points = len(study.points(config))
-    print(f"telescope study {study.name} ({args.preset}): {n_points} points, "
+    # the sweep's size (refused when absurd) and the directory, before anything is written
+    plan = plan_sweep(study, config, workers=args.workers if args.executor == "local" else None)
+    RunStore(out).check(study.name, config_to_dict(config), force=args.force)
+    print(f"telescope study {study.name} ({args.preset}): {plan.describe()}, "
           f"{executor.describe()}; out {out}", flush=True)
+    args.run_dir = out
     result = run_sweep(study, config, out, preset=args.preset, executor=executor,
                        force=args.force, progress=not args.no_progress)
     print(f"{result.done} of {result.total} points done ({result.computed} computed now, "
           f"{result.skipped} already done, {len(result.failed)} failed) in "
           f"{result.seconds:.1f} s")
-    from telescope.runs import RunStore
 
     code = 0
     if result.done and args.no_report:
@@ -337,8 +366,11 @@ def _cmd_study(args: argparse.Namespace) -> int:
 def _cmd_report(args: argparse.Namespace) -> int:
     from telescope.report.html import ReportError, rebuild_report
 
+    def note(msg: str) -> None:
+        print(f"telescope: {msg}", file=sys.stderr)
+
     try:
-        path = rebuild_report(Path(args.dir))
+        path = rebuild_report(Path(args.dir), log=note)
     except ReportError as err:
         print(f"telescope: error: {err}", file=sys.stderr)
         return 1
@@ -346,23 +378,57 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+class Terminated(BaseException):
+    """Raised in the main thread when the process receives SIGTERM (as ``timeout`` and job
+    schedulers send): like KeyboardInterrupt, it unwinds the run cleanly."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the cleanup
+    raise Terminated(signum)
+
+
+def _stopped(args: argparse.Namespace, how: str) -> str:
+    """The one line printed when a command is interrupted or terminated."""
+    run_dir = getattr(args, "run_dir", None)
+    if run_dir is None:
+        return f"telescope: {how}"
+    from telescope.runs import RunStore
+
+    meta = RunStore(run_dir).read_meta()
+    done, total = meta.get("points_done"), meta.get("points_total")
+    saved = (f"{done} of {total} points are saved" if done is not None
+             else "the finished points are kept")
+    return f"telescope: {how}; {saved} in {run_dir}; re-run the same command to resume"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``telescope`` console script; returns the exit code (0 on success).
 
     Invalid arguments and every error the user can fix (a
     :class:`~telescope.errors.TelescopeError`) print ``telescope: error: ...`` and exit with
-    code 2 instead of a traceback; anything else is a bug and keeps its traceback.
+    code 2 instead of a traceback; anything else is a bug and keeps its traceback. SIGINT
+    returns 130 and SIGTERM 143, each with one line saying what was saved.
     """
     parser = build_parser()
     args = parser.parse_args(None if argv is None else list(argv))
+    installed, previous = False, None
+    if threading.current_thread() is threading.main_thread():  # signals go to the main thread
+        previous, installed = signal.signal(signal.SIGTERM, _on_sigterm), True
     try:
         args.threads_used = configure_threads(args.threads)
         return args.func(args)
     except TelescopeError as err:
         parser.exit(2, f"telescope: error: {err}\n")
     except KeyboardInterrupt:
-        print("telescope: interrupted", file=sys.stderr)
+        print(_stopped(args, "interrupted"), file=sys.stderr)
         return 130
+    except Terminated:
+        print(_stopped(args, "terminated (SIGTERM)"), file=sys.stderr)
+        return 143
+    finally:
+        if installed:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -35,11 +35,31 @@ MODEL_PRESETS = ("mlp", "cnn", "transformer")
 DATA_PRESETS = ("mnist1d", "tokens")
 DEFAULT_DATA = {"mlp": "mnist1d", "cnn": "mnist1d", "transformer": "tokens"}
 TOKENS = {"vocab": 128, "seq_len": 16}
+OUTPUTS = {"mlp": 10, "cnn": 10, "transformer": TOKENS["vocab"]}
+"""Outputs per input of each preset (the ``O`` of a ``[N, N, O, O]`` kernel)."""
+
+
+def check_memory(need: int, what: str, fix: str) -> None:
+    """Refuse (:class:`~telescope.errors.UsageError`) a job whose arrays need more memory than
+    this machine has, before it allocates them; ``what`` and ``fix`` make the message."""
+    from telescope.runs.plan import format_bytes, total_memory
+
+    limit = total_memory()
+    if limit is not None and need > limit:
+        raise UsageError(f"{what} needs about {format_bytes(need)}, more than the "
+                         f"{format_bytes(limit)} of memory here: {fix}")
 
 
 # ---------------------------------------------------------------------------------------------
 # the kernel demo
 # ---------------------------------------------------------------------------------------------
+
+def check_demo_memory(n: int, n_test: int) -> None:
+    """Refuse a demo whose kernels cannot fit in memory: float64 infinite and empirical
+    ``[n, n]`` kernels (and copies) and ``[n_test, n]`` test-train kernels."""
+    check_memory(8 * (4 * n * n + 2 * n_test * n), f"the demo with --n {n} --n-test {n_test}",
+                 "lower --n or --n-test")
+
 
 def demo_widths(width: int | Sequence[int]) -> list[int]:
     """The widths the demo measures: a list is used as given (sorted, without repeats); a single
@@ -86,6 +106,7 @@ def run_demo(out: str | Path, n: int = 256, widths: Sequence[int] = (64, 256, 51
     widths = demo_widths(list(widths))
     if n < 2:
         raise UsageError(f"the demo needs at least 2 training points, got n={n}")
+    check_demo_memory(n, n_test)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -217,6 +238,33 @@ def format_table(rows: list[dict], columns: Sequence[str] = TABLE_COLUMNS) -> st
 # preset kernels (`telescope ntk`)
 # ---------------------------------------------------------------------------------------------
 
+def check_preset(model_name: str, data_name: str | None, n: int) -> str:
+    """Check a ``telescope ntk`` preset (model, data, number of points) before any work;
+    returns the data set's name (the model's default when ``data_name`` is ``None``)."""
+    if model_name not in MODEL_PRESETS:
+        raise UsageError(f"model must be one of {MODEL_PRESETS}, got {model_name!r}")
+    data_name = data_name or DEFAULT_DATA[model_name]
+    if data_name not in DATA_PRESETS:
+        raise UsageError(f"data must be one of {DATA_PRESETS}, got {data_name!r}")
+    if data_name != DEFAULT_DATA[model_name]:
+        raise UsageError(f"the {model_name} preset takes --data {DEFAULT_DATA[model_name]}, "
+                         f"not {data_name}")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise UsageError(f"n must be a positive number of points, got {n}")
+    return data_name
+
+
+def check_ntk_memory(model_name: str, n: int, output: str) -> None:
+    """Refuse a ``telescope ntk`` kernel that cannot fit in memory, before anything is built:
+    the float32 kernel (``[N, N]``, ``[N, N, O]`` or ``[N, N, O, O]``) and float64 copies of
+    its trace for the spectrum."""
+    outputs = OUTPUTS[model_name]
+    per_pair = {"trace": 1, "diagonal": outputs, "full": outputs * outputs}[output]
+    shape = {"trace": "[N, N]", "diagonal": "[N, N, O]", "full": "[N, N, O, O]"}[output]
+    fix = "lower --n" + ("" if output == "trace" else " (or use --output trace)")
+    check_memory(n * n * (4 * per_pair + 8 * 3), f"the {shape} kernel of --n {n} points", fix)
+
+
 def build_preset(model_name: str, data_name: str | None, n: int, seed: int
                  ) -> tuple[nn.Module, Tensor, Tensor | None, str]:
     """A built-in model (in eval mode) and ``n`` inputs for it: ``(model, x, labels, data_name)``.
@@ -228,17 +276,7 @@ def build_preset(model_name: str, data_name: str | None, n: int, seed: int
     """
     from telescope.models import MLP, ConvNet1d, TinyTransformer
 
-    if model_name not in MODEL_PRESETS:
-        raise UsageError(f"model must be one of {MODEL_PRESETS}, got {model_name!r}")
-    data_name = data_name or DEFAULT_DATA[model_name]
-    if data_name not in DATA_PRESETS:
-        raise UsageError(f"data must be one of {DATA_PRESETS}, got {data_name!r}")
-    if data_name != DEFAULT_DATA[model_name]:
-        raise UsageError(f"the {model_name} preset takes --data {DEFAULT_DATA[model_name]}, "
-                         f"not {data_name}")
-    if n < 1:
-        raise UsageError(f"n must be a positive number of points, got {n}")
-
+    data_name = check_preset(model_name, data_name, n)
     labels = None
     if data_name == "mnist1d":
         from telescope.data import load_mnist1d
@@ -277,8 +315,14 @@ def run_ntk_preset(model_name: str, data_name: str | None = None, *, n: int = 25
                    seed: int = 0, progress: bool = False) -> dict:
     """Compute the NTK of a preset, save ``kernel.pt`` and ``spectrum.png`` in ``out``.
 
+    ``kernel.pt`` holds tensors (``kernel``, ``eigenvalues``, ``x``, ``labels``) and plain
+    Python values only: ``torch.load(path, weights_only=True)`` reads it.
+
     Returns a summary dict (timing, shape, eigenvalues, effective rank, file paths).
     """
+    check_preset(model_name, data_name, n)
+    if output in ("trace", "diagonal", "full"):
+        check_ntk_memory(model_name, n, output)
     model, x, labels, data_name = build_preset(model_name, data_name, n, seed)
     start = time.perf_counter()
     k = telescope.ntk(model, x, method=method, output=output, progress=progress)
@@ -289,14 +333,18 @@ def run_ntk_preset(model_name: str, data_name: str | None = None, *, n: int = 25
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    # plain Python types and tensors only, so that torch.load(path, weights_only=True) works
+    # (torch.__version__ is a TorchVersion, which the safe unpickler refuses)
     summary = {
-        "model": model_name, "data": data_name, "n": int(x.shape[0]), "method": method,
-        "output": output, "seed": seed, "seconds": seconds, "shape": tuple(k.shape),
-        "n_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-        "effective_rank": eff_rank, "threads": torch.get_num_threads(),
-        "torch_version": torch.__version__, "telescope_version": telescope.__version__,
+        "model": str(model_name), "data": str(data_name), "n": int(x.shape[0]),
+        "method": str(method), "output": str(output), "seed": int(seed),
+        "seconds": float(seconds), "shape": tuple(int(d) for d in k.shape),
+        "n_params": int(sum(p.numel() for p in model.parameters() if p.requires_grad)),
+        "effective_rank": float(eff_rank), "threads": int(torch.get_num_threads()),
+        "torch_version": str(torch.__version__), "telescope_version": str(telescope.__version__),
     }
-    torch.save({**summary, "kernel": k, "eigenvalues": eig, "x": x, "labels": labels},
+    torch.save({**summary, "kernel": k.detach().cpu(), "eigenvalues": eig.detach().cpu(),
+                "x": x.detach().cpu(), "labels": None if labels is None else labels.cpu()},
                out / "kernel.pt")
     _plot_spectrum(eig, f"{model_name} on {data_name}, N={x.shape[0]}, trace NTK",
                    out / "spectrum.png")

@@ -17,7 +17,7 @@ import re
 import sys
 import textwrap
 import traceback
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -28,7 +28,8 @@ __all__ = ["write_report", "rebuild_report", "render_guide", "ReportError"]
 
 
 class ReportError(RuntimeError):
-    """A study's ``figures`` or ``headline`` raised; the report was written with the error."""
+    """A study's ``figures`` or ``headline`` raised, or files of the run could not be read; the
+    report was written with what there was, and says what is missing."""
 
 
 _CSS = """
@@ -150,18 +151,25 @@ def _duration(seconds: float | None) -> str:
 
 
 def write_report(run_dir: str | os.PathLike, study: Any, config: Any,
-                 df: pd.DataFrame) -> Path:
+                 df: pd.DataFrame, *, meta: Mapping[str, Any] | None = None,
+                 save_meta: bool = True, notes: list[str] | None = None) -> Path:
     """Make the study's figures from ``df`` and write ``run_dir/report.html``; returns its path.
 
+    ``meta``: the run's metadata to show (default: ``run.json``); ``save_meta``: record the
+    figures in ``run.json`` (off while another run writes the directory); ``notes``: lines
+    shown at the top of the page (e.g. files that could not be read).
+
     If the study's ``figures`` or ``headline`` raises, the page is still written (with the
-    error in place of the missing part) and :class:`ReportError` is raised afterwards.
+    error in place of the missing part) and :class:`ReportError` is raised afterwards. A
+    directory that cannot be written raises
+    :class:`~telescope.runs.store.RunDirectoryError`.
     """
     from telescope.runs.store import RunStore, atomic_write_text
     from telescope.studies.base import flatten_config
 
     run_dir = Path(run_dir)
     store = RunStore(run_dir)
-    meta = store.read_meta()
+    meta = dict(store.read_meta() if meta is None else meta)
     errors: list[tuple[str, BaseException]] = []
 
     figures: list[Path] = []
@@ -176,7 +184,7 @@ def write_report(run_dir: str | os.PathLike, study: Any, config: Any,
         except Exception as exc:  # noqa: BLE001
             errors.append(("headline", exc))
     meta["figures"] = [p.name for p in figures]
-    if meta:
+    if meta and save_meta:
         store.write_meta(meta)
 
     total = meta.get("points_total")
@@ -192,6 +200,8 @@ def write_report(run_dir: str | os.PathLike, study: Any, config: Any,
     if total is not None and done is not None and done < total:
         status.append("partial results: re-run the same command to finish")
     parts.append(f"<p><strong>{html.escape('; '.join(status))}</strong></p>")
+    for note in notes or []:
+        parts.append(f'<div class="error"><p>{html.escape(note)}</p></div>')
 
     for what, exc in errors:
         tb = "".join(traceback.format_exception(exc))
@@ -264,7 +274,8 @@ def write_report(run_dir: str | os.PathLike, study: Any, config: Any,
             f"<title>{html.escape(title)}</title>"
             "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
             f"<style>{_CSS}</style></head><body>\n" + "\n".join(parts) + "\n</body></html>\n")
-    path = atomic_write_text(run_dir / "report.html", page)
+    path = run_dir / "report.html"
+    store._write(path, lambda: atomic_write_text(path, page))
     if errors:
         what, exc = errors[0]
         print("".join(traceback.format_exception(exc)), file=sys.stderr)
@@ -273,23 +284,90 @@ def write_report(run_dir: str | os.PathLike, study: Any, config: Any,
     return path
 
 
-def rebuild_report(run_dir: str | os.PathLike) -> Path:
-    """Rebuild ``results.parquet``, the figures and ``report.html`` of a run directory from its
-    point files and ``config.json`` (nothing is recomputed)."""
-    from telescope.runs.store import RunStore, point_key
+def rebuild_report(run_dir: str | os.PathLike, *,
+                   log: Callable[[str], None] | None = None) -> Path:
+    """Make the figures and ``report.html`` of a run directory again from its saved results and
+    ``config.json`` (nothing is recomputed, nothing is deleted); returns the report's path.
+
+    ``results.parquet`` is what the report shows. It is rebuilt from the point files only when
+    that loses nothing: every point file can be read, there is a ``points/`` directory, the
+    rebuilt table holds at least what the current one does, and no run is writing the
+    directory (its lock is free). Otherwise it is left byte for byte as it is and the report
+    uses it (or, where it is missing or unreadable, the point files that can be read).
+
+    ``log`` gets one line per thing worth knowing (a missing ``points/``, a run in progress).
+    Files that cannot be read raise :class:`ReportError` after the report is written.
+    """
+    from telescope.runs.store import (
+        RunStore,
+        _reason,
+        concat_points,
+        ensure_writable_dir,
+        point_key,
+    )
     from telescope.studies import get_study
     from telescope.studies.base import config_from_dict
 
-    store = RunStore(run_dir)
-    saved = store.read_config()
-    study = get_study(saved.get("study", ""))
-    config = config_from_dict(study.config_cls, saved.get("config") or {}, strict=False)
-    points = list(study.points(config))
-    df = store.rebuild_results(points)
-    meta = store.read_meta()
-    done_keys = {point_key(p) for p in points if store.has_point(p)}
-    meta.update({"study": study.name, "points_total": len(points),
-                 "points_done": len(done_keys),
-                 "failed": [f for f in meta.get("failed") or [] if f.get("key") not in done_keys]})
-    store.write_meta(meta)
-    return write_report(run_dir, study, config, df)
+    log = log or (lambda msg: print(msg, file=sys.stderr))
+    run_dir = Path(run_dir)
+    with RunStore(run_dir) as store:
+        saved = store.read_config()
+        ensure_writable_dir(run_dir, "the run directory",
+                            "make it writable (or copy it) and run telescope report again")
+        study = get_study(saved["study"])
+        config = config_from_dict(study.config_cls, saved["config"], strict=False)
+        points = list(study.points(config))
+        frames, damaged = store.scan_points(points)
+        unreadable = [f"{path} ({why})" for path, why in damaged.items()]
+        existing = None
+        if store.results_path.exists():
+            try:
+                existing = store.read_results()
+            except (OSError, ValueError) as err:
+                unreadable.insert(0, f"{store.results_path} ({_reason(err)})")
+        owner = store.try_lock()
+        if not owner:
+            log(f"a run is writing {run_dir}: results.parquet and run.json are left to it")
+        has_points = store.points_dir.is_dir()
+        if not has_points:
+            log(f"{store.points_dir} is missing: the report shows results.parquet as it is")
+
+        df = concat_points(points, frames)
+        can_rebuild = (owner and has_points and not unreadable
+                       and store.results_at_risk(points, frames) is None)
+        if existing is not None and not can_rebuild:
+            df = existing
+        elif existing is not None and _same_table(df, existing):
+            df = existing                                  # nothing to write
+        elif can_rebuild and len(df.columns):
+            df = store.write_results(points, frames)
+
+        meta = store.read_meta()
+        done_keys = {point_key(p) for p in points if point_key(p) in frames}
+        if has_points and not unreadable:
+            meta.update({"study": study.name, "points_total": len(points),
+                         "points_done": len(done_keys),
+                         "failed": [f for f in meta.get("failed") or []
+                                    if f.get("key") not in done_keys]})
+        notes = []
+        if unreadable:
+            notes.append(f"{len(unreadable)} file(s) could not be read: "
+                         f"{'; '.join(unreadable)}. results.parquet was left as it is.")
+        path = write_report(run_dir, study, config, df, meta=meta,
+                            save_meta=owner and has_points and not unreadable, notes=notes)
+    if unreadable:
+        shown = "; ".join(unreadable[:3]) + ("; ..." if len(unreadable) > 3 else "")
+        raise ReportError(f"{len(unreadable)} file(s) of {run_dir} could not be read ({shown}); "
+                          f"results.parquet was left as it is and the report shows "
+                          f"{'it' if existing is not None else 'the readable points'}: {path}. "
+                          f"Re-run the study's command: it moves the damaged files to "
+                          f"set-aside/ and computes their points again")
+    return path
+
+
+def _same_table(a: pd.DataFrame, b: pd.DataFrame) -> bool:
+    try:
+        pd.testing.assert_frame_equal(a, b, check_dtype=False)
+    except AssertionError:
+        return False
+    return True

@@ -7,6 +7,11 @@ flight, and re-running the same command skips the finished ones. A point that ra
 nothing: the error is reported (which point, and a traceback summary), the other points go on,
 and :func:`run_sweep` returns the failures (the CLI then exits non-zero).
 
+Worker processes never outlive the run: each exits when its parent process dies, however it dies
+(``prctl(PR_SET_PDEATHSIG)`` on Linux, and a watchdog thread everywhere that polls the parent's
+pid), and ignores SIGINT and SIGTERM, which are the parent's to handle: an interrupted parent
+stops its workers itself, keeps the finished points and writes ``run.json``.
+
 Threads: the sequential executor uses the process's own torch thread count (``--threads``);
 ``K`` local workers each use ``max(1, cpus // K)`` threads (``cpus``: the CPUs this process may
 run on) unless told otherwise; a Ray task uses as many threads as the CPUs it reserved.
@@ -16,11 +21,15 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import contextlib
+import ctypes
 import multiprocessing
 import os
 import pickle
 import platform
+import signal
+import subprocess
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable, Mapping, Sequence
@@ -32,10 +41,12 @@ from typing import Any
 
 from telescope._threads import available_cpus, configure_threads
 from telescope.errors import TelescopeError, UsageError
+from telescope.runs.plan import check_points, plan_sweep
+from telescope.runs.store import RunDirectoryError, RunStore, point_key
 
 __all__ = ["Progress", "TqdmProgress", "PointResult", "SweepResult", "LocalExecutor",
            "RayExecutor", "ExecutorUnavailableError", "make_executor", "execute_point",
-           "run_sweep", "versions"]
+           "run_sweep", "versions", "git_commit", "machine"]
 
 
 # --------------------------------------------------------------------------- progress
@@ -190,7 +201,36 @@ def _resolve_study(ref: Any) -> Any:
     return ref
 
 
-def _init_worker(threads: int) -> None:
+_PR_SET_PDEATHSIG = 1
+WATCHDOG_SECONDS = 0.5
+"""How often a worker checks that its parent is still alive (the portable fallback)."""
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Make this worker process exit when the process ``parent_pid`` (its parent) dies."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent_pid:  # the parent died before the line above took effect
+        os._exit(1)
+
+    def watch() -> None:
+        while True:
+            time.sleep(WATCHDOG_SECONDS)
+            if os.getppid() != parent_pid:  # orphaned: re-parented to init or a subreaper
+                os._exit(1)
+
+    threading.Thread(target=watch, name="telescope-parent-watchdog", daemon=True).start()
+
+
+def _init_worker(threads: int, parent_pid: int | None = None) -> None:
+    """Set up a worker process: leave SIGINT/SIGTERM to the parent, exit with the parent, set
+    the torch threads."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+    if parent_pid is not None:
+        _die_with_parent(parent_pid)
     configure_threads(threads)
 
 
@@ -240,7 +280,8 @@ class LocalExecutor:
     def _new_pool(self) -> cf.ProcessPoolExecutor:
         return cf.ProcessPoolExecutor(max_workers=self.workers,
                                       mp_context=multiprocessing.get_context("spawn"),
-                                      initializer=_init_worker, initargs=(self._threads(),))
+                                      initializer=_init_worker,
+                                      initargs=(self._threads(), os.getpid()))
 
     def _run_pool(self, study: Any, config: Any, points: list[dict[str, Any]],
                   on_result: OnResult) -> None:
@@ -275,11 +316,16 @@ class LocalExecutor:
                                              seconds=time.perf_counter() - start)
                     on_result(result)
         except BaseException:
-            # interrupted: stop the workers we started, do not wait for their points
-            for proc in list(getattr(pool, "_processes", {}).values()):
+            # interrupted: stop the workers we started (they ignore SIGTERM), do not wait for
+            # their points
+            procs = list((getattr(pool, "_processes", None) or {}).values())
+            for proc in procs:
                 with contextlib.suppress(Exception):
-                    proc.terminate()
+                    proc.kill()
             pool.shutdown(wait=False, cancel_futures=True)
+            for proc in procs:
+                with contextlib.suppress(Exception):
+                    proc.join(timeout=5)
             raise
         pool.shutdown(wait=True)
 
@@ -413,8 +459,57 @@ class SweepResult:
         return self.skipped + self.computed
 
 
+def _git(*args: str, cwd: Path) -> str | None:
+    try:
+        out = subprocess.run(["git", "-C", str(cwd), *args], capture_output=True, text=True,
+                             timeout=10, stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout if out.returncode == 0 else None
+
+
+def git_commit() -> str | None:
+    """The commit of the git checkout telescope is imported from (``-dirty`` appended when
+    ``git status --porcelain`` lists changes); ``None`` when it is not imported from a git
+    checkout (an installed package), or git is missing. Never raises."""
+    import telescope
+
+    try:
+        package = Path(telescope.__file__).resolve().parent
+    except (TypeError, OSError):  # no file (a frozen or namespace package)
+        return None
+    # the package itself must be tracked by that repository (not a venv inside another repo)
+    if _git("ls-files", "--error-unmatch", "__init__.py", cwd=package) is None:
+        return None
+    head = _git("rev-parse", "HEAD", cwd=package)
+    if not head or not head.strip():
+        return None
+    status = _git("status", "--porcelain", cwd=package)
+    return head.strip() + ("-dirty" if status and status.strip() else "")
+
+
+def machine() -> str:
+    """A short description of this machine: the CPU model and the number of CPUs, e.g.
+    ``"AMD EPYC 7B13 (x86_64), 2 CPUs"``."""
+    model = ""
+    with contextlib.suppress(OSError, UnicodeDecodeError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() in ("model name", "Model", "Hardware", "cpu model") and value.strip():
+                model = value.strip()
+                break
+    model = model or platform.processor() or "unknown CPU"
+    arch = platform.machine()
+    if arch and arch not in model:
+        model += f" ({arch})"
+    n = os.cpu_count() or 0
+    return f"{model}, {n} CPU{'s' if n != 1 else ''}"
+
+
 def versions() -> dict[str, str]:
-    """Versions of Python, the platform and the libraries a run depends on."""
+    """Versions of Python, the platform and the libraries a run depends on, the git commit
+    of the telescope source tree (``git_commit``, where it is a git checkout) and the machine
+    (``machine``: CPU model and count)."""
     from importlib.metadata import PackageNotFoundError, version
 
     out = {"python": platform.python_version(), "platform": platform.platform()}
@@ -424,26 +519,21 @@ def versions() -> dict[str, str]:
             out[pkg] = version(pkg)
         except PackageNotFoundError:
             continue
+    commit = git_commit()
+    if commit:
+        out["git_commit"] = commit
+    out["machine"] = machine()
     return out
 
 
-def _check_points(study: Any, points: Any) -> list[dict[str, Any]]:
-    from telescope.runs.store import point_key
+_check_points = check_points  # the old private name
 
-    if not isinstance(points, (list, tuple)):
-        raise ValueError(f"study {study.name!r}: points(config) must return a list of dicts")
-    seen: dict[str, dict] = {}
-    out = []
-    for point in points:
-        if not isinstance(point, Mapping):
-            raise ValueError(f"study {study.name!r}: every sweep point must be a dict, got "
-                             f"{point!r}")
-        key = point_key(point)
-        if key in seen:
-            raise ValueError(f"study {study.name!r}: the sweep point {dict(point)} appears twice")
-        seen[key] = dict(point)
-        out.append(dict(point))
-    return out
+
+def _concurrency(executor: Any) -> int | None:
+    """Points that run at once on this machine (``None``: elsewhere, e.g. Ray)."""
+    if isinstance(executor, LocalExecutor):
+        return executor.workers
+    return None
 
 
 def run_sweep(study: Any, config: Any, run_dir: str | os.PathLike, *,
@@ -452,29 +542,51 @@ def run_sweep(study: Any, config: Any, run_dir: str | os.PathLike, *,
               log: Callable[[str], None] | None = None) -> SweepResult:
     """Run every point of ``study`` under ``config`` not yet finished in ``run_dir``.
 
-    Writes ``config.json`` (or checks it: a different config raises
+    Checks the sweep's size first (:func:`telescope.runs.plan.plan_sweep`). Writes
+    ``config.json`` (or checks it: a different config raises
     :class:`~telescope.runs.store.ConfigMismatchError` unless ``force``, which discards the old
-    results), each point's file as it completes, ``results.parquet`` after each point and
-    ``run.json`` (metadata) at the end, also when interrupted. Failed points are reported
-    through ``log`` and returned in :attr:`SweepResult.failed`; they are retried by the next run.
+    results; a directory that is not a telescope run is refused), each point's file as it
+    completes, ``results.parquet`` after each point and ``run.json`` (metadata) at the end, also
+    when interrupted. The directory is locked for the run. A point file that cannot be read is
+    moved to ``set-aside/`` and its point runs again; so is a ``results.parquet`` that holds more
+    than the point files. Failed points are reported through ``log`` and returned in
+    :attr:`SweepResult.failed`; they are retried by the next run. A run directory that cannot be
+    written (disk full) raises :class:`~telescope.runs.store.RunDirectoryError` saying what was
+    saved.
     """
     from tqdm.auto import tqdm
 
-    from telescope.runs.store import RunStore, point_key
     from telescope.studies.base import config_to_dict
 
     executor = executor or LocalExecutor(1, progress=progress)
     log = log or (lambda msg: tqdm.write(msg, file=sys.stderr))
-    points = _check_points(study, study.points(config))
+    points = plan_sweep(study, config, workers=_concurrency(executor)).points
     if not points:
         raise UsageError(f"study {study.name!r}: the sweep has no points")
-    store = RunStore(run_dir)
-    store.prepare(study.name, preset, config_to_dict(config), force=force)
-    frames = store.load_points(points)
+    with RunStore(run_dir) as store:
+        store.prepare(study.name, preset, config_to_dict(config), force=force)
+        frames, damaged = store.scan_points(points)
+        for path, why in damaged.items():
+            kept = store.set_aside(path)
+            log(f"{path} cannot be read ({why}); kept as {kept}; its point runs again")
+        risk = store.results_at_risk(points, frames)
+        if risk:
+            kept = store.set_aside(store.results_path)
+            log(f"{store.results_path} was not rebuilt from the point files ({risk}); kept as "
+                f"{kept}; the missing points run again")
+        if frames:
+            store.write_results(points, frames)
+        return _sweep(study, config, executor, store, points, frames, preset, progress, log)
+
+
+def _sweep(study: Any, config: Any, executor: Any, store: RunStore, points: list[dict[str, Any]],
+           frames: dict[str, Any], preset: str | None, progress: bool,
+           log: Callable[[str], None]) -> SweepResult:
+    """The sweep proper, in a prepared and locked run directory (see :func:`run_sweep`)."""
+    from tqdm.auto import tqdm
+
     pending = [p for p in points if point_key(p) not in frames]
-    if frames:
-        store.write_results(points, frames)
-    result = SweepResult(Path(run_dir), total=len(points), skipped=len(frames), computed=0)
+    result = SweepResult(store.dir, total=len(points), skipped=len(frames), computed=0)
 
     meta = store.read_meta()
     meta.update({"study": study.name, "preset": preset, "points_total": len(points),
@@ -491,22 +603,33 @@ def run_sweep(study: Any, config: Any, run_dir: str | os.PathLike, *,
     start = time.perf_counter()
     bar = tqdm(total=len(points), initial=len(frames), desc=study.name, unit="point",
                disable=not progress, file=sys.stderr, dynamic_ncols=True, position=0)
+    results_error: list[OSError] = []   # results.parquet could not be written (disk full)
 
     def on_result(res: PointResult) -> None:
         key = point_key(res.point)
         if res.ok:
             try:
                 frames[key] = store.write_point(res.point, res.rows or [], seconds=res.seconds)
-                store.write_results(points, frames)
-            except Exception as exc:  # noqa: BLE001 - e.g. rows pyarrow cannot store
-                if frames.pop(key, None) is not None:  # not resumable as done: remove it
-                    with contextlib.suppress(OSError):
-                        store.point_path(res.point).unlink()
-                    with contextlib.suppress(Exception):
-                        store.write_results(points, frames)
+            except Exception as exc:  # noqa: BLE001 - rows pyarrow cannot store, a full disk
                 res = PointResult(res.point, error=f"cannot save its rows: {_summarize(exc)}",
                                   traceback="".join(traceback.format_exception(exc)),
                                   seconds=res.seconds)
+        if res.ok:
+            try:
+                store.write_results(points, frames)
+            except RunDirectoryError as exc:  # the point is saved; results.parquet lags
+                results_error.append(exc)
+            except Exception as exc:  # noqa: BLE001 - e.g. a column's type differs by point
+                frames.pop(key, None)          # not resumable as done: remove it
+                with contextlib.suppress(OSError):
+                    store.point_path(res.point).unlink()
+                with contextlib.suppress(Exception):
+                    store.write_results(points, frames)
+                res = PointResult(res.point, error=f"cannot save its rows: {_summarize(exc)}",
+                                  traceback="".join(traceback.format_exception(exc)),
+                                  seconds=res.seconds)
+            else:
+                results_error.clear()
         if res.ok:
             result.computed += 1
             point_seconds[key] = round(res.seconds, 3)
@@ -517,8 +640,11 @@ def run_sweep(study: Any, config: Any, run_dir: str | os.PathLike, *,
             bar.set_postfix(failed=len(result.failed))
         bar.update(1)
 
+    meta_error: RunDirectoryError | None = None
+    interrupted = True
     try:
         executor.run(study, config, pending, on_result)
+        interrupted = False
     finally:
         bar.close()
         result.seconds = time.perf_counter() - start
@@ -532,5 +658,23 @@ def run_sweep(study: Any, config: Any, run_dir: str | os.PathLike, *,
             "failed": [{"point": f.point, "key": point_key(f.point), "error": f.error,
                         "traceback": f.traceback} for f in result.failed],
         })
-        store.write_meta(meta)
+        try:
+            store.write_meta(meta)
+        except RunDirectoryError as exc:
+            meta_error = exc
+            if interrupted:  # the interruption propagates: say it here
+                log(f"telescope: {exc}")
+    if meta_error is not None or results_error:
+        what = ", ".join(f for f, bad in (("run.json", meta_error),
+                                          ("results.parquet", results_error)) if bad)
+        cause = meta_error or results_error[0]
+        original = cause.__cause__ if isinstance(cause.__cause__, OSError) else cause
+        reason = original.strerror or str(original)
+        lost = len(result.failed)
+        raise RunDirectoryError(
+            f"cannot write {what} in {store.dir} ({reason}): {len(frames)} of "
+            f"{len(points)} points are saved in {store.points_dir}"
+            + (f", {lost} failed or could not be saved" if lost else "")
+            + "; free some space and re-run the same command to finish (or `telescope report "
+            f"{store.dir}` to rebuild results.parquet)") from cause
     return result

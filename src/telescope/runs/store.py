@@ -7,16 +7,25 @@ Layout of ``DIR``::
     points/<key>.parquet     one file per finished point (its tidy rows)
     results.parquet          all finished points, in sweep order (rebuilt after each point)
     *.png, *.svg             figures; report.html
+    set-aside/               files the run could not use, kept instead of deleted (a damaged
+                             point file, a results.parquet that held more than the points)
+    .telescope-lock          held (``flock``) by the run writing the directory
 
 Every file is written to a temporary file in its own directory and then ``os.replace``d into
 place, so a reader (or a run killed at any moment) sees either the old file or the new one,
 never a partial file. A point's key is the SHA-1 of its JSON with sorted keys: the same point
 has the same file in every run, which is how re-running a command resumes.
+
+Nothing here deletes data it was not asked to: a damaged point file is moved to ``set-aside/``
+(:meth:`RunStore.set_aside`) before its point is computed again, ``results.parquet`` is only
+rewritten by the run that holds the lock, and :meth:`RunStore.prepare` refuses a directory that is
+not a telescope run (even with ``force``) unless it is empty.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import math
@@ -24,6 +33,7 @@ import os
 import tempfile
 import warnings
 from collections.abc import Callable, Iterable, Mapping
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -31,13 +41,17 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from telescope.errors import UsageError
+from telescope.errors import TelescopeError, UsageError
 
-__all__ = ["RunStore", "ConfigMismatchError", "point_key", "canonical_json", "atomic_write",
-           "atomic_write_text", "rows_to_frame"]
+__all__ = ["RunStore", "ConfigMismatchError", "NotARunError", "RunDirectoryError",
+           "RunInUseError", "point_key", "canonical_json", "atomic_write", "atomic_write_text",
+           "rows_to_frame", "ensure_writable_dir", "concat_points"]
 
 _TMP_PREFIX = ".tmp-"
 _META_KEY = b"telescope.point"
+LOCK_NAME = ".telescope-lock"
+SET_ASIDE = "set-aside"
+_READ_ERRORS = (OSError, ValueError, pa.ArrowException)
 
 
 def _file_mode() -> int:
@@ -52,6 +66,83 @@ _FILE_MODE = _file_mode()
 
 class ConfigMismatchError(UsageError):
     """The run directory holds results of a different study or config."""
+
+
+class NotARunError(UsageError):
+    """The directory is not a telescope run (its ``config.json`` is someone else's, or it holds
+    other files): it is never written to, not even with ``force``."""
+
+
+class RunInUseError(UsageError):
+    """Another telescope run is writing the directory (it holds the lock)."""
+
+
+class RunDirectoryError(TelescopeError, OSError):
+    """A run directory (or another output directory) cannot be created, read or written: it is
+    a file, lies under a file, is read-only, or the disk is full. The message says which file,
+    what was saved and what to do."""
+
+
+def _reason(err: BaseException) -> str:
+    """``err`` in a few words: the OS's text for an OSError (``Permission denied``)."""
+    if isinstance(err, OSError) and err.strerror:
+        return err.strerror
+    return f"{type(err).__name__}: {err}"
+
+
+def _file_ancestor(path: Path) -> Path | None:
+    """The nearest existing ancestor of ``path`` that is not a directory (``None``: none is)."""
+    for parent in [path, *path.parents]:
+        if parent.exists() or parent.is_symlink():
+            return None if parent.is_dir() else parent
+    return None
+
+
+def ensure_writable_dir(path: str | os.PathLike, what: str = "--out",
+                        fix: str | None = None) -> Path:
+    """Create the directory ``path`` if needed and check, with a real write, that files can be
+    created in it; returns it. Every problem raises :class:`RunDirectoryError` with one line
+    naming the directory and the fix (``what`` names the option that gave it; ``fix``
+    replaces the default advice, "choose another / a writable --out")."""
+    path = Path(path)
+    if (path.exists() or path.is_symlink()) and not path.is_dir():
+        raise RunDirectoryError(f"{what} {path} is a file, not a directory: "
+                                f"{fix or f'choose another {what}'}")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        blocker = _file_ancestor(path)
+        if blocker is not None:
+            raise RunDirectoryError(f"cannot create {what} {path}: {blocker} is a file, not a "
+                                    f"directory; {fix or f'choose another {what}'}") from None
+        raise RunDirectoryError(f"cannot create {what} {path} ({_reason(err)}); "
+                                f"{fix or f'choose a writable {what}'}") from None
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f"{_TMP_PREFIX}probe.", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise RunDirectoryError(f"cannot write to {what} {path} ({_reason(err)}); "
+                                f"{fix or f'choose a writable {what}'}") from None
+    return path
+
+
+def _config_problem(data: Any) -> str | None:
+    """Why ``data`` (a parsed ``config.json``) is not a telescope run's config, or ``None``."""
+    if not isinstance(data, Mapping):
+        kind = {list: "list", str: "string", bool: "boolean", type(None): "null"}.get(
+            type(data), "number")
+        return f"a JSON {kind}, not an object with the keys study, preset and config"
+    missing = [k for k in ("study", "preset", "config") if k not in data]
+    if missing:
+        return f"no {' and no '.join(repr(k) for k in missing)} key"
+    if not isinstance(data["study"], str) or not data["study"]:
+        return f"'study' is {data['study']!r}, not a study name"
+    if not isinstance(data["config"], Mapping):
+        return f"'config' is a {type(data['config']).__name__}, not an object"
+    if data["preset"] is not None and not isinstance(data["preset"], str):
+        return f"'preset' is {data['preset']!r}, not a preset name"
+    return None
 
 
 def canonical_json(value: Any) -> str:
@@ -126,6 +217,20 @@ def rows_to_frame(point: Mapping[str, Any], rows: Iterable[Mapping[str, Any]]) -
     return pd.DataFrame.from_records(records, columns=columns)
 
 
+def concat_points(points: list[Mapping[str, Any]],
+                  frames: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
+    """The rows of the points in ``frames`` (by key), in the order of ``points``: the table
+    ``results.parquet`` holds."""
+    parts = [frames[k] for k in (point_key(p) for p in points) if k in frames]
+    parts = [p for p in parts if len(p.columns)]
+    if not parts:
+        return pd.DataFrame()
+    with warnings.catch_warnings():
+        # concatenating a point without rows (all-NA columns) is fine here
+        warnings.simplefilter("ignore", FutureWarning)
+        return pd.concat(parts, ignore_index=True, sort=False)
+
+
 class RunStore:
     """The files of one run directory (see the module docstring)."""
 
@@ -135,54 +240,123 @@ class RunStore:
         self.meta_path = self.dir / "run.json"
         self.points_dir = self.dir / "points"
         self.results_path = self.dir / "results.parquet"
+        self._lock_fd: int | None = None
 
     # ------------------------------------------------------------------ config
 
     def read_config(self) -> dict[str, Any]:
-        """The saved ``config.json`` (``{"study", "preset", "config"}``)."""
-        if not self.config_path.is_file():
+        """The saved ``config.json`` (``{"study", "preset", "config"}``), checked to be a
+        telescope run's: anything else raises :class:`NotARunError`."""
+        if not self.config_path.exists():
             raise UsageError(f"{self.dir} is not a run directory (no config.json)")
         try:
-            return json.loads(self.config_path.read_text(encoding="utf-8"))
+            text = self.config_path.read_text(encoding="utf-8")
+        except IsADirectoryError:
+            raise NotARunError(f"{self.config_path} is not a telescope run's config (a "
+                               f"directory); use another --out") from None
+        except UnicodeDecodeError:
+            raise NotARunError(f"{self.config_path} is not a telescope run's config (not UTF-8 "
+                               f"text); use another --out") from None
+        except OSError as err:
+            raise RunDirectoryError(f"cannot read {self.config_path} ({_reason(err)}); make it "
+                                    f"readable or use another --out") from None
+        try:
+            data = json.loads(text)
         except json.JSONDecodeError as err:
-            raise UsageError(f"{self.config_path} is not valid JSON: {err}") from None
+            raise NotARunError(f"{self.config_path} is not a telescope run's config (not valid "
+                               f"JSON: {err}); use another --out") from None
+        problem = _config_problem(data)
+        if problem:
+            raise NotARunError(f"{self.config_path} is not a telescope run's config ({problem}); "
+                               f"use another --out")
+        return data
+
+    def _is_empty(self) -> bool:
+        """Whether the directory holds nothing a run would have to respect: no entries but an
+        empty ``points/`` (a run killed before its config was written), the lock and temporary
+        files."""
+        for entry in self.dir.iterdir():
+            if entry.name == LOCK_NAME or entry.name.startswith(_TMP_PREFIX):
+                continue
+            if entry == self.points_dir and entry.is_dir() and all(
+                    f.name.startswith(_TMP_PREFIX) for f in entry.iterdir()):
+                continue
+            return False
+        return True
+
+    def check(self, study: str, config: dict[str, Any], *, force: bool = False) -> bool:
+        """Check, without writing anything, that the directory may hold this run: returns
+        ``True`` when it holds points of the same study and config (they may be resumed).
+
+        Raises :class:`RunDirectoryError` when it is a file or lies under one,
+        :class:`NotARunError` when its ``config.json`` is not a telescope run's or it is not
+        empty and has no ``config.json`` (both even with ``force``), and
+        :class:`ConfigMismatchError` when it holds another study's or config's results (unless
+        ``force``: they will be discarded)."""
+        if (self.dir.exists() or self.dir.is_symlink()) and not self.dir.is_dir():
+            raise RunDirectoryError(f"--out {self.dir} is a file, not a directory: choose "
+                                    f"another --out")
+        blocker = _file_ancestor(self.dir)
+        if blocker is not None:
+            raise RunDirectoryError(f"cannot create --out {self.dir}: {blocker} is a file, not "
+                                    f"a directory; choose another --out")
+        if not self.dir.is_dir():
+            return False
+        if not (self.config_path.exists() or self.config_path.is_symlink()):
+            try:
+                empty = self._is_empty()
+            except OSError as err:
+                raise RunDirectoryError(f"cannot list {self.dir} ({_reason(err)}); choose "
+                                        f"another --out") from None
+            if not empty:
+                raise NotARunError(f"{self.dir} is not empty and holds no telescope run (no "
+                                   f"config.json); choose a new or empty --out")
+            return False
+        saved = self.read_config()
+        same = (saved.get("study") == study and
+                canonical_json(saved.get("config")) == canonical_json(_normalize(config)))
+        if same:
+            return True
+        if not force:
+            raise ConfigMismatchError(
+                f"{self.dir} holds results of a different "
+                f"{'study' if saved.get('study') != study else 'config'} "
+                f"({_describe_diff(saved, study, config)}); use --force to discard them "
+                f"and start over, or another --out")
+        return False
 
     def prepare(self, study: str, preset: str | None, config: dict[str, Any], *,
                 force: bool = False) -> bool:
-        """Create the directory and ``config.json``, or check the saved one matches.
+        """Create the directory and ``config.json``, or check the saved one matches, and take
+        the directory's lock (held until :meth:`close`).
 
-        A directory that holds another study's or config's results raises
-        :class:`ConfigMismatchError` (listing the differences), unless ``force``: then its
-        points, results and report are deleted and the run starts over. Returns ``True`` when
-        previous points (of the same config) may be resumed.
+        See :meth:`check` for the directories refused. With ``force`` the points, results and
+        report of another study or config are deleted and the run starts over. Returns ``True``
+        when previous points (of the same config) may be resumed.
         """
         wanted = {"study": study, "preset": preset, "config": config}
-        resumable = False
-        if self.config_path.exists():
-            saved = self.read_config()
-            same = (saved.get("study") == study and
-                    canonical_json(saved.get("config")) == canonical_json(_normalize(config)))
-            if same:
-                resumable = True
-            elif not force:
-                raise ConfigMismatchError(
-                    f"{self.dir} holds results of a different "
-                    f"{'study' if saved.get('study') != study else 'config'} "
-                    f"({_describe_diff(saved, study, config)}); use --force to discard them "
-                    f"and start over, or another --out")
-            else:
+        resumable = self.check(study, config, force=force)
+        had_config = self.config_path.is_file()
+        ensure_writable_dir(self.dir)
+        self.acquire_lock()
+        try:
+            if had_config and not resumable:
                 self.clear()
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.points_dir.mkdir(exist_ok=True)
-        self.remove_stale_temp_files()
-        if not resumable or canonical_json(self.read_config()) != canonical_json(
-                _normalize(wanted)):
-            atomic_write_text(self.config_path,
-                              json.dumps(wanted, indent=2, sort_keys=False, allow_nan=True) + "\n")
+            self.points_dir.mkdir(exist_ok=True)
+            ensure_writable_dir(self.points_dir, "the points directory")
+            self.remove_stale_temp_files()
+            if not resumable or canonical_json(self.read_config()) != canonical_json(
+                    _normalize(wanted)):
+                text = json.dumps(wanted, indent=2, sort_keys=False, allow_nan=True) + "\n"
+                self._write(self.config_path, lambda: atomic_write_text(self.config_path, text))
+        except BaseException:
+            self.close()
+            raise
         return resumable
 
     def clear(self) -> None:
-        """Delete the points, results, metadata, figures and report this run wrote."""
+        """Delete the points, results, metadata, figures and report this run wrote (not
+        ``set-aside/``: what was kept aside stays)."""
         if self.points_dir.is_dir():
             for f in self.points_dir.iterdir():
                 if f.suffix == ".parquet" or f.name.startswith(_TMP_PREFIX):
@@ -195,6 +369,93 @@ class RunStore:
         for f in (self.results_path, self.meta_path, self.dir / "report.html"):
             with contextlib.suppress(FileNotFoundError):
                 f.unlink()
+
+    # ------------------------------------------------------------------ the lock
+
+    def acquire_lock(self, *, wait: bool = False) -> bool:
+        """Take the directory's lock (an ``flock`` on ``.telescope-lock``, released by
+        :meth:`close` or when the process ends, however it ends). Another holder raises
+        :class:`RunInUseError`. Returns ``False`` where the platform has no ``flock``."""
+        if self._lock_fd is not None:
+            return True
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - Windows
+            return False
+        path = self.dir / LOCK_NAME
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, _FILE_MODE)
+        except OSError as err:
+            raise RunDirectoryError(f"cannot create {path} ({_reason(err)}); choose a writable "
+                                    f"--out") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except OSError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise RunInUseError(f"{self.dir} is being written by another telescope run (pid "
+                                f"{holder}); wait for it to finish, or choose another --out"
+                                ) from None
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, 0)
+            os.write(fd, str(os.getpid()).encode())
+        self._lock_fd = fd
+        return True
+
+    def try_lock(self) -> bool:
+        """Take the lock if nobody holds it: ``True`` when this process now holds it (or the
+        platform has no locks), ``False`` when another run does."""
+        try:
+            self.acquire_lock()
+        except RunInUseError:
+            return False
+        except RunDirectoryError:  # a read-only directory: nobody can be writing it
+            return True
+        return True
+
+    def close(self) -> None:
+        """Release the lock, if held."""
+        fd = self._lock_fd
+        if fd is not None:
+            self._lock_fd = None
+            os.close(fd)
+
+    def __enter__(self) -> RunStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ writing
+
+    def _write(self, path: Path, write: Callable[[], Any]) -> Any:
+        """Run ``write()``; an OSError becomes a one-line :class:`RunDirectoryError`."""
+        try:
+            return write()
+        except OSError as err:
+            if isinstance(err, TelescopeError):
+                raise
+            hint = ("free some space" if err.errno in (errno.ENOSPC, errno.EDQUOT)
+                    else "check the directory's permissions")
+            raise RunDirectoryError(f"cannot write {path} ({_reason(err)}); {hint} and "
+                                    f"re-run the same command") from err
+
+    def set_aside(self, path: Path) -> Path:
+        """Move ``path`` (a damaged point file, an outdated ``results.parquet``) into
+        ``DIR/set-aside/``, named with the time and its place in the run; returns where it is
+        now. Nothing is deleted."""
+        path = Path(path)
+        folder = self.dir / SET_ASIDE
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+        rel = path.relative_to(self.dir) if path.is_relative_to(self.dir) else Path(path.name)
+        target = folder / f"{stamp}-{'-'.join(rel.parts)}"
+        try:
+            folder.mkdir(exist_ok=True)
+            os.replace(path, target)
+        except OSError as err:
+            raise RunDirectoryError(f"cannot move {path} to {folder} ({_reason(err)}); move it "
+                                    f"away yourself and re-run the same command") from None
+        return target
 
     def remove_stale_temp_files(self) -> list[Path]:
         """Remove temporary files left by a killed run (they are never complete results)."""
@@ -240,21 +501,29 @@ class RunStore:
         raw = meta.get(_META_KEY)
         return json.loads(raw) if raw else {}
 
-    def load_points(self, points: list[Mapping[str, Any]]) -> dict[str, pd.DataFrame]:
-        """The finished points among ``points``, by key. Unreadable files are removed (with a
-        warning) so that their points run again."""
+    def scan_points(self, points: list[Mapping[str, Any]]
+                    ) -> tuple[dict[str, pd.DataFrame], dict[Path, str]]:
+        """Read the finished points among ``points``: ``(frames by key, damaged)`` where
+        ``damaged`` maps each point file that exists but cannot be read to the reason. Nothing
+        is changed on disk."""
         done: dict[str, pd.DataFrame] = {}
+        damaged: dict[Path, str] = {}
         for point in points:
             path = self.point_path(point)
-            if not path.is_file():
+            if not (path.exists() or path.is_symlink()):
                 continue
             try:
                 done[point_key(point)] = pd.read_parquet(path)
-            except Exception as err:  # a damaged file: compute the point again
-                warnings.warn(f"{path} is unreadable ({err}); its point runs again",
-                              stacklevel=2)
-                with contextlib.suppress(OSError):
-                    path.unlink()
+            except _READ_ERRORS as err:
+                damaged[path] = _reason(err)
+        return done, damaged
+
+    def load_points(self, points: list[Mapping[str, Any]]) -> dict[str, pd.DataFrame]:
+        """The finished points among ``points`` that can be read, by key (damaged files are
+        left where they are, with a warning; see :meth:`scan_points`)."""
+        done, damaged = self.scan_points(points)
+        for path, why in damaged.items():
+            warnings.warn(f"{path} cannot be read ({why}); it is skipped", stacklevel=2)
         return done
 
     # ------------------------------------------------------------------ results
@@ -263,21 +532,40 @@ class RunStore:
                       frames: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
         """Concatenate the finished points' rows in sweep order and write
         ``results.parquet`` atomically; returns the table."""
-        parts = [frames[k] for k in (point_key(p) for p in points) if k in frames]
-        parts = [p for p in parts if len(p.columns)]
-        if parts:
-            with warnings.catch_warnings():
-                # concatenating a point without rows (all-NA columns) is fine here
-                warnings.simplefilter("ignore", FutureWarning)
-                df = pd.concat(parts, ignore_index=True, sort=False)
-        else:
-            df = pd.DataFrame()
-        atomic_write(self.results_path, lambda tmp: df.to_parquet(tmp, index=False))
+        df = concat_points(points, frames)
+        self._write(self.results_path, lambda: atomic_write(
+            self.results_path, lambda tmp: df.to_parquet(tmp, index=False)))
         return df
 
+    def results_at_risk(self, points: list[Mapping[str, Any]],
+                        frames: Mapping[str, pd.DataFrame]) -> str | None:
+        """Why rewriting ``results.parquet`` from ``frames`` would lose data (it holds more
+        rows, or cannot be read), or ``None`` when it is missing or holds no more than that."""
+        if not self.results_path.exists():
+            return None
+        try:
+            existing = pq.read_metadata(self.results_path).num_rows
+        except _READ_ERRORS as err:
+            return f"it cannot be read ({_reason(err)})"
+        keys = {point_key(p) for p in points}
+        rows = sum(len(f) for k, f in frames.items() if k in keys)
+        if existing > rows:
+            return (f"it holds {existing} rows, the readable point files {rows}")
+        return None
+
     def rebuild_results(self, points: list[Mapping[str, Any]]) -> pd.DataFrame:
-        """``results.parquet`` from the point files on disk (e.g. after a killed run)."""
-        return self.write_results(points, self.load_points(points))
+        """``results.parquet`` from the point files on disk (e.g. after a killed run). Refuses
+        (:class:`RunDirectoryError`) when a point file cannot be read or the current
+        ``results.parquet`` holds more than the point files: nothing is lost."""
+        frames, damaged = self.scan_points(points)
+        if damaged:
+            path, why = next(iter(damaged.items()))
+            raise RunDirectoryError(f"{len(damaged)} point file(s) cannot be read (e.g. {path}: "
+                                    f"{why}); results.parquet is left as it is")
+        risk = self.results_at_risk(points, frames)
+        if risk:
+            raise RunDirectoryError(f"{self.results_path} is left as it is: {risk}")
+        return self.write_results(points, frames)
 
     def read_results(self) -> pd.DataFrame:
         """The saved ``results.parquet``."""
@@ -286,15 +574,17 @@ class RunStore:
     # ------------------------------------------------------------------ metadata
 
     def read_meta(self) -> dict[str, Any]:
-        """``run.json`` (empty when missing or unreadable)."""
+        """``run.json`` (empty when missing, unreadable or not a JSON object)."""
         try:
-            return json.loads(self.meta_path.read_text(encoding="utf-8"))
-        except (FileNotFoundError, json.JSONDecodeError):
+            meta = json.loads(self.meta_path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
             return {}
+        return meta if isinstance(meta, dict) else {}
 
     def write_meta(self, meta: Mapping[str, Any]) -> None:
-        """Write ``run.json`` atomically."""
-        atomic_write_text(self.meta_path, json.dumps(_finite(meta), indent=2) + "\n")
+        """Write ``run.json`` atomically (an OSError becomes :class:`RunDirectoryError`)."""
+        text = json.dumps(_finite(meta), indent=2) + "\n"
+        self._write(self.meta_path, lambda: atomic_write_text(self.meta_path, text))
 
 
 def _finite(value: Any) -> Any:

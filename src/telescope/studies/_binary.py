@@ -38,11 +38,20 @@ class BinaryData:
     seed: int = 0                    # the train/test split
 
     def __post_init__(self) -> None:
+        if self.name not in ("mnist1d", "digits", *FILE_DATASETS):
+            raise UsageError(f"data.name must be one of mnist1d, digits, "
+                             f"{', '.join(FILE_DATASETS)}; got {self.name!r}")
+        if self.path and self.name not in FILE_DATASETS:
+            raise UsageError(f"data.name={self.name} does not read files: drop data.path "
+                             f"({self.path!r}), or use one of {', '.join(FILE_DATASETS)}")
         if len(self.classes) != 2 or self.classes[0] == self.classes[1]:
             raise UsageError(f"data.classes must be two different classes, got {self.classes}")
         if self.n_train < 2 or self.n_test < 1:
             raise UsageError(f"need data.n_train >= 2 and data.n_test >= 1, got "
                              f"{self.n_train} and {self.n_test}")
+        if self.size is not None and self.size < 1:
+            raise UsageError(f"data.size must be >= 1 (or none: the loader's default), got "
+                             f"{self.size}")
 
 
 def load_binary_task(data: BinaryData, *, dtype: torch.dtype = torch.float32) -> Dataset:

@@ -49,7 +49,7 @@ from telescope.lens_demo import HIDDEN, OPTIMIZER_TITLES, OPTIMIZERS, make_optim
 from telescope.models import MLP
 from telescope.report import figures as fg
 from telescope.studies._binary import BinaryData, check_data, load_binary_task
-from telescope.studies.base import Progress, Study
+from telescope.studies.base import Progress, Study, check_device
 from telescope.studies.base import resolve_device as _device
 
 __all__ = ["VARIANTS", "DigitsData", "ApproximationConfig", "points", "run_point", "figures",
@@ -103,6 +103,15 @@ class ApproximationConfig:
             raise UsageError(f"steps and every must be >= 1, got {self.steps} and {self.every}")
         if self.batch_size is not None and self.batch_size < 1:
             raise UsageError(f"batch_size must be >= 1 or None, got {self.batch_size}")
+
+        check_device("device", self.device)
+        if any(h < 1 for h in self.hidden):
+            raise UsageError(f"hidden must be layer widths >= 1, got {self.hidden}")
+        for name in self.optimizers:
+            key = {"adamw": "adamw_lrs", "sigmoid": "sigmoid_lrs"}.get(name, "lrs")
+            if not getattr(self, key):
+                raise UsageError(f"{key} is empty but optimizers include {name}, which uses it: "
+                                 f"give {key} a value or drop {name} from optimizers")
 
 
 PRESETS = {

@@ -16,6 +16,13 @@ Configs are built in three layers, each overriding the previous one:
 Values are checked against the annotations (``int``, ``float``, ``bool``, ``str``, ``Path``,
 ``X | None``, ``Literal[...]``, ``tuple[X, ...]``, ``tuple[X, Y]``, ``list[X]``, ``dict``,
 nested dataclasses); unknown keys raise a :class:`ValueError` that lists the valid ones.
+
+Every value given by a preset or ``--set`` is then checked generically, before the config
+class's own ``__post_init__`` (:func:`check_generic`): no NaN, no infinity unless the field's
+default holds one, no negative integer unless the default holds one (a field's
+``metadata={"allow_negative": True}`` or ``{"allow_nonfinite": True}`` opts out), and
+``1 <= seeds <= MAX_POINTS``. The study's ``__post_init__`` checks the rest (ranges, sizes >= 1,
+combinations), with :func:`check_range` for one-line messages that name the key.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import types
 import typing
 from collections.abc import Callable, Mapping
@@ -34,10 +42,12 @@ import torch
 
 from telescope.errors import UsageError
 from telescope.runs.executors import Progress
+from telescope.runs.plan import MAX_POINTS
 
 __all__ = ["Study", "Progress", "REGISTRY", "register", "get_study", "list_studies",
            "make_config", "config_from_dict", "config_to_dict", "config_keys", "flatten_config",
-           "parse_value", "parse_overrides", "resolve_device", "evenly_spaced_steps"]
+           "parse_value", "parse_overrides", "resolve_device", "evenly_spaced_steps",
+           "check_generic", "check_range", "check_device", "MAX_POINTS"]
 
 
 @dataclass(frozen=True)
@@ -68,6 +78,10 @@ class Study:
         ``headline(df, config) -> dict``: the few numbers the report leads with.
     guide : str
         A short reading guide (paragraphs, ``- `` bullets, ```code```, ``**bold**``).
+    estimate_memory : callable or None
+        Optional: ``estimate_memory(config, point) -> bytes | None``, about the peak memory
+        one point needs. The largest is printed before a run starts, and a run whose largest
+        point (times the points running at once) needs more than the machine has is refused.
     """
 
     name: str
@@ -79,6 +93,7 @@ class Study:
     figures: Callable[[Any, Any, Path], list[Path]]
     headline: Callable[[Any, Any], dict[str, Any]]
     guide: str
+    estimate_memory: Callable[[Any, dict], int | float | None] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -94,6 +109,8 @@ class Study:
         for fn in ("points", "run_point", "figures", "headline"):
             if not callable(getattr(self, fn)):
                 raise TypeError(f"study {self.name!r}: {fn} must be callable")
+        if self.estimate_memory is not None and not callable(self.estimate_memory):
+            raise TypeError(f"study {self.name!r}: estimate_memory must be callable or None")
         if not isinstance(self.presets, Mapping):
             raise TypeError(f"study {self.name!r}: presets must be a dict of dicts")
 
@@ -500,7 +517,121 @@ def _merge(into: dict, other: dict) -> None:
             into[k] = v
 
 
-def _build(cls: type, values: dict[str, Any], study_name: str) -> Any:
+def _numbers(value: Any) -> list[int | float]:
+    """The numbers in a value (itself, or the items of a list/tuple, recursively; no bools)."""
+    if isinstance(value, bool):
+        return []
+    if isinstance(value, (int, float)):
+        return [value]
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [n for item in value for n in _numbers(item)]
+    return []
+
+
+def _default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None
+
+
+def check_generic(key: str, value: Any, default: Any = None,
+                  metadata: Mapping[str, Any] | None = None, *, finite: bool = True,
+                  signs: bool = True) -> None:
+    """The checks every config value gets (``key``: its dotted name, for the message):
+
+    - ``finite``: no NaN; no infinity unless ``default`` holds one (e.g. a list of training
+      times ending in ``inf``) or ``metadata["allow_nonfinite"]``; ``seeds``:
+      ``1 <= seeds <= MAX_POINTS``; a ``seed`` below ``2**63``;
+    - ``signs``: no negative integer unless ``default`` holds one or
+      ``metadata["allow_negative"]``.
+
+    Config building runs the ``finite`` part before the config class's ``__post_init__`` (which
+    then never compares NaN) and the ``signs`` part after it (so that a study's own, more
+    precise message, e.g. ``data.n_train must be >= 1``, comes first).
+
+    Raises :class:`~telescope.errors.UsageError` naming the key and the value.
+    """
+    metadata = metadata or {}
+    name = key.rpartition(".")[2]
+    defaults = _numbers(default)
+    allow_inf = metadata.get("allow_nonfinite") or any(
+        isinstance(d, float) and math.isinf(d) for d in defaults)
+    allow_negative = metadata.get("allow_negative") or any(
+        isinstance(d, int) and d < 0 for d in defaults)
+    shown = f"{key}={_fmt_value(value)}"
+    for n in _numbers(value):
+        if finite and isinstance(n, float) and math.isnan(n):
+            raise UsageError(f"{shown}: {key} must be a number, not NaN")
+        if finite and isinstance(n, float) and math.isinf(n) and not allow_inf:
+            raise UsageError(f"{shown}: {key} must be a finite number (a value like 1e999 "
+                             f"overflows to inf)")
+        if signs and isinstance(n, int) and n < 0 and not allow_negative:
+            raise UsageError(f"{shown}: {key} must be >= 0")
+    if not finite:
+        return
+    if name == "seeds" and "." not in key:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise UsageError(f"seeds must be a positive integer, got {value!r}")
+        if value > MAX_POINTS:
+            raise UsageError(f"seeds={value}: a sweep may have at most {MAX_POINTS:,} points, so "
+                             f"seeds must be <= {MAX_POINTS:,}; lower seeds")
+    if name == "seed" and isinstance(value, int) and value >= 2 ** 63:
+        raise UsageError(f"{shown}: {key} must be < 2**63")
+
+
+def _fmt_value(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        text = ",".join(_fmt_value(v) for v in value)
+        return text if len(text) <= 60 else text[:57] + "..."
+    return str(value)
+
+
+def check_range(key: str, value: Any, low: float | None = None, high: float | None = None, *,
+                low_open: bool = False, high_open: bool = False, nonempty: bool = False,
+                allow_none: bool = False) -> None:
+    """Check that the number ``value`` (or every number of a list) lies in ``[low, high]``
+    (``low_open`` / ``high_open``: excluded), for a config's ``__post_init__``; ``nonempty``:
+    a list must have items; ``allow_none``: ``None`` passes. Raises
+    :class:`~telescope.errors.UsageError` ``"key must be ..., got value"``.
+
+    >>> check_range("data.n_train", 0, 1)
+    Traceback (most recent call last):
+    ...
+    telescope.errors.UsageError: data.n_train must be >= 1, got 0
+    """
+    if value is None and allow_none:
+        return
+    parts = []
+    if low is not None:
+        parts.append(f"{'>' if low_open else '>='} {low:g}")
+    if high is not None:
+        parts.append(f"{'<' if high_open else '<='} {high:g}")
+    want = " and ".join(parts) or "a number"
+    is_list = isinstance(value, (list, tuple))
+    items = list(value) if is_list else [value]
+    if is_list and nonempty and not items:
+        raise UsageError(f"{key} must list at least one value ({want}), got none")
+    for v in items:
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v)
+        if ok and low is not None:
+            ok = v > low if low_open else v >= low
+        if ok and high is not None:
+            ok = v < high if high_open else v <= high
+        if not ok:
+            what = f"every value of {key}" if is_list else key
+            got = _fmt_value(value)
+            raise UsageError(f"{what} must be {want}, got {got}")
+
+
+def _build(cls: type, values: dict[str, Any], study_name: str, prefix: str = "",
+           checks: list | None = None) -> Any:
+    """``cls(**values)``, nested dataclasses built from their dicts, every given value checked
+    by :func:`check_generic`: its ``finite`` part before the classes' ``__post_init__``, its
+    ``signs`` part after the outermost one (``checks`` collects them for nested calls)."""
+    outermost = checks is None
+    checks = [] if checks is None else checks
     hints = _hints(cls)
     kwargs: dict[str, Any] = {}
     for f in dataclasses.fields(cls):
@@ -509,13 +640,22 @@ def _build(cls: type, values: dict[str, Any], study_name: str) -> Any:
         tp = hints.get(f.name, Any)
         value = values[f.name]
         if _is_dataclass_type(tp) and isinstance(value, dict):
-            value = _build(tp, value, study_name)
+            value = _build(tp, value, study_name, f"{prefix}{f.name}.", checks)
+        elif not dataclasses.is_dataclass(value):
+            checks.append((prefix + f.name, value, _default(f), f.metadata))
+            check_generic(*checks[-1], signs=False)
         kwargs[f.name] = value
     try:
-        return cls(**kwargs)
+        config = cls(**kwargs)
+    except UsageError:
+        raise                   # the class's own validation: its message is the message
     except TypeError as err:
         raise UsageError(f"cannot build {cls.__name__}: {err} (every config field needs a "
                          f"default, or a value in the preset)") from None
+    if outermost:
+        for args in checks:
+            check_generic(*args, finite=False)
+    return config
 
 
 def parse_overrides(pairs: list[str] | None) -> dict[str, str]:
@@ -565,9 +705,7 @@ def make_config(study: Study, preset: str | None, overrides: Mapping[str, Any] |
             flat[key] = raw
     _merge(values, _nest(study.config_cls, flat, study.name))
     config = _build(study.config_cls, values, study.name)
-    seeds = getattr(config, "seeds", None)
-    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
-        raise UsageError(f"seeds must be a positive integer, got {seeds!r}")
+    check_generic("seeds", getattr(config, "seeds", None))
     return config
 
 
@@ -640,6 +778,20 @@ def resolve_device(name: str) -> torch.device:
     except RuntimeError as exc:
         raise UsageError(f"device must be 'cpu', 'cuda', 'cuda:N', 'auto', ...; got {name!r}"
                          ) from exc
+
+
+def check_device(key: str, name: str) -> None:
+    """Check a ``device`` config value when the config is built: ``"auto"`` or a name
+    ``torch.device`` accepts (``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``). Whether that
+    device exists is checked where the point runs (a run may be configured on one machine and
+    run on another)."""
+    if name == "auto":
+        return
+    try:
+        torch.device(name)
+    except (RuntimeError, TypeError, ValueError):
+        raise UsageError(f"{key}={name}: not a device; use cpu, cuda, cuda:N, mps or auto"
+                         ) from None
 
 
 def evenly_spaced_steps(steps: int, count: int) -> list[int]:

@@ -55,7 +55,7 @@ from telescope.lens import Smoother
 from telescope.models import MLP
 from telescope.report import figures as fg
 from telescope.studies._binary import BinaryData, check_data, load_binary_task
-from telescope.studies.base import Progress, Study, evenly_spaced_steps
+from telescope.studies.base import Progress, Study, check_device, evenly_spaced_steps
 from telescope.studies.base import resolve_device as _device
 
 __all__ = ["BinaryData", "DoubleDescentConfig", "load_binary_task", "check_data", "points",
@@ -90,6 +90,10 @@ class DoubleDescentConfig:
             raise UsageError(f"steps and evals must be >= 1, got {self.steps} and {self.evals}")
         if self.batch_size is not None and self.batch_size < 1:
             raise UsageError(f"batch_size must be >= 1 or None, got {self.batch_size}")
+
+        check_device("device", self.device)
+        if not 0.0 <= self.momentum < 1.0:
+            raise UsageError(f"momentum must lie in [0, 1), got {self.momentum}")
 
 
 PRESETS = {

@@ -34,7 +34,7 @@ from telescope.data import load_digits, polynomial_activation, polynomial_task
 from telescope.errors import UsageError
 from telescope.models import MLP
 from telescope.report import figures as fg
-from telescope.studies.base import Progress, Study
+from telescope.studies.base import Progress, Study, check_range
 
 
 @dataclass
@@ -94,6 +94,20 @@ class GrokkingConfig:
             raise UsageError("digits.batch_size must be >= 1")
         if self.n_log < 2:
             raise UsageError(f"n_log must be >= 2, got {self.n_log}")
+
+        p, g = self.polynomial, self.digits
+        check_range("polynomial.d", p.d, 1)
+        check_range("polynomial.width", p.width, 1)
+        check_range("polynomial.lr", p.lr, 0, low_open=True)
+        check_range("polynomial.weight_decay", p.weight_decay, 0)
+        check_range("digits.hidden", g.hidden, 1)
+        check_range("digits.lr", g.lr, 0, low_open=True)
+        check_range("digits.momentum", g.momentum, 0, 1, high_open=True)
+        check_range("digits.weight_decay", g.weight_decay, 0)
+        if g.classes and (len(g.classes) < 2 or len(set(g.classes)) != len(g.classes)
+                          or not all(0 <= c <= 9 for c in g.classes)):
+            raise UsageError(f"digits.classes must be empty (all ten digits) or at least two "
+                             f"different digits 0-9, got {g.classes}")
 
 
 PRESETS = {

@@ -53,10 +53,11 @@ import torch.nn.functional as F
 from telescope.data import modular_arithmetic
 from telescope.errors import UsageError
 from telescope.kernels import kernel_regression, ntk
+from telescope.kernels.empirical import METHODS
 from telescope.lens import KernelEvolution, WeightRank, attention_entropy
 from telescope.models import TinyTransformer
 from telescope.report import figures as fg
-from telescope.studies.base import Progress, Study
+from telescope.studies.base import Progress, Study, check_device
 from telescope.studies.base import resolve_device as _device
 
 # WeightRank matrix names of a one-layer TinyTransformer -> short column names
@@ -120,6 +121,15 @@ class GrokkingTransformerConfig:
             raise UsageError(f"smoother_ridge must be > 0, got {self.smoother_ridge}")
         if not 0.0 < self.accuracy <= 1.0:
             raise UsageError(f"accuracy must lie in (0, 1], got {self.accuracy}")
+        if self.mlp_ratio < 1:
+            raise UsageError(f"mlp_ratio must be >= 1, got {self.mlp_ratio}")
+        if not 0.0 <= self.rank_threshold < 1.0:
+            raise UsageError(f"rank_threshold must lie in [0, 1), got {self.rank_threshold}")
+
+        if self.kernel_method not in METHODS:
+            raise UsageError(f"kernel_method must be one of {', '.join(METHODS)}, got "
+                             f"{self.kernel_method!r}")
+        check_device("device", self.device)
 
 
 PRESETS = {

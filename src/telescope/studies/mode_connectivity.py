@@ -27,7 +27,7 @@ from telescope.data import load_mnist1d
 from telescope.errors import UsageError
 from telescope.models import ConvNet1d
 from telescope.report import figures as fg
-from telescope.studies.base import Progress, Study
+from telescope.studies.base import Progress, Study, check_range
 
 
 @dataclass
@@ -62,6 +62,12 @@ class ModeConnectivityConfig:
             raise UsageError("k and batch_size must be >= 1")
         if self.n_alpha < 3:
             raise UsageError(f"n_alpha must be >= 3, got {self.n_alpha}")
+
+        check_range("data.n_train", self.data.n_train, 1)
+        check_range("data.n_test", self.data.n_test, 1)
+        check_range("channels", self.channels, 1)
+        check_range("lr", self.lr, 0, low_open=True)
+        check_range("momentum", self.momentum, 0, 1, high_open=True)
 
 
 PRESETS = {

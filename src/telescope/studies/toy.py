@@ -25,7 +25,7 @@ from telescope.data import teacher_regression
 from telescope.errors import UsageError
 from telescope.kernels import infinite_ntk, kernel_regression
 from telescope.report import figures as fg
-from telescope.studies.base import Progress, Study
+from telescope.studies.base import Progress, Study, check_range
 
 
 @dataclass
@@ -51,10 +51,15 @@ class ToyConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if not self.ridges or any(r < 0 for r in self.ridges):
+
+        if not self.ridges or any(not r >= 0 for r in self.ridges):
             raise UsageError(f"ridges must be a non-empty list of numbers >= 0, got {self.ridges}")
-        if not self.times or any(t < 0 for t in self.times):
+        if not self.times or any(not t >= 0 for t in self.times):
             raise UsageError(f"times must be a non-empty list of numbers >= 0, got {self.times}")
+        for key in ("n_train", "n_test", "d", "teacher_width"):
+            check_range(f"data.{key}", getattr(self.data, key), 1)
+        check_range("data.noise", self.data.noise, 0)
+        check_range("depth", self.depth, 0)
 
 
 PRESETS = {

@@ -78,12 +78,13 @@ import torch
 import torch.nn.functional as F
 
 from telescope.data import modular_arithmetic, sequence_task
+from telescope.data.synthetic import SEQUENCE_TASKS
 from telescope.errors import UsageError
 from telescope.lens import NormCycles, WeightRank, attention_entropy
 from telescope.lens.telescope import Telescope
 from telescope.models import LazyModel, TinyTransformer
 from telescope.report import figures as fg
-from telescope.studies.base import Progress, Study
+from telescope.studies.base import Progress, Study, check_device, check_range
 from telescope.studies.base import resolve_device as _device
 
 __all__ = ["TransformerDynamicsConfig", "SequenceData", "EntropyConfig", "RankConfig",
@@ -206,6 +207,34 @@ class TransformerDynamicsConfig:
             raise UsageError(f"rank.threshold must lie in [0, 1), got {self.rank.threshold}")
         if self.slingshot.every < 1 or self.slingshot.spike_factor <= 1.0:
             raise UsageError("slingshot.every must be >= 1 and slingshot.spike_factor > 1")
+
+        if self.data.name not in SEQUENCE_TASKS:
+            raise UsageError(f"data.name must be one of {', '.join(SEQUENCE_TASKS)}, got "
+                             f"{self.data.name!r}")
+        check_device("device", self.device)
+        check_range("data.n_train", self.data.n_train, 1)
+        check_range("data.n_test", self.data.n_test, 1)
+        for name in ("entropy", "rank", "slingshot", "lazy"):
+            sub = getattr(self, name)
+            check_range(f"{name}.d_model", sub.d_model, 1)
+            check_range(f"{name}.n_heads", sub.n_heads, 1)
+            if sub.d_model % sub.n_heads:
+                raise UsageError(f"{name}.d_model ({sub.d_model}) must be a multiple of "
+                                 f"{name}.n_heads ({sub.n_heads})")
+            if hasattr(sub, "n_layers"):
+                check_range(f"{name}.n_layers", sub.n_layers, 1)
+            if hasattr(sub, "evals"):
+                check_range(f"{name}.evals", sub.evals, 1)
+        check_range("entropy.batch_size", self.entropy.batch_size, 1)
+        s = self.slingshot
+        check_range("slingshot.p", s.p, 3)
+        check_range("slingshot.train_fraction", s.train_fraction, 0, 1, low_open=True,
+                    high_open=True)
+        check_range("slingshot.beta2", s.beta2, 0, 1, high_open=True)
+        check_range("slingshot.min_rise", s.min_rise, 0)
+        check_range("slingshot.smooth", s.smooth, 1)
+        check_range("lazy.n_train", self.lazy.n_train, 1)
+        check_range("lazy.n_probe", self.lazy.n_probe, 1)
 
 
 PRESETS = {

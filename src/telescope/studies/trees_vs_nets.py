@@ -62,7 +62,7 @@ from telescope.lens import Smoother
 from telescope.lens.boosting import boosting_smoother, kernel_weight_norms
 from telescope.models import MLP
 from telescope.report import figures as fg
-from telescope.studies.base import Progress, Study
+from telescope.studies.base import Progress, Study, check_range
 
 
 @dataclass
@@ -124,6 +124,19 @@ class TreesVsNetsConfig:
             raise UsageError(f"fractions must be numbers in [0, 1], got {self.fractions}")
         if 0.0 not in self.fractions:
             raise UsageError("fractions must include 0 (the reference of rel_increase)")
+
+        d, n, t = self.data, self.net, self.trees
+        check_range("data.synthetic_n", d.synthetic_n, d.n_test + 2)
+        check_range("data.synthetic_d", d.synthetic_d, 1)
+        check_range("data.synthetic_noise", d.synthetic_noise, 0)
+        check_range("net.hidden", n.hidden, 1)
+        check_range("net.lr", n.lr, 0, low_open=True)
+        check_range("net.momentum", n.momentum, 0, 1, high_open=True)
+        check_range("net.batch_size", n.batch_size, 1)
+        check_range("net.epochs", n.epochs, 1)
+        check_range("trees.n_estimators", t.n_estimators, 1)
+        check_range("trees.max_depth", t.max_depth, 1)
+        check_range("trees.learning_rate", t.learning_rate, 0, low_open=True)
 
 
 PRESETS = {
