@@ -124,7 +124,10 @@ def test_linear_in_parameters_model_is_exact_for_every_optimizer(name):
     assert [r["step"] for r in rows] == [t for t in range(1, 51) for _ in range(2)]
     assert max(r["telescoping_mae"] for r in rows) < 1e-12
     assert max(r["linearized_mae"] for r in rows) < 1e-12
-    assert all(r["output_scale"] > 0 for r in rows)
+    for probe, xp in (("train", x), ("test", x_test)):  # the last rows, by hand
+        last = [r for r in rows if r["probe"] == probe][-1]
+        assert last["output_scale"] == pytest.approx(float(model(xp).detach().abs().mean()),
+                                                     rel=1e-12)
 
 
 def test_linear_model_exact_with_schedule_clipping_and_frozen_parameters():
@@ -170,7 +173,7 @@ def test_nonlinear_mlp_telescoping_beats_linearized_and_error_grows_with_lr():
     assert large.history[-1]["telescoping_mae"] > 3 * last["telescoping_mae"]
     # the error of the telescoping model is an accumulated second-order term: it grows in time
     errs = [r["telescoping_mae"] for r in small.history]
-    assert errs[-1] > errs[0] > 0
+    assert errs[-1] > 1.5 * errs[0]
 
 
 def test_history_rows_match_errors_computed_by_hand_every_step():
@@ -459,13 +462,14 @@ def test_nan_parameters_raise_naming_the_step():
     model, opt, x, y, x_test = _setup()
     with Telescope(model, opt, {"t": x_test}) as tel:
         train(model, opt, x, y, steps=2)
+        before = tel.telescoping("t")
         opt.zero_grad()
         F.mse_loss(model(x), y).backward()
         model[2].weight.grad[0, 0] = float("nan")
         with pytest.raises(NonFiniteStepError, match=r"step 3 .*2\.weight.*diverged"):
             opt.step()
     assert tel.step == 2
-    assert torch.isfinite(tel.telescoping("t")).all()
+    torch.testing.assert_close(tel.telescoping("t"), before, rtol=0, atol=0)  # untouched
     assert issubclass(NonFiniteStepError, ValueError)
 
 

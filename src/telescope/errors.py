@@ -37,3 +37,16 @@ class UnsupportedOptimizerError(UsageError):
 
 class DivergedError(TelescopeError, FloatingPointError):
     """Training produced NaN or infinite values (lower the learning rate)."""
+
+
+def warn(message: str, category: type[Warning] = UserWarning) -> None:
+    """``warnings.warn`` attributed to the first caller outside telescope (so the warning points
+    at the user's line, however deep inside the library it is raised)."""
+    import sys
+    import warnings
+
+    level, frame = 1, sys._getframe(1)
+    while frame is not None and frame.f_globals.get("__name__", "").startswith("telescope."):
+        frame = frame.f_back
+        level += 1
+    warnings.warn(message, category, stacklevel=level)

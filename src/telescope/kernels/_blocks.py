@@ -5,13 +5,13 @@ contraction. Shared by every method of :func:`telescope.ntk`."""
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
 from torch.func import jacrev
 
+from telescope.errors import warn
 from telescope.kernels._functional import map_or_loop
 
 SLOW_BLOCK_PAIRS = 20_000
@@ -36,18 +36,18 @@ def block_for_pairs(n1: int, n2: int, symmetric: bool) -> int:
 
 
 def warn_small_blocks(block: int, n1: int, n2: int, budget: int, work: int,
-                      suggestion: tuple[int, int] | None, stacklevel: int = 3) -> None:
+                      suggestion: tuple[int, int] | None) -> None:
     """Warn that ``max_memory_gb`` forces blocks so small that the time explodes (``work``
     block computations), and which budget would avoid it (``suggestion = (bytes, block)``;
     ``None`` when no budget helps)."""
     hint = ("" if suggestion is None else
             f"; max_memory_gb={_round_up_gb(suggestion[0]):g} allows blocks of "
             f"{suggestion[1]}")
-    warnings.warn(
+    warn(
         f"ntk: max_memory_gb={budget / 2**30:.3g} allows blocks of only {block} example(s) "
         f"({work:,} block computations for {n1} x {n2} examples, each with its own "
         f"overhead): this will take many times longer than it needs to{hint} (or pass "
-        "block_size= to choose the blocks yourself)", RuntimeWarning, stacklevel=stacklevel)
+        "block_size= to choose the blocks yourself)", RuntimeWarning)
 
 
 def _round_up_gb(nbytes: int) -> float:

@@ -12,7 +12,6 @@ import difflib
 import fnmatch
 import math
 import numbers
-import warnings
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
@@ -22,7 +21,7 @@ import torch.utils._pytree as pytree
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
-from telescope.errors import TelescopeError, UnsupportedModelError, UsageError
+from telescope.errors import TelescopeError, UnsupportedModelError, UsageError, warn
 
 _STOCHASTIC = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
                nn.FeatureAlphaDropout)
@@ -315,10 +314,9 @@ def map_or_loop(fn: Callable, in_dims: tuple, *args: Any, owner: object, what: s
                     "operation respect self.training)") from None
             failed.add(what)
             cause = (str(err).strip().splitlines() or [""])[0][:200]
-            warnings.warn(
+            warn(
                 f"{what} cannot run under torch.func.vmap ({type(err).__name__}: {cause}); "
-                "computing it one slice at a time instead (exact, slower)", RuntimeWarning,
-                stacklevel=3)
+                "computing it one slice at a time instead (exact, slower)", RuntimeWarning)
     size = next(a.shape[0] for a, d in zip(args, in_dims, strict=True) if d is not None)
     outs = [fn(*(a[i] if d is not None else a for a, d in zip(args, in_dims, strict=True)))
             for i in range(size)]

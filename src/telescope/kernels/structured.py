@@ -35,7 +35,6 @@ Reference: Novak, Sohl-Dickstein & Schoenholz (2022), "Fast Finite Width Neural 
 
 from __future__ import annotations
 
-import warnings
 import weakref
 
 import torch
@@ -44,7 +43,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, vjp
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from telescope.errors import UsageError
+from telescope.errors import UsageError, warn
 from telescope.kernels._blocks import (
     GOOD_BLOCK_PAIRS,
     SLOW_BLOCK_PAIRS,
@@ -469,7 +468,7 @@ FALLBACK_WARN_SHARE = 0.25
 """``ntk`` warns (once per model) when per-example Jacobians cover more of the parameters."""
 
 
-def _plan(model: nn.Module, probe: Tensor, *, warn: bool = True) -> tuple[_Engine, int]:
+def _plan(model: nn.Module, probe: Tensor, *, quiet: bool = False) -> tuple[_Engine, int]:
     """The structured engine for ``model``, with every rule verified against autograd once
     (cached per model structure, input shape and rule registry)."""
     key = (model_signature(model, probe), rules_version())
@@ -483,16 +482,16 @@ def _plan(model: nn.Module, probe: Tensor, *, warn: bool = True) -> tuple[_Engin
         n_out = batched_fn(model, engine.frozen)(engine.params, probe).shape[1]
     bad = engine.verify(probe, n_out)
     if bad:
-        if warn:
+        if not quiet:
             listed = "; ".join(f"{m or type(model).__name__}: {why}"
                                for m, why in sorted(bad.items())[:4])
             more = f"; and {len(bad) - 4} more" if len(bad) > 4 else ""
-            warnings.warn(
+            warn(
                 f"structured NTK: {len(bad)} module(s) use per-example Jacobians (exact, "
                 f"slower) because their rule failed the autograd check ({listed}{more}); "
-                "telescope.kernels.explain(model, x) shows the whole plan", stacklevel=4)
+                "telescope.kernels.explain(model, x) shows the whole plan")
         engine = _Engine(model, probe, excluded=bad)
-    if warn:
+    if not quiet:
         _warn_fallback_share(engine, model)
     _PLANS[model] = (key, engine, n_out)
     return engine, n_out
@@ -511,11 +510,11 @@ def _warn_fallback_share(engine: _Engine, model: nn.Module) -> None:
         kinds[kind] = kinds.get(kind, 0) + engine.params[name].numel()
     top = ", ".join(f"{k} ({v / total:.0%})" for k, v in
                     sorted(kinds.items(), key=lambda kv: -kv[1])[:4])
-    warnings.warn(
+    warn(
         f"structured NTK: {fallback / total:.0%} of the parameters have no per-layer rule and "
         f"use per-example Jacobians (exact, slower): {top}. telescope.kernels.explain(model, x) "
         "says why for each; telescope.kernels.register_rule adds a rule for your own layer "
-        "types", stacklevel=5)
+        "types")
 
 
 def explain(model: nn.Module, x: Tensor, *, output: str = "trace"):  # -> pandas.DataFrame
@@ -539,7 +538,7 @@ def explain(model: nn.Module, x: Tensor, *, output: str = "trace"):  # -> pandas
         raise UsageError(f"output must be 'trace', 'full' or 'diagonal', got {output!r}")
     with ad_safe_backends(model):
         x, _ = checked_call(model, x)
-        engine, n_out = _plan(model, at_least_two(x[:2]), warn=False)
+        engine, n_out = _plan(model, at_least_two(x[:2]), quiet=True)
     n = x.shape[0]
     m = n_out * n_out if output == "full" else n_out
     modules = dict(model.named_modules())
@@ -597,7 +596,7 @@ def _check_block_pairs(engine: _Engine, n1: int, n2: int, n_out: int, output: st
         if _slowness(n1, n2, n_out, c, b, k) <= GOOD_BLOCK_PAIRS or b >= max(n1, n2):
             suggestion = (needed, b)
             break
-    warn_small_blocks(block, n1, n2 or n1, budget, work, suggestion, stacklevel=5)
+    warn_small_blocks(block, n1, n2 or n1, budget, work, suggestion)
 
 
 def structured_ntk(model: nn.Module, x1: Tensor, x2: Tensor | None, *, output: str,
