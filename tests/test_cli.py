@@ -5,8 +5,10 @@ from __future__ import annotations
 import csv
 import math
 
+import numpy as np
 import pytest
 import torch
+from _oracles import oracle_jacobian
 
 from telescope._threads import available_cpus, configure_threads
 from telescope.cli import main
@@ -29,6 +31,77 @@ def parse_table(text: str) -> list[dict[str, str]]:
     return rows
 
 
+# ------------------------------------------------------------ numpy oracles for the demo's numbers
+
+
+def np_relu_ntk(x1: np.ndarray, x2: np.ndarray | None, depth: int) -> np.ndarray:
+    """Infinite-width NTK of a bias-free ReLU net (NTK parametrization, unit weight std, scalar
+    readout) by the arc-cosine recursion of Jacot et al. / Cho & Saul, written out in numpy."""
+    same = x2 is None
+    x2 = x1 if same else x2
+    d = x1.shape[1]
+    k = x1 @ x2.T / d
+    kxx, kyy = (x1 ** 2).sum(1) / d, (x2 ** 2).sum(1) / d
+    theta = k.copy()
+    for _ in range(depth):
+        norm = np.sqrt(np.outer(kxx, kyy))
+        cos = np.clip(k / norm, -1.0, 1.0)
+        if same:
+            np.fill_diagonal(cos, 1.0)               # the angle of a point with itself is 0
+        ang = np.arccos(cos)
+        k = norm / (2 * np.pi) * (np.sin(ang) + (np.pi - ang) * cos)
+        theta = k + (np.pi - ang) / (2 * np.pi) * theta
+        kxx, kyy = kxx / 2, kyy / 2                  # E[relu(u)^2] = Var(u) / 2
+    return theta
+
+
+def np_alignment(a: np.ndarray, b: np.ndarray) -> float:
+    h = np.eye(len(a)) - 1.0 / len(a)
+    ac, bc = h @ a @ h, h @ b @ h
+    return float((ac * bc).sum() / (np.linalg.norm(ac) * np.linalg.norm(bc)))
+
+
+def np_effective_rank(k: np.ndarray) -> float:
+    s = np.abs(np.linalg.eigvalsh((k + k.T) / 2))
+    p = s / s.sum()
+    p = p[p > 0]
+    return float(np.exp(-(p * np.log(p)).sum()))
+
+
+def np_kr_accuracy(k: np.ndarray, k_st: np.ndarray, y: np.ndarray, y_test: np.ndarray) -> float:
+    """Converged kernel ridge regression on one-hot labels, ridge 1e-4 x the mean diagonal."""
+    onehot = np.eye(10)[y]
+    alpha = np.linalg.solve(k + 1e-4 * np.diag(k).mean() * np.eye(len(k)), onehot)
+    return float(((k_st @ alpha).argmax(1) == y_test).mean())
+
+
+def demo_oracle(n: int, n_test: int, width: int, seed: int = 0) -> dict[str, dict[str, float]]:
+    """The demo's numbers recomputed: the empirical NTK by per-example autograd (float64 copy
+    of the width-``width`` MLP built as the demo builds it), the infinite one by numpy."""
+    from telescope.data import load_mnist1d
+    from telescope.models import MLP
+
+    data = load_mnist1d(n_train=n, n_test=n_test, seed=seed)
+    x, x_test = data.x_train[:n].double(), data.x_test[:n_test].double()
+    y, y_test = data.y_train[:n].numpy(), data.y_test[:n_test].numpy()
+    k_inf = np_relu_ntk(x.numpy(), None, depth=2)
+    k_inf_st = np_relu_ntk(x_test.numpy(), x.numpy(), depth=2)
+
+    torch.manual_seed(seed)
+    model = MLP(x.shape[1], [width, width], 10, activation="relu", parametrization="ntk")
+    model = model.double()
+    j, j_test = oracle_jacobian(model, x).numpy(), oracle_jacobian(model, x_test).numpy()
+    k = np.einsum("aop,bop->ab", j, j) / 10          # [N, O, P] Jacobians: trace over outputs
+    k_st = np.einsum("aop,bop->ab", j_test, j) / 10
+    return {
+        str(width): {"rel_frobenius": np.linalg.norm(k - k_inf) / np.linalg.norm(k_inf),
+                     "alignment": np_alignment(k, k_inf), "effective_rank": np_effective_rank(k),
+                     "test_accuracy": np_kr_accuracy(k, k_st, y, y_test)},
+        "inf": {"effective_rank": np_effective_rank(k_inf),
+                "test_accuracy": np_kr_accuracy(k_inf, k_inf_st, y, y_test)},
+    }
+
+
 def test_demo_writes_table_figure_and_csv(tmp_path, capsys):
     out = tmp_path / "demo"
     code = main(["--threads", "1", "demo", "--n", "32", "--n-test", "40", "--width", "64",
@@ -38,14 +111,6 @@ def test_demo_writes_table_figure_and_csv(tmp_path, capsys):
 
     rows = parse_table(printed)
     assert [r["width"] for r in rows] == ["64", "inf"]
-    for row in rows:
-        dist, align = float(row["rel_frobenius"]), float(row["alignment"])
-        assert math.isfinite(dist) and dist >= 0
-        assert -1.0 <= align <= 1.0 + 1e-6
-        assert 0.0 <= float(row["test_accuracy"]) <= 1.0
-        assert float(row["effective_rank"]) >= 1.0 - 1e-6
-        assert float(row["ntk_seconds"]) >= 0
-    assert rows[-1]["rel_frobenius"] == "0.0000"
     assert int(rows[0]["n_params"]) == 40 * 64 + 64 + 64 * 64 + 64 + 64 * 10 + 10
 
     assert (out / "kernels.png").stat().st_size > 0
@@ -53,9 +118,17 @@ def test_demo_writes_table_figure_and_csv(tmp_path, capsys):
     with open(out / "results.csv", newline="") as f:
         table = list(csv.DictReader(f))
     assert [float(r["width"]) for r in table] == [64.0, math.inf]
-    assert {"width", "rel_frobenius", "alignment", "effective_rank", "ntk_seconds",
-            "test_accuracy"} <= set(table[0])
     assert all(r["n_train"] == "32" and r["n_test"] == "40" for r in table)
+
+    # every number against the autograd / numpy recomputation: the CSV at full precision, the
+    # printed table at its rounding (4 decimals; effective rank 1 decimal)
+    oracle = demo_oracle(n=32, n_test=40, width=64)
+    for row, saved in zip(rows, table, strict=True):
+        for key, want in oracle[row["width"]].items():
+            assert float(saved[key]) == pytest.approx(want, rel=1e-6, abs=1e-6), \
+                (row["width"], key)
+            shown = 0.051 if key == "effective_rank" else 6e-5
+            assert float(row[key]) == pytest.approx(want, abs=shown), (row["width"], key)
 
 
 def test_demo_width_list(tmp_path, capsys):

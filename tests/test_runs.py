@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -23,6 +24,8 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 import pytest
+import scipy.linalg
+import torch
 
 from telescope.cli import main
 from telescope.runs import RunStore, atomic_write, make_executor, point_key
@@ -33,6 +36,45 @@ from telescope.studies.base import config_from_dict, config_to_dict, parse_overr
 SMALL = ["--set", "data.n_train=40", "data.n_test=40", "ridges=0.1,1", "times=1,inf"]
 N_POINTS = 4   # 2 ridges x 2 seeds
 N_TIMES = 2
+
+
+def np_relu_ntk(x1: np.ndarray, x2: np.ndarray | None, depth: int) -> np.ndarray:
+    """Infinite-width NTK of a bias-free ReLU net (NTK parametrization, unit weight std, scalar
+    readout) by the arc-cosine recursion of Jacot et al. / Cho & Saul, written out in numpy."""
+    same = x2 is None
+    x2 = x1 if same else x2
+    d = x1.shape[1]
+    k = x1 @ x2.T / d
+    kxx, kyy = (x1 ** 2).sum(1) / d, (x2 ** 2).sum(1) / d
+    theta = k.copy()
+    for _ in range(depth):
+        norm = np.sqrt(np.outer(kxx, kyy))
+        cos = np.clip(k / norm, -1.0, 1.0)
+        if same:
+            np.fill_diagonal(cos, 1.0)               # the angle of a point with itself is 0
+        ang = np.arccos(cos)
+        k = norm / (2 * np.pi) * (np.sin(ang) + (np.pi - ang) * cos)
+        theta = k + (np.pi - ang) / (2 * np.pi) * theta
+        kxx, kyy = kxx / 2, kyy / 2                  # E[relu(u)^2] = Var(u) / 2
+    return theta
+
+
+def toy_oracle(ridge: float, seed: int, t: float, n_train: int = 40, n_test: int = 40
+               ) -> tuple[float, float]:
+    """(train MSE, test MSE) of the toy study's point, recomputed with numpy: the NTK of a
+    1-hidden-layer ReLU net, ``f_t = K_* (K + lambda I)^-1 (I - expm(-t (K + lambda I) / n)) y``
+    (kernel ridge regression ``K_* (K + lambda I)^-1 y`` at t = inf) by ``np.linalg.solve``."""
+    from telescope.data import teacher_regression
+
+    data = teacher_regression(n_train, n_test, 16, noise=0.5, seed=seed, width=64,
+                              dtype=torch.float64)
+    x, x_test = data.x_train.numpy(), data.x_test.numpy()
+    y, y_test = data.y_train.numpy(), data.y_test.numpy()
+    k, k_st = np_relu_ntk(x, None, depth=1), np_relu_ntk(x_test, x, depth=1)
+    a = k + ridge * np.eye(n_train)
+    r = y if t == math.inf else y - scipy.linalg.expm(-t * a / n_train) @ y
+    coef = np.linalg.solve(a, r)
+    return float(((k @ coef - y) ** 2).mean()), float(((k_st @ coef - y_test) ** 2).mean())
 
 
 
@@ -86,6 +128,11 @@ def test_study_end_to_end(tmp_path, capsys):
     assert run_toy(out, report=True) == 0
     printed = capsys.readouterr().out
     assert f"report:  {out.resolve() / 'report.html'}" in printed
+    # the plan, before the run: 4 points of 40 + 40 points; the estimate 8 * (15 * 40**2 +
+    # 10 * 40 * 40) bytes of float64 kernels and their temporaries
+    plan = printed.index("telescope study toy (quick): 4 points, the largest needs about "
+                         "320.0 kB")
+    assert plan < printed.index("4 of 4 points done")
 
     saved = json.loads((out / "config.json").read_text())
     assert saved["study"] == "toy" and saved["preset"] == "quick"
@@ -96,12 +143,15 @@ def test_study_end_to_end(tmp_path, capsys):
     df = pd.read_parquet(out / "results.parquet")
     assert len(df) == N_POINTS * N_TIMES
     assert list(df.columns[:2]) == ["ridge", "seed"]
-    assert {"t", "train_mse", "test_mse"} <= set(df.columns)
     # sweep order: ridge-major, then seed; every row carries its point's keys
     assert df["ridge"].tolist() == [0.1] * 4 + [1.0] * 4
     assert df["seed"].tolist() == [0, 0, 1, 1] * 2
     assert np.isinf(df["t"]).sum() == N_POINTS
-    assert np.isfinite(df["test_mse"]).all()
+    # every row (t = 1 and converged) against the numpy recomputation
+    for row in df.itertuples():
+        train_mse, test_mse = toy_oracle(row.ridge, row.seed, row.t)
+        assert row.train_mse == pytest.approx(train_mse, rel=1e-10), row
+        assert row.test_mse == pytest.approx(test_mse, rel=1e-10), row
 
     assert (out / "toy_mse.png").stat().st_size > 0 and (out / "toy_mse.svg").stat().st_size > 0
     meta = json.loads((out / "run.json").read_text())
@@ -366,6 +416,20 @@ def test_cli_config_errors(tmp_path, capsys):
         assert exc.value.code == 2
         assert message in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_absurd_sizes_are_refused_before_any_point_runs(tmp_path, counting_toy, capsys):
+    calls, _ = counting_toy
+    out = tmp_path / "huge"
+    with pytest.raises(SystemExit) as exc:
+        main(["study", "toy", "--out", str(out), "--set", "data.n_train=100000000",
+              "data.n_test=1", "ridges=0.1", "--no-progress", "--no-report"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    # 8 * 15 * (1e8)**2 bytes of [n_train, n_train] float64 temporaries: 1.2e18 B = 1200000 TB
+    assert "the largest point of study 'toy' (ridge=0.1 seed=0) needs about 1200000.0 TB" in err
+    assert "of memory here" in err and "Traceback" not in err
+    assert calls == [] and not out.exists()
 
 
 def test_default_out_dir(tmp_path, monkeypatch, capsys):

@@ -95,6 +95,19 @@ def run_point(config: ToyConfig, point: dict, progress: Progress) -> list[dict]:
     return rows
 
 
+def estimate_memory(config: ToyConfig, point: dict) -> int:
+    """Peak bytes of one point: the float64 ``[n_train, n_train]`` and ``[n_test, n_train]``
+    kernels with the temporaries of their recursion and of the eigendecomposition.
+
+    Measured (peak RSS of :func:`run_point`): about 14 ``[n_train, n_train]`` float64 arrays
+    live at once while the train kernel is built (:func:`telescope.infinite_ntk`) and about 10
+    ``[n_test, n_train]`` ones while the test kernel is; their sum is an upper bound (within
+    about 1.5x).
+    """
+    n_train, n_test = config.data.n_train, config.data.n_test
+    return 8 * (15 * n_train * n_train + 10 * n_test * n_train)
+
+
 def figures(df: pd.DataFrame, config: ToyConfig, out_dir: Path) -> list[Path]:
     """Converged train/test MSE by ridge; test MSE by training time for each ridge."""
     with fg.paper_style():
@@ -159,4 +172,5 @@ STUDY = Study(
     figures=figures,
     headline=headline,
     guide=GUIDE,
+    estimate_memory=estimate_memory,
 )
