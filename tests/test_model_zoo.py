@@ -268,9 +268,9 @@ def test_explain_gpt2_uses_the_conv1d_rule():
     assert df["cost_share"].sum() == pytest.approx(1.0)
     attn = df.set_index("parameter").loc["transformer.h.0.attn.c_attn.weight"]
     assert attn["rule"] == "linear (Conv1D)" and attn["module_type"] == "Conv1D"
-    assert _rule_share(df) >= 0.95
-    wpe = df.set_index("parameter").loc["transformer.wpe.weight"]
-    assert wpe["rule"] == "per-example Jacobian" and "batch of 1" in wpe["reason"]
+    # position embeddings are called with ids [1, S] and broadcast to the batch: still a rule
+    assert df.set_index("parameter").loc["transformer.wpe.weight", "rule"] == "embedding"
+    assert _rule_share(df) == pytest.approx(1.0)
 
 
 class MyLayerNorm(nn.LayerNorm):
@@ -469,3 +469,34 @@ def test_kernel_evolution_measures_in_eval_mode_and_of_a_subset():
     model.eval()
     close(lens.kernel0, oracle_ntk(model, x, None, "trace", names=["3.weight", "3.bias"]))
     assert lens.measure()["kernel_distance"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_batch_one_submodule_outputs():
+    """A submodule called with a batch of one whose output is broadcast to the batch keeps its
+    rule (each example its own delta); one whose output the model squeezes cannot be given
+    per-example deltas and falls back; both kernels exact."""
+    from telescope.kernels import explain
+
+    class Positions(nn.Module):
+        def __init__(self, squeeze: bool) -> None:
+            super().__init__()
+            self.squeeze = squeeze
+            self.tok, self.pos = nn.Embedding(10, 4), nn.Embedding(5, 4)
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, ids):
+            p = self.pos(torch.arange(ids.shape[1])[None])  # [1, S, 4]
+            p = p[0] if self.squeeze else p
+            return self.head(torch.tanh(self.tok(ids) + p).mean(1))
+
+    x = torch.randint(0, 10, (3, 5), generator=torch.Generator().manual_seed(9))
+    for squeeze, rule in ((False, "embedding"), (True, "per-example Jacobian")):
+        torch.manual_seed(0)
+        model = Positions(squeeze).double()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            df = explain(model, x).set_index("parameter")
+            assert df.loc["pos.weight", "rule"] == rule
+            for method in METHODS:
+                close(telescope.ntk(model, x, method=method, output="full"),
+                      oracle_ntk(model, x, None, "full"))

@@ -141,8 +141,8 @@ def _ntk(model: nn.Module, x1: Tensor, x2: Tensor | None, *, method: str, output
         n_out = num_outputs(model, x1)
         itemsize = torch.finfo(dtype).bits // 8
         if block_size is None:
-            # two blocks of Jacobians [B, O, P] plus vmap/jacrev intermediates
-            per_example = 6 * n_out * n_params * itemsize
+            # a block's Jacobians [B, O, P], the other block's, and jacrev's output buffer
+            per_example = 3 * n_out * n_params * itemsize
             block_size = max(1, budget // per_example)
             n1, n2 = x1.shape[0], x1.shape[0] if x2 is None else x2.shape[0]
             work = block_pairs(n1, n2, block_size, x2 is None)
@@ -153,7 +153,9 @@ def _ntk(model: nn.Module, x1: Tensor, x2: Tensor | None, *, method: str, output
         frozen = frozen_state(model)
         if method == "jacobian":
             n_all = x1.shape[0] + (0 if x2 is None else x2.shape[0])
-            keep = n_all * n_out * n_params * itemsize <= budget // 2
+            # every block's Jacobians kept (each computed once) when they fit in 3/4 of the
+            # budget, the rest being one block's computation
+            keep = n_all * n_out * n_params * itemsize <= 3 * budget // 4
             block_kernel = _jacobian_block_fn(model, frozen, params, output, keep)
         else:
             block_kernel = _vector_block_fn(model, frozen, params, output, n_out, budget)

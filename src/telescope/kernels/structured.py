@@ -128,6 +128,7 @@ class _Engine:
     def _discover(self, x: Tensor) -> None:
         """One forward pass to find each rule module's call count and output shapes."""
         shapes: dict[str, list[torch.Size]] = {m: [] for m, _ in self.modules}
+        broadcast: dict[str, list[bool]] = {m: [] for m, _ in self.modules}
         bad: dict[str, str] = {}
         handles = []
         for mname, module in self.modules:
@@ -136,11 +137,16 @@ class _Engine:
                     bad[mname] = "called without a positional tensor input"
                 elif not isinstance(out, Tensor):
                     bad[mname] = f"its output is a {type(out).__name__}, not a tensor"
-                elif out.shape[:1] != x.shape[:1]:
-                    bad[mname] = (f"called with a batch of {out.shape[0] if out.ndim else 0} "
-                                  f"for {x.shape[0]} examples (e.g. position ids [1, S])")
-                else:
+                elif out.shape[:1] == x.shape[:1] or (
+                        out.ndim and out.shape[0] == 1 and args[0].ndim and
+                        args[0].shape[0] == 1):
+                    # a batch-1 call (position ids [1, S]) whose output is broadcast to the
+                    # batch: each example gets its own delta, the input is shared
                     shapes[mname].append(out.shape[1:])
+                    broadcast[mname].append(out.shape[0] != x.shape[0])
+                else:
+                    bad[mname] = (f"called with a batch of {out.shape[0] if out.ndim else 0} "
+                                  f"for {x.shape[0]} examples")
             handles.append(module.register_forward_hook(hook))
         try:
             with torch.no_grad():
@@ -152,6 +158,7 @@ class _Engine:
                     if not s and m not in bad})
         self._drop(bad)
         self.shapes = {m: shapes[m] for m, _ in self.modules}
+        self.broadcast = {m: broadcast[m] for m, _ in self.modules}
 
     def _drop(self, bad: dict[str, str]) -> None:
         """Move the parameters of the modules in ``bad`` (name -> reason) to the fallback."""
@@ -185,7 +192,10 @@ class _Engine:
             for mname, z_list in zs.items():
                 def hook(mod, args, out, mname=mname, z_list=z_list):
                     k = len(captured[mname])
-                    captured[mname].append(args[0])
+                    inp = args[0]
+                    if self.broadcast[mname][k]:
+                        inp = inp.expand(b, *inp.shape[1:])
+                    captured[mname].append(inp)
                     return out + z_list[k]
                 handles.append(modules[mname].register_forward_hook(hook))
             try:
@@ -480,7 +490,15 @@ def _plan(model: nn.Module, probe: Tensor, *, quiet: bool = False) -> tuple[_Eng
     engine = _Engine(model, probe)
     with torch.no_grad():
         n_out = batched_fn(model, engine.frozen)(engine.params, probe).shape[1]
-    bad = engine.verify(probe, n_out)
+    try:
+        bad = engine.verify(probe, n_out)
+    except Exception as err:  # noqa: BLE001 - a broadcast batch-1 output the model cannot take
+        shared = [m for m, calls in engine.broadcast.items() if any(calls)]
+        if not shared:
+            raise
+        why = f"its batch-1 output cannot be given a per-example delta ({type(err).__name__})"
+        engine = _Engine(model, probe, excluded=dict.fromkeys(shared, why))
+        bad = engine.verify(probe, n_out)
     if bad:
         if not quiet:
             listed = "; ".join(f"{m or type(model).__name__}: {why}"
