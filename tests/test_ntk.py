@@ -357,3 +357,20 @@ def test_a_budget_that_forces_tiny_blocks_warns_with_a_better_budget():
         for method in ("structured", "jacobian"):
             with pytest.raises(RuntimeWarning, match="allows blocks of only"):
                 telescope.ntk(model, x, method=method, max_memory_gb=0.01)
+
+
+def test_low_precision_jacobian_contraction_is_accurate_over_millions_of_parameters():
+    """A single float32 matmul over millions of parameters loses ~P * eps; the contraction is
+    chunked and accumulated in float64 (oracle: the float64 product of the same Jacobians)."""
+    from telescope.kernels._blocks import contract
+
+    g = torch.Generator().manual_seed(0)
+    j = (torch.randn(3, 2, 3_000_000, generator=g) + 0.5).float()  # same-sign-heavy sums
+    ref = contract(j.double(), j.double(), "full")
+    for output in ("trace", "full", "diagonal"):
+        k = contract(j, j, output)
+        r = ref if output == "full" else (
+            ref.diagonal(dim1=2, dim2=3).sum(-1) if output == "trace"
+            else ref.diagonal(dim1=2, dim2=3))
+        assert k.dtype == torch.float32
+        assert float((k.double() - r).abs().max() / r.abs().max()) < 1e-6
