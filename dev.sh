@@ -6,7 +6,7 @@
 #                                   (`telescope study ntk-double-descent --preset quick
 #                                   --out out/ntk-double-descent --workers 2 [args...]`)
 #   ./dev.sh test [pytest args...]  the whole test suite (pytest)
-#   ./dev.sh lint [ruff args...]    ruff check (default: src, tests and bench)
+#   ./dev.sh lint [ruff args...]    ruff check (default: src, tests, bench and tools)
 #   ./dev.sh setup                  only set up / update .venv
 #
 # Setup: python3.11 (else any python3 >= 3.10; override with PYTHON=...) creates .venv; torch is
@@ -109,10 +109,10 @@ ensure_venv() {
     say "environment ready ($("$VPY" --version 2>&1), torch $TORCH_VERSION)"
 }
 
-# src, tests and bench, those that exist (git does not keep empty folders)
+# src, tests, bench and tools, those that exist (git does not keep empty folders)
 lint_paths() {
     local d
-    for d in src tests bench; do
+    for d in src tests bench tools; do
         [[ -d "$d" ]] && printf '%s\n' "$d"
     done
     return 0

@@ -154,7 +154,11 @@ def test_a_bug_inside_a_point_is_a_failed_point(monkeypatch, tmp_path, capsys):
     ("grokking-transformer", "kernel_method=fast", "kernel_method must be one of auto"),
     ("transformer-dynamics", "data.name=words", "data.name must be one of mnist1d-patches"),
     ("ntk-double-descent", "ridge=nan", "ridge must be a number, not NaN"),
-    ("ntk-double-descent", "data.patch=-4", "data.patch must be >= 0"),
+    ("ntk-double-descent", "data.patch=-4", "data.patch must"),
+    ("ntk-double-descent", "data.patch=3", "data.patch must divide MNIST-1D's 40 samples"),
+    ("ntk-double-descent", "n_heads=0", "n_heads must be >= 1, got 0"),
+    ("ntk-double-descent", "momentum=-1", "momentum must be >= 0 and < 1"),
+    ("ntk-double-descent", "device=gpu9", "device=gpu9: not a device"),
 ])
 def test_absurd_values_are_refused_before_any_point(study, setting, needle, tmp_path, capsys):
     assert run(["study", study, "--out", str(tmp_path / "x"), "--set", setting]) == 2
@@ -286,6 +290,11 @@ def test_run_json_has_git_commit_and_machine(tmp_path):
     assert (commit is None) == (executors.git_commit() is None)
     if commit is not None:
         assert re.fullmatch(r"[0-9a-f]{40}(-dirty)?", commit)
+    # each session keeps its own versions (a later resume must not relabel earlier points)
+    assert main(["study", "toy", "--out", str(out), *SMALL, "--no-progress", "--no-report"]) == 0
+    sessions = json.loads((out / "run.json").read_text())["sessions"]
+    assert len(sessions) == 2 and [s["computed"] for s in sessions] == [4, 0]
+    assert all(s["versions"]["machine"] == executors.machine() for s in sessions)
 
 
 @pytest.mark.parametrize("argv, needle", [

@@ -1,5 +1,6 @@
-"""ntk-double-descent: the kernel predictions against closed forms, the sweep mechanics on tiny
-settings, and the headline / answer logic on hand-made results."""
+"""ntk-double-descent: the kernel predictions against closed forms and independently computed
+kernels, the sweep mechanics on tiny settings, the seed bootstrap against plain resampling and
+scipy, and the headline / answer / verdict logic on hand-made results."""
 
 import math
 
@@ -7,7 +8,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from scipy.stats import spearmanr
 
+import telescope
 from telescope.runs import Progress
 from telescope.studies import get_study, make_config
 from telescope.studies import ntk_double_descent as ndd
@@ -64,20 +67,82 @@ def test_tiny_sweep_runs_and_fills_every_column():
     for col in ("test_mse", "lazy_test_mse", "after_test_mse", "telescoping_test_mse",
                 "lazy_p_train", "lazy_p_test", "after_p_test", "kernel_distance", "lazy_gap"):
         assert math.isfinite(last[col]), col
-    assert 0 < last["lazy_p_train"] <= 24 + 1e-6
-    assert last["ntk_rank_init"] == round(last["lazy_p_train"])  # min-norm: p_train = rank
     # six small Adam steps barely move a transformer: the telescoping model follows it closely
     assert last["telescoping_gap"] < 0.05
     mlp_rows = ndd.run_point(config, pts[2], Progress())
     assert mlp_rows[-1]["n_params"] == 40 * 2 + 2 + 2 + 1
 
 
+def _jacobian_kernel(model, x1, x2):
+    """K(x1, x2) = J(x1) J(x2)^T from autograd's per-example Jacobians (one output)."""
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def f(p, x):
+        return torch.func.functional_call(model, p, (x[None],))[0, 0]
+
+    def jac(x):
+        j = torch.vmap(torch.func.jacrev(f), in_dims=(None, 0))(params, x)
+        return torch.cat([v.reshape(x.shape[0], -1) for v in j.values()], dim=1)
+
+    return jac(x1) @ jac(x2).T
+
+
+def test_lazy_columns_match_an_independent_kernel_when_rank_deficient():
+    """n = 120 points, an MLP 40-1-1 with 43 parameters: the initial NTK has rank <= 43 < n.
+    Min-norm kernel interpolation (no ridge) then has p_train = rank K (the smoother K K^+ is a
+    projection), p_test = n/m ||K_* K^+||_F^2 and predictions f0 + K_* K^+ (y - f0); all three
+    recomputed here from an autograd Jacobian kernel, matrix_rank and pinv."""
+    config = make_config(STUDY, "quick", {**TINY, "models": "mlp", "mlp_widths": "1",
+                                          "data.n_train": "120", "steps": "2", "evals": "1"})
+    point = ndd.points(config)[0]
+    last = ndd.run_point(config, point, Progress())[-1]
+    ds = ndd.load_task(config, point["seed"])
+    torch.manual_seed(point["seed"])
+    model = ndd.build_model(config, "mlp", 1, tuple(ds.x_train.shape[1:])).double()
+    x, xt = ds.x_train.double(), ds.x_test.double()
+    y, yt = ds.y_train.double().reshape(-1), ds.y_test.double().reshape(-1)
+    k, k_test = _jacobian_kernel(model, x, x), _jacobian_kernel(model, xt, x)
+    rank = int(torch.linalg.matrix_rank(k, hermitian=True))
+    assert 2 < rank <= 43 < 120, rank
+    assert last["ntk_rank_init"] == rank
+    assert last["lazy_p_train"] == pytest.approx(rank, abs=1e-6)
+    s_test = k_test @ torch.linalg.pinv(k, hermitian=True)
+    n, m = x.shape[0], xt.shape[0]
+    assert last["lazy_p_test"] == pytest.approx(n / m * float(s_test.pow(2).sum()), rel=1e-6)
+    with torch.no_grad():
+        f0, f0t = model(x).reshape(-1), model(xt).reshape(-1)
+    lazy = f0t + s_test @ (y - f0)
+    assert last["lazy_test_mse"] == pytest.approx(float((lazy - yt).pow(2).mean()), rel=1e-6)
+
+
 def test_full_preset_builds_and_runs_with_tiny_overrides():
+    """The full preset's network smoother: its effective parameters are n/m sum_j ||S(x_j)||^2
+    of the Smoother's weights, recomputed here by retraining the same model with a Smoother."""
     config = make_config(STUDY, "full", {**TINY, "device": "cpu", "smoother": "true",
                                          "n_layers": "1", "widths": "2", "mlp_widths": "2"})
     assert config.n_heads == 2 and config.smoother
-    rows = ndd.run_point(config, ndd.points(config)[0], Progress())
-    assert 0 <= rows[-1]["network_p_train"] and 0 <= rows[-1]["network_p_test"]
+    point = ndd.points(config)[0]
+    last = ndd.run_point(config, point, Progress())[-1]
+    ds = ndd.load_task(config, point["seed"])
+    x, y, xt = ds.x_train, ds.y_train, ds.x_test
+    torch.manual_seed(point["seed"])
+    model = ndd.build_model(config, point["model"], point["width"], tuple(x.shape[1:]))
+    opt = torch.optim.Adam(model.parameters(), lr=config.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / config.warmup))
+    smoother = telescope.Smoother(model, opt, x, y, probes={"test": xt})
+    for _ in range(config.steps):
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        smoother.record(torch.arange(x.shape[0]))
+        opt.step()
+        sched.step()
+    n = x.shape[0]
+    for name, pts in (("train", x), ("test", xt)):
+        w = smoother.weights(name)                            # [m, n]: f~(x_j) = w_j . y + c_j
+        assert tuple(w.shape) == (pts.shape[0], n)
+        expected = n / pts.shape[0] * float(w.double().pow(2).sum())
+        assert last[f"network_p_{name}"] == pytest.approx(expected, rel=1e-5)
+    smoother.close()
 
 
 def test_network_smoother_is_skipped_above_its_parameter_budget():
@@ -114,15 +179,23 @@ def _fake(curve_net, curve_lazy, gaps, kind="transformer"):
 def test_headline_finds_peak_rank_correlation_and_lazy_validity():
     df = _fake([1.1, 2.0, 1.5, 1.2, 1.0], [1.3, 5.0, 2.0, 1.5, 1.1], [2.0, 1.0, 0.3, 0.2, 0.1])
     config = make_config(STUDY, "quick", {})
+    stats = ndd.compare(ndd.final_rows(df), "transformer")
+    assert stats["network"]["peak"] == pytest.approx(2.005)        # mean of 2.00 and 2.01
+    assert stats["network"]["peak_ci"] == pytest.approx((2.0, 2.01))
+    assert stats["network"]["peak_widths"] == [4]
+    assert stats["lazy"]["rho"] == pytest.approx(1.0)
+    assert stats["lazy"]["gap"] == pytest.approx(0.3)
     h = ndd.headline(df, config)
-    assert h["transformer: trained network: peak width"] == 4
-    assert h["transformer: NTK at init (lazy): peak width"] == 4
+    assert h["transformer: trained network: peak width"] == "4"
+    assert h["transformer: trained network: peak test MSE"] == "2.00 [2.00, 2.01]"
+    assert h["transformer: NTK at init (lazy): peak width"] == "4"
     assert h["transformer: NTK at init (lazy): rank correlation with the network"] == (
-        pytest.approx(1.0))
+        "1.00 [1.00, 1.00]")
     assert h["transformer: NTK at init (lazy): median relative distance to the network"] == (
-        pytest.approx(0.3))
+        "0.300 [0.300, 0.300]")
     assert h["transformer: lazy prediction within 25 % from width"] == 16
     assert h["transformer: can NTK theory (at init) predict its double descent?"] == "yes"
+    assert h["transformer: verdict on each half of the seeds"] == "yes (seeds 0) / yes (seeds 1)"
     assert "double descent" in h["answer"] and "from width 16" in h["answer"]
 
 
@@ -142,7 +215,8 @@ def test_answer_says_when_there_is_no_peak_and_no_lazy_regime():
     assert ndd.lazy_valid_from(final, "transformer") is None
     text = ndd.answer(final)
     assert "no clear double descent" in text and "never come within 25 %" in text
-    assert "relative distance 0.70 at the largest width" in text
+    assert "relative distance 0.700 [0.700, 0.700] at the largest width" in text
+    assert "as much as at every width from 2 on" in text           # kernel distance 0.1 flat
 
 
 def test_figures_and_report_from_tiny_run(tmp_path):
@@ -178,3 +252,141 @@ def test_cli_run_resumes_after_losing_a_point(tmp_path, capsys):
     assert meta["sessions"][-1]["skipped"] == 3
     again = pd.read_parquet(tmp_path / "results.parquet")
     pd.testing.assert_frame_equal(again.drop(columns="seconds"), first.drop(columns="seconds"))
+
+
+# --------------------------------------------------------------------------- seed bootstrap
+
+
+def test_rank_correlation_matches_scipy_with_ties_and_masks():
+    rng = np.random.default_rng(3)
+    a = rng.integers(0, 4, size=(40, 7)).astype(float)       # many ties
+    b = rng.normal(size=(40, 7))
+    b[::5, 2] = np.nan
+    mask = rng.random((40, 7)) > 0.25
+    got = ndd.rank_correlation(a, b, mask)
+    for r in range(40):
+        keep = mask[r] & ~np.isnan(b[r])
+        if keep.sum() < 3 or len(set(a[r, keep])) < 2:
+            assert math.isnan(got[r])
+        else:
+            assert got[r] == pytest.approx(spearmanr(a[r, keep], b[r, keep]).statistic, abs=1e-12)
+
+
+def test_seed_weights_and_weighted_means_are_plain_resampling():
+    """Row 0 weighs every seed once; a resample's mean curve equals the plain mean over the seeds
+    it drew (with repeats), skipping seeds a width lacks; the draws are reproducible."""
+    w = ndd.seed_weights(5, resamples=50, seed=7)
+    assert w.shape == (51, 5) and (w[0] == 1).all() and (w.sum(1) == 5).all()
+    np.testing.assert_array_equal(w, ndd.seed_weights(5, resamples=50, seed=7))
+    assert not np.array_equal(w, ndd.seed_weights(5, resamples=50, seed=8))
+    rng = np.random.default_rng(0)
+    values = rng.normal(size=(4, 5))                         # [widths, seeds]
+    values[2, 1] = np.nan                                    # a point not run
+    means = ndd.weighted_means(values, w)
+    for r in (0, 1, 17, 50):
+        drawn = np.repeat(np.arange(5), w[r].astype(int))
+        for j in range(4):
+            vals = values[j, drawn]
+            vals = vals[~np.isnan(vals)]
+            expected = vals.mean() if len(vals) else np.nan
+            np.testing.assert_allclose(means[r, j], expected, rtol=1e-12)
+
+
+def _seeded(curves_by_seed, lazy, kind="transformer", widths=(2, 4, 8, 16, 32), gap=2.0):
+    """A final frame: one network test-MSE curve per seed, the same lazy curve for every seed."""
+    rows = []
+    for seed, net in enumerate(curves_by_seed):
+        for w, v, lz in zip(widths, net, lazy, strict=True):
+            rows.append({"model": kind, "width": w, "seed": seed, "step": 10, "n_train": 100,
+                         "test_mse": v, "lazy_test_mse": lz, "lazy_gap": gap})
+    return pd.DataFrame(rows)
+
+
+def test_widths_within_noise_of_the_peak_follow_the_seed_spread():
+    """Widths 4 and 8 differ by 0.05 in the mean: with seeds spread by +-0.5 both are plausible
+    peaks and the headline says so; with seeds spread by +-0.005 only width 4 is."""
+    base = np.array([1.0, 2.0, 1.95, 1.3, 1.0])
+    rng = np.random.default_rng(1)
+    for spread, plausible, text in ((0.5, [4, 8], "4 (4-8 within noise)"), (0.005, [4], "4")):
+        noise = rng.choice([-1.0, 1.0], size=(8, 5)) * spread
+        noise -= noise.mean(0)                               # the mean curve stays `base`
+        final = ndd.final_rows(_seeded(base + noise, [1.0, 9.0, 3.0, 2.0, 1.5]))
+        net = ndd.compare(final, "transformer")["network"]
+        assert net["peak_width"] == 4 and net["peak"] == pytest.approx(2.0)
+        assert net["peak_widths"] == plausible
+        assert ndd.fmt_peak(net, [2, 4, 8, 16, 32]) == text
+        lo, hi = net["peak_ci"]
+        assert lo < 2.0 < hi and hi - lo < (1.2 if spread > 0.1 else 0.012)
+
+
+def _halves_agree_or_undetermined(final, kind="transformer"):
+    a, b = ndd.half_verdicts(final, kind)
+    full = ndd.headline(final, make_config(STUDY, "quick", {}))
+    said = full[f"{kind}: can NTK theory (at init) predict its double descent?"]
+    assert a["category"] == b["category"] or said.startswith("undetermined (within noise: ")
+    return a, b, said
+
+
+def test_verdict_on_disjoint_halves_of_the_seeds_agrees_in_a_clear_case():
+    rng = np.random.default_rng(2)
+    net = np.array([1.1, 2.0, 1.5, 1.2, 1.0]) + rng.normal(0, 0.03, size=(8, 5))
+    final = ndd.final_rows(_seeded(net, [1.3, 5.0, 2.0, 1.5, 1.1]))
+    a, b, said = _halves_agree_or_undetermined(final)
+    assert a["category"] == b["category"] == said == "partly"   # lazy never within 25 %
+    assert a["seeds"] == [0, 1, 2, 3] and b["seeds"] == [4, 5, 6, 7]
+    assert ndd.verdict_details(final, "transformer")["shares"] == {"partly": 1.0}
+
+
+def test_verdict_is_undetermined_when_the_peak_flips_between_halves_of_the_seeds():
+    """Seeds 0-3 peak at width 4 (where the lazy prediction peaks: "partly"), seeds 4-7 at 16
+    (two sweep widths away: "no"): each half decides, they disagree, and on all seeds the
+    verdict must be undetermined, naming the network's peak as what the noise leaves open."""
+    rng = np.random.default_rng(4)
+    early, late = [1.0, 2.0, 1.5, 1.4, 1.0], [1.0, 1.4, 1.5, 2.0, 1.0]
+    net = np.array([early] * 4 + [late] * 4) + rng.normal(0, 0.02, size=(8, 5))
+    final = ndd.final_rows(_seeded(net, [1.3, 5.0, 2.0, 1.5, 1.1]))
+    a, b, said = _halves_agree_or_undetermined(final)
+    assert (a["category"], b["category"]) == ("partly", "no")
+    assert said.startswith("undetermined (within noise: the network's peak anywhere in widths 4")
+    d = ndd.verdict_details(final, "transformer")
+    assert d["category"] == "undetermined" and max(d["shares"].values()) < ndd.AGREEMENT
+    assert set(d["shares"]) == {"partly", "no"}
+    # partly or no: either way not in full, and the one-line answer says so
+    assert "undetermined" in ndd.answer(final)
+    assert ndd.short_answer(final).startswith("Not in full: the NTK at initialization peaks at "
+                                              "width 4,")
+    assert "(partly) or not (no) is within the seeds' noise" in ndd.short_answer(final)
+
+
+def test_one_seed_verdict_says_its_noise_is_unknown():
+    final = ndd.final_rows(_seeded([[1.1, 2.0, 1.5, 1.2, 1.0]], [1.3, 5.0, 2.0, 1.5, 1.1]))
+    assert ndd.verdict(final, "transformer") == "partly (one seed: its noise is not estimated)"
+    assert ndd.half_verdicts(final, "transformer") is None
+
+
+def test_number_and_width_formats():
+    assert [ndd.fmt_number(v) for v in (1.5, 20.49, 0.018, 152.4, 1234.5, float("nan"))] == [
+        "1.50", "20.5", "0.0180", "152", "1234", "n/a"]
+    assert ndd.fmt_estimate(-0.1449, (-0.5, 0.3), decimals=2) == "-0.14 [-0.50, 0.30]"
+    sweep = [3, 4, 6, 8, 12, 16]
+    assert ndd.fmt_widths([6, 8, 12], sweep) == "6-12"
+    assert ndd.fmt_widths([12, 4, 8], sweep) == "4, 8-12"
+
+
+def test_verdict_needs_every_peak_within_noise_to_agree():
+    """96 % of the resamples peak at width 4 (lazy peak there too, never within 25 %: partly),
+    4 % at width 8, two sweep widths away (no). The share alone would decide "partly", but width
+    8 is within noise of the peak, so the verdict is undetermined and says which verdicts the
+    plausible peaks allow."""
+    widths = (2, 4, 6, 8, 16, 32)
+    net = np.tile([1.0, 2.0, 1.5, 1.85, 1.3, 1.0], (8, 1))
+    net[:, 3] += 0.3 * np.array([1, -1] * 4)
+    final = ndd.final_rows(_seeded(net, [1.3, 5.0, 2.0, 1.5, 1.2, 1.1], widths=widths))
+    d = ndd.verdict_details(final, "transformer")
+    assert d["point"] == "partly" and d["shares"]["partly"] >= ndd.AGREEMENT
+    assert ndd.compare(final, "transformer")["network"]["peak_widths"] == [4, 8]
+    assert d["implied"] == ["partly", "no"] and d["category"] == "undetermined"
+    assert "the peaks within noise allow partly or no" in d["verdict"]
+    net[:, 3] = 1.6                                           # width 8 clearly below the peak
+    final = ndd.final_rows(_seeded(net, [1.3, 5.0, 2.0, 1.5, 1.2, 1.1], widths=widths))
+    assert ndd.verdict(final, "transformer") == "partly"

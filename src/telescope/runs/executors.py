@@ -589,13 +589,15 @@ def _sweep(study: Any, config: Any, executor: Any, store: RunStore, points: list
     result = SweepResult(store.dir, total=len(points), skipped=len(frames), computed=0)
 
     meta = store.read_meta()
+    current = versions()
     meta.update({"study": study.name, "preset": preset, "points_total": len(points),
-                 "points_done": len(frames), "versions": versions()})
+                 "points_done": len(frames), "versions": current})
     point_seconds: dict[str, float] = {k: v for k, v in meta.get("point_seconds", {}).items()
                                        if k in frames}
     session = {"started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                "seconds": None, "executor": executor.describe(), "argv": sys.argv[1:],
-               "computed": 0, "skipped": len(frames), "failed": 0}
+               "computed": 0, "skipped": len(frames), "failed": 0,
+               "versions": current}  # each session's own: which code computed which points
     sessions = [*meta.get("sessions", [])[-49:], session]  # the last 50 sessions
     meta["sessions"] = sessions
     store.write_meta(meta)

@@ -1,0 +1,360 @@
+#!/usr/bin/env python
+"""Write the README's answer to "Can NTK theory predict double descent in transformers?" from a
+saved ``ntk-double-descent`` run, so that every number it prints comes from that run.
+
+Usage (from the repository root, after ``./dev.sh run``)::
+
+    .venv/bin/python tools/readme_results.py out/ntk-double-descent            # rewrite
+    .venv/bin/python tools/readme_results.py out/ntk-double-descent --check    # compare only
+
+It reads ``RUN_DIR/results.parquet``, ``config.json`` and ``run.json`` and replaces the part of
+the README between the marker lines ``<!-- ntk-double-descent:begin -->`` and
+``<!-- ntk-double-descent:end -->`` with: the one-sentence answer
+(:func:`telescope.studies.ntk_double_descent.short_answer`), the setup (from ``config.json``) and
+the wall time (from ``run.json``), the figure, a table of the numbers with their bootstrap
+intervals over seeds (:func:`~telescope.studies.ntk_double_descent.compare`,
+:func:`~telescope.studies.ntk_double_descent.verdict_details`,
+:func:`~telescope.studies.ntk_double_descent.half_verdicts`), one paragraph per model row
+(:func:`~telescope.studies.ntk_double_descent.answer_for`), the limits, and a line naming the
+machine, commit and date of the run (``versions.machine`` / ``versions.git_commit`` of
+``run.json``, else ``versions.platform`` and "unknown commit"). It also rewrites the wall time in
+the README's ``./dev.sh run`` line (``(~N min + setup)``) and copies the run's
+``ntk_double_descent.png`` to ``--figure``.
+
+``--check`` writes nothing and exits 1 if the README (or the figure) differs from what the
+results give, printing a diff; 2 on a usage error (missing files or markers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import math
+import os
+import re
+import sys
+import textwrap
+from pathlib import Path
+
+import pandas as pd
+
+from telescope.errors import TelescopeError, UsageError
+from telescope.studies import get_study
+from telescope.studies import ntk_double_descent as ndd
+from telescope.studies.base import config_from_dict
+
+STUDY = "ntk-double-descent"
+BEGIN = "<!-- ntk-double-descent:begin -->"
+END = "<!-- ntk-double-descent:end -->"
+FIGURE = "ntk_double_descent.png"
+WIDTH = 100
+# the wall time in the README's first lines: "./dev.sh run ... (~7 min + setup)"
+DEV_RUN_TIME = re.compile(r"^(\./dev\.sh run .*\(~)(\d+(?:\.\d+)?)( min \+ setup\))", re.M)
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def load_run(run_dir: Path) -> tuple[pd.DataFrame, object, dict, dict]:
+    """``(results, config, saved config.json, run.json)`` of a finished run directory."""
+    run_dir = Path(run_dir)
+    paths = {name: run_dir / name for name in ("results.parquet", "config.json", "run.json")}
+    missing = [name for name, p in paths.items() if not p.is_file()]
+    if missing:
+        raise UsageError(f"{run_dir} lacks {', '.join(missing)}: give the directory of a "
+                         f"finished run, e.g. run `./dev.sh run` and pass out/{STUDY}")
+    saved = json.loads(paths["config.json"].read_text(encoding="utf-8"))
+    if saved.get("study") != STUDY:
+        raise UsageError(f"{run_dir} holds a {saved.get('study')!r} run, not {STUDY!r}")
+    meta = json.loads(paths["run.json"].read_text(encoding="utf-8"))
+    config = config_from_dict(get_study(STUDY).config_cls, saved.get("config") or {},
+                              strict=False)
+    df = pd.read_parquet(paths["results.parquet"])
+    if df.empty:
+        raise UsageError(f"{paths['results.parquet']} holds no rows: the run has no finished "
+                         f"points yet")
+    return df, config, saved, meta
+
+
+def wall_seconds(meta: dict) -> float | None:
+    """Seconds the sessions that computed points took together (``run.json`` sessions)."""
+    sessions = [s for s in meta.get("sessions", []) if s.get("computed")]
+    if not sessions:
+        return None
+    return float(sum(s.get("seconds") or 0.0 for s in sessions))
+
+
+def provenance(meta: dict) -> dict[str, str]:
+    """Machine, commit and date of the last session that computed points.
+
+    Versions come from that session's own ``versions`` where ``run.json`` records them per
+    session, else from the top-level ``versions`` (``machine``, else ``platform``;
+    ``git_commit``), which describe the *latest* session: when that session computed nothing
+    (a resume), its commit is not the one that computed the points, so the commit is reported as
+    unknown and the machine as recorded by the later session."""
+    sessions = list(meta.get("sessions", []))
+    computing = [s for s in sessions if s.get("computed")]
+    session = computing[-1] if computing else (sessions[-1] if sessions else {})
+    later = False
+    if isinstance(session.get("versions"), dict):
+        versions = session["versions"]
+    else:
+        versions = meta.get("versions") or {}
+        later = bool(computing) and sessions[-1] is not session
+    machine = str(versions.get("machine") or versions.get("platform") or "unknown machine")
+    commit = versions.get("git_commit")
+    return {
+        "machine": machine + (" (as recorded by a later session that only resumed)" if later
+                              else ""),
+        "commit": f"commit {commit}" if commit and not later else "unknown commit",
+        "date": str(session.get("started", ""))[:10] or "unknown date",
+        "executor": str(session.get("executor", "")),
+        "torch": str(versions.get("torch", "")),
+    }
+
+
+# --------------------------------------------------------------------------- the section
+
+
+def _para(text: str, indent: str = "") -> list[str]:
+    return textwrap.wrap(text, WIDTH, initial_indent=indent,
+                         subsequent_indent=" " * len(indent), break_on_hyphens=False,
+                         break_long_words=False)
+
+
+def _ordinal_layers(n: int) -> str:
+    return {1: "one-layer", 2: "two-layer", 3: "three-layer"}.get(n, f"{n}-layer")
+
+
+def setup_text(config, final: pd.DataFrame, meta: dict) -> str:
+    """The setup sentence, from the config and the run's metadata."""
+    d = config.data
+    if d.kind == "mnist1d-patches":
+        task = (f"MNIST-1D {d.classes[0]} vs {d.classes[1]} read as {40 // d.patch} patches of "
+                f"{d.patch} samples")
+    else:
+        task = f"the digits {d.classes[0]} vs {d.classes[1]} read as 8 rows of 8 pixels"
+    opt = ("Adam" if config.optimizer == "adam" else f"SGD (momentum {config.momentum})")
+    warm = f" with {config.warmup} warmup steps" if config.warmup else ""
+    models = []
+    if "transformer" in config.models:
+        heads = "" if config.n_heads == 1 else f", {config.n_heads} heads"
+        models.append(f"{_ordinal_layers(config.n_layers)} encoder transformers of width "
+                      f"{min(config.widths)} to {max(config.widths)}{heads}")
+    if "mlp" in config.models:
+        models.append(f"one-hidden-layer MLPs of width {min(config.mlp_widths)} to "
+                      f"{max(config.mlp_widths)}")
+    n_points = int(final.groupby(["model", "width", "seed"]).ngroups)
+    seconds = wall_seconds(meta)
+    prov = provenance(meta)
+    took = "" if seconds is None else f" in {seconds / 60:.1f} min"
+    where = f" ({prov['executor']})" if prov["executor"] else ""
+    return (f"({task}, n = {d.n_train} training points, {ndd.fmt_share(config.label_noise)} of the "
+            f"targets flipped, squared loss, full-batch {opt} at learning rate {config.lr:g}"
+            f"{warm} for {config.steps} steps, {' and '.join(models)}, {config.seeds} seeds; "
+            f"{n_points} trained networks with their kernels{took}{where})")
+
+
+def _cell(boot: ndd.SeedBootstrap | None, row: str) -> str:
+    """One table cell of a model row."""
+    if boot is None or boot.analysis is None:
+        return "not run"
+    stats = boot.compare()
+    net, sweep = stats["network"], boot.sweep
+    lazy, after, tel = stats.get("lazy"), stats.get("after"), stats.get("telescoping")
+    est, corr = ndd.fmt_stat, ndd.fmt_corr
+    if row == "net_peak":
+        return ndd.fmt_peak(net, sweep)
+    if row == "net_height":
+        return (f"{est(net, 'peak')} -> {est(net, 'at_largest')} at {net['largest_width']}")
+    if lazy is None and row.startswith("lazy"):
+        return "not measured"
+    if row == "lazy_peak":
+        same = " (the network's)" if lazy["peak_width"] == net["peak_width"] else ""
+        return (f"width {ndd.fmt_peak(lazy, sweep)}{same}; {est(lazy, 'peak')} "
+                f"({lazy['peak'] / net['peak']:.1f}x the network's)")
+    if row == "lazy_rho":
+        return f"{corr(lazy, 'rho')} / {corr(lazy, 'rho_past_peak')}"
+    if row == "lazy_gap":
+        valid = ndd.lazy_valid_from(boot.final, boot.kind)
+        holds = ("never within 25 %" if valid is None else f"within 25 % from width {valid}")
+        return f"{est(lazy, 'gap_at_largest')} ({holds})"
+    if row == "kernel":
+        kd = boot.curve_intervals("kernel_distance")
+        return "not measured" if not len(kd) else ndd.fmt_estimate(*ndd.curve_row(kd, -1))
+    if row == "after":
+        if after is None:
+            return "not measured"
+        return f"{corr(after, 'rho_past_peak')}; {est(after, 'gap_at_largest')}"
+    if row == "telescoping":
+        return "not measured" if tel is None or not math.isfinite(tel["gap"]) else est(tel, "gap")
+    if row == "verdict":
+        d = boot.verdict_details()
+        split = ", ".join(f"{k} {ndd.fmt_share(s)}" for k, s in d["shares"].items())
+        allow = (f"peaks within noise allow {' or '.join(d['implied'])}; "
+                 if len(d["implied"]) > 1 else "")
+        return f"**{d['category']}** ({allow}seed resamples: {split})" if split else (
+            f"**{d['category']}**")
+    raise KeyError(row)
+
+
+ROWS = (
+    ("trained network: test-MSE peak width", "net_peak"),
+    ("... peak height -> at the largest width", "net_height"),
+    ("NTK at init (converged kernel regression): peak width; height", "lazy_peak"),
+    ("... Spearman with the network, all widths / past its peak", "lazy_rho"),
+    ("... relative distance to the network's test predictions at the largest width",
+     "lazy_gap"),
+    ("kernel distance of K_T from K_0 at the largest width", "kernel"),
+    ("after-kernel (NTK of the trained net, same formula): Spearman past the peak; distance at "
+     "the largest width", "after"),
+    ("telescoping model: median relative distance to the network", "telescoping"),
+    ("verdict (`yes` / `partly` / `no`, rule in the report)", "verdict"),
+)
+
+
+def table(final: pd.DataFrame, boots: dict[str, ndd.SeedBootstrap]) -> list[str]:
+    lines = ["| | transformer | MLP (contrast) |", "|---|---|---|"]
+    for label, key in ROWS:
+        cells = [_cell(boots.get(kind), key) for kind in ndd.MODELS]
+        lines.append(f"| {label} | {' | '.join(cells)} |")
+    halves = {kind: ndd.half_verdicts(final, kind) for kind in ndd.MODELS if kind in boots}
+    shown = [h for h in halves.values() if h is not None]
+    if shown:
+        a, b = shown[0]
+        label = (f"verdict on seeds {ndd.fmt_widths(a['seeds'], a['seeds'])} / "
+                 f"{ndd.fmt_widths(b['seeds'], b['seeds'])}")
+        cells = []
+        for kind in ndd.MODELS:
+            h = halves.get(kind)
+            cells.append("not run" if h is None else f"{h[0]['category']} / {h[1]['category']}")
+        lines.append(f"| {label} | {' | '.join(cells)} |")
+    return lines
+
+
+def section(df: pd.DataFrame, config, saved: dict, meta: dict, figure_link: str,
+            run_label: str) -> str:
+    """The README text between the markers (markers included)."""
+    final = ndd.final_rows(df)
+    boots = {kind: ndd.SeedBootstrap(final, kind) for kind in ndd.MODELS
+             if kind in set(final["model"])}
+    main = "transformer" if "transformer" in boots else next(iter(boots))
+    preset = saved.get("preset") or "custom"
+    lines = [BEGIN, f"<!-- generated by tools/readme_results.py from {run_label}:",
+             "     edit the script or the study, not this text -->"]
+    lines += _para(f"**{ndd.short_answer(final, main)}** Measured by `./dev.sh run` ({preset} "
+                   f"preset: {setup_text(config, final, meta)[1:]}:")
+    lines += ["", f"![ntk-double-descent]({figure_link})", ""]
+    lines += table(final, boots)
+    lines.append("")
+    level, agree = ndd.fmt_share(ndd.LEVEL), ndd.fmt_share(ndd.AGREEMENT)
+    lines += _bullet(
+        f"Brackets are {level} percentile intervals of a bootstrap over seeds "
+        f"({ndd.RESAMPLES} resamples of whole seeds, the same draw at every width, fixed "
+        f"seed); \"within noise\" lists the widths whose mean test MSE cannot be told from the "
+        f"peak's at that level. A verdict is stated only when at least {agree} of the "
+        f"resamples give it and every pair of peak widths within noise (network, NTK at init) "
+        f"gives it too, otherwise it is undetermined; the table shows the share of resamples "
+        f"behind each answer and the verdicts of two disjoint halves of the seeds.")
+    for kind in ndd.MODELS:
+        if kind in boots:
+            lines += _bullet(ndd.answer_for(final, kind, boots[kind]))
+    lines.append("")
+    full = ndd.PRESETS.get("full", {})
+    lines += _para(
+        f"Limits: one task, {_ordinal_layers(config.n_layers)} transformers up to width "
+        f"{max(config.widths)}, {config.seeds} seeds, kernel regression run to convergence "
+        f"without ridge rather than to the network's training time. The `full` preset "
+        f"({full.get('data.n_train', '?')} training points, "
+        f"{_ordinal_layers(int(full.get('n_layers', 1)))} transformers up to width "
+        f"{max(full.get('widths', [0]))}, {full.get('seeds', '?')} seeds, the network's own "
+        f"effective parameters through `telescope.Smoother`) is meant for a GPU; the numbers "
+        f"above are from the run named below.")
+    lines.append("")
+    prov = provenance(meta)
+    lines += _para(f"Generated by `tools/readme_results.py {run_label}` from that run's "
+                   f"`results.parquet`: machine {prov['machine']}, {prov['commit']}, "
+                   f"{prov['date']}{', torch ' + prov['torch'] if prov['torch'] else ''}.")
+    lines.append(END)
+    return "\n".join(lines)
+
+
+def _bullet(text: str) -> list[str]:
+    return textwrap.wrap(text, WIDTH, initial_indent="- ", subsequent_indent="  ",
+                         break_on_hyphens=False, break_long_words=False)
+
+
+def render(readme_text: str, df, config, saved, meta, figure_link: str, run_label: str) -> str:
+    """The README with the section between the markers (and the ``./dev.sh run`` wall time)
+    rewritten from the results."""
+    begin, end = readme_text.find(BEGIN), readme_text.find(END)
+    if begin < 0 or end < begin:
+        raise UsageError(f"the README has no {BEGIN} ... {END} block: put the two marker lines "
+                         f"where the generated answer belongs (under the section's heading)")
+    new = section(df, config, saved, meta, figure_link, run_label)
+    text = readme_text[:begin] + new + readme_text[end + len(END):]
+    seconds = wall_seconds(meta)
+    if seconds is not None:
+        text = DEV_RUN_TIME.sub(lambda m: f"{m.group(1)}{max(1, round(seconds / 60))}"
+                                          f"{m.group(3)}", text, count=1)
+    return text
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="readme_results.py", description="Write the README's ntk-double-descent answer "
+        "from a saved run (results.parquet, config.json, run.json).")
+    parser.add_argument("run_dir", type=Path, help=f"the run directory, e.g. out/{STUDY}")
+    parser.add_argument("--readme", type=Path, default=Path("README.md"))
+    parser.add_argument("--figure", type=Path, default=Path("docs/figures") / FIGURE,
+                        help="where the run's figure is copied (and linked from the README)")
+    parser.add_argument("--check", action="store_true",
+                        help="write nothing; exit 1 if the README or figure differ from the "
+                             "results")
+    args = parser.parse_args(argv)
+    try:
+        df, config, saved, meta = load_run(args.run_dir)
+        if not args.readme.is_file():
+            raise UsageError(f"no README at {args.readme}: pass --readme PATH")
+        old = args.readme.read_text(encoding="utf-8")
+        link = Path(os.path.relpath(args.figure, args.readme.parent)).as_posix()
+        new = render(old, df, config, saved, meta, link, args.run_dir.as_posix())
+    except TelescopeError as err:
+        print(f"readme_results.py: error: {err}", file=sys.stderr)
+        return 2
+    source = args.run_dir / FIGURE
+    figure = source.read_bytes() if source.is_file() else None
+    if args.check:
+        stale = []
+        if new != old:
+            sys.stdout.writelines(difflib.unified_diff(
+                old.splitlines(keepends=True), new.splitlines(keepends=True),
+                fromfile=f"{args.readme} (now)", tofile=f"{args.readme} (from the results)"))
+            stale.append(str(args.readme))
+        if figure is not None and (not args.figure.is_file()
+                                   or args.figure.read_bytes() != figure):
+            stale.append(str(args.figure))
+        if stale:
+            print(f"readme_results.py: {' and '.join(stale)} differ from {args.run_dir}; run "
+                  f"without --check to rewrite", file=sys.stderr)
+            return 1
+        return 0
+    if new != old:
+        args.readme.write_text(new, encoding="utf-8")
+    if figure is not None:
+        args.figure.parent.mkdir(parents=True, exist_ok=True)
+        args.figure.write_bytes(figure)
+    else:
+        print(f"readme_results.py: {source} not found; the figure was left as it is "
+              f"(`telescope report {args.run_dir}` draws it)", file=sys.stderr)
+    print(f"readme_results.py: {args.readme} {'rewritten' if new != old else 'unchanged'} "
+          f"from {args.run_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
