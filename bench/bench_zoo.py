@@ -6,8 +6,8 @@
 - **GPT-2** (Hugging Face ``GPT2ForSequenceClassification``, d 128, 4 layers, 4 heads, vocab
   1000, sequences of 16 with a pad token configured as people do, 4 labels), N = 32, trace
   kernel, float32.
-- **ResNet-18** (the torchvision architecture written out here: 11.2M parameters, BatchNorm in
-  eval mode, 10 classes) on 32x32 images, N = 16 and 64, trace kernel, float32.
+- **ResNet-18** (``telescope.models.ResNet18``, torchvision's architecture: 11.2M parameters,
+  BatchNorm in eval mode, 10 classes) on 32x32 images, N = 16 and 64, trace kernel, float32.
 
 Each model is timed with ``telescope.ntk(method="structured")`` (default memory budget),
 ``method="jacobian"`` (``--jacobian-memory-gb``, 12 by default: enough to keep every block's
@@ -32,40 +32,7 @@ from torch.func import functional_call, jacrev, vmap
 
 import telescope
 from telescope.kernels import explain
-
-
-class BasicBlock(nn.Module):
-    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(c_out)
-        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(c_out)
-        self.down = (nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False),
-                                   nn.BatchNorm2d(c_out)) if stride != 1 or c_in != c_out
-                     else nn.Identity())
-
-    def forward(self, x):
-        h = torch.relu(self.bn1(self.conv1(x)))
-        return torch.relu(self.bn2(self.conv2(h)) + self.down(x))
-
-
-class ResNet18(nn.Module):
-    """torchvision's ResNet-18 (7x7 stem with max-pool, four stages of two basic blocks)."""
-
-    def __init__(self, classes: int = 10) -> None:
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64),
-                                  nn.ReLU(), nn.MaxPool2d(3, 2, 1))
-        blocks, c = [], 64
-        for i, out in enumerate((64, 128, 256, 512)):
-            blocks += [BasicBlock(c, out, 1 if i == 0 else 2), BasicBlock(out, out, 1)]
-            c = out
-        self.blocks = nn.Sequential(*blocks)
-        self.fc = nn.Linear(512, classes)
-
-    def forward(self, x):
-        return self.fc(self.blocks(self.stem(x)).mean(dim=(2, 3)))
+from telescope.models import ResNet18
 
 
 class Logits(nn.Module):
@@ -92,7 +59,7 @@ def gpt2():
 
 def resnet18(n: int):
     torch.manual_seed(0)
-    model = ResNet18().eval()
+    model = ResNet18(10).eval()
     x = torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     return model, x
 

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from _oracles import oracle_jacobian
+from _oracles import np_relu_ntk, oracle_jacobian
 
 from telescope._threads import available_cpus, configure_threads
 from telescope.cli import main
@@ -32,27 +32,6 @@ def parse_table(text: str) -> list[dict[str, str]]:
 
 
 # ------------------------------------------------------------ numpy oracles for the demo's numbers
-
-
-def np_relu_ntk(x1: np.ndarray, x2: np.ndarray | None, depth: int) -> np.ndarray:
-    """Infinite-width NTK of a bias-free ReLU net (NTK parametrization, unit weight std, scalar
-    readout) by the arc-cosine recursion of Jacot et al. / Cho & Saul, written out in numpy."""
-    same = x2 is None
-    x2 = x1 if same else x2
-    d = x1.shape[1]
-    k = x1 @ x2.T / d
-    kxx, kyy = (x1 ** 2).sum(1) / d, (x2 ** 2).sum(1) / d
-    theta = k.copy()
-    for _ in range(depth):
-        norm = np.sqrt(np.outer(kxx, kyy))
-        cos = np.clip(k / norm, -1.0, 1.0)
-        if same:
-            np.fill_diagonal(cos, 1.0)               # the angle of a point with itself is 0
-        ang = np.arccos(cos)
-        k = norm / (2 * np.pi) * (np.sin(ang) + (np.pi - ang) * cos)
-        theta = k + (np.pi - ang) / (2 * np.pi) * theta
-        kxx, kyy = kxx / 2, kyy / 2                  # E[relu(u)^2] = Var(u) / 2
-    return theta
 
 
 def np_alignment(a: np.ndarray, b: np.ndarray) -> float:

@@ -14,6 +14,7 @@ from torch import nn
 
 import telescope
 from telescope.errors import UnsupportedModelError
+from telescope.models import ResNet18
 
 METHODS = ["structured", "jacobian", "vector"]
 F64 = torch.float64
@@ -172,44 +173,9 @@ def test_transformer_encoder_in_eval_mode_all_methods_and_the_telescope(batch_fi
     assert tel.history[-1]["telescoping_mae"] < 1e-3 * tel.history[-1]["output_scale"]
 
 
-class BasicBlock(nn.Module):
-    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(c_out)
-        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(c_out)
-        self.down = (nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False),
-                                   nn.BatchNorm2d(c_out)) if stride != 1 or c_in != c_out
-                     else nn.Identity())
-
-    def forward(self, x):
-        h = torch.relu(self.bn1(self.conv1(x)))
-        return torch.relu(self.bn2(self.conv2(h)) + self.down(x))
-
-
-class ResNet(nn.Module):
-    """ResNet-18's shape (stem, four stages of two basic blocks, pooled head), narrow."""
-
-    def __init__(self, width: int = 4, classes: int = 3) -> None:
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, 1, 1, bias=False),
-                                  nn.BatchNorm2d(width), nn.ReLU())
-        blocks, c = [], width
-        for i, mult in enumerate((1, 2, 4, 8)):
-            out = width * mult
-            blocks += [BasicBlock(c, out, 1 if i == 0 else 2), BasicBlock(out, out, 1)]
-            c = out
-        self.blocks = nn.Sequential(*blocks)
-        self.head = nn.Linear(c, classes)
-
-    def forward(self, x):
-        return self.head(self.blocks(self.stem(x)).mean(dim=(2, 3)))
-
-
 def _resnet():
     torch.manual_seed(0)
-    model = ResNet().double()
+    model = ResNet18(3, width=4, stem="cifar").double()
     with torch.no_grad():  # running statistics that are not the identity
         for m in model.modules():
             if isinstance(m, nn.BatchNorm2d):

@@ -26,6 +26,7 @@ import pandas as pd
 import pytest
 import scipy.linalg
 import torch
+from _oracles import np_relu_ntk
 
 from telescope.cli import main
 from telescope.runs import RunStore, atomic_write, make_executor, point_key
@@ -36,27 +37,6 @@ from telescope.studies.base import config_from_dict, config_to_dict, parse_overr
 SMALL = ["--set", "data.n_train=40", "data.n_test=40", "ridges=0.1,1", "times=1,inf"]
 N_POINTS = 4   # 2 ridges x 2 seeds
 N_TIMES = 2
-
-
-def np_relu_ntk(x1: np.ndarray, x2: np.ndarray | None, depth: int) -> np.ndarray:
-    """Infinite-width NTK of a bias-free ReLU net (NTK parametrization, unit weight std, scalar
-    readout) by the arc-cosine recursion of Jacot et al. / Cho & Saul, written out in numpy."""
-    same = x2 is None
-    x2 = x1 if same else x2
-    d = x1.shape[1]
-    k = x1 @ x2.T / d
-    kxx, kyy = (x1 ** 2).sum(1) / d, (x2 ** 2).sum(1) / d
-    theta = k.copy()
-    for _ in range(depth):
-        norm = np.sqrt(np.outer(kxx, kyy))
-        cos = np.clip(k / norm, -1.0, 1.0)
-        if same:
-            np.fill_diagonal(cos, 1.0)               # the angle of a point with itself is 0
-        ang = np.arccos(cos)
-        k = norm / (2 * np.pi) * (np.sin(ang) + (np.pi - ang) * cos)
-        theta = k + (np.pi - ang) / (2 * np.pi) * theta
-        kxx, kyy = kxx / 2, kyy / 2                  # E[relu(u)^2] = Var(u) / 2
-    return theta
 
 
 def toy_oracle(ridge: float, seed: int, t: float, n_train: int = 40, n_test: int = 40
