@@ -334,8 +334,8 @@ def test_mixed_and_low_precision_models_keep_their_rules():
 
 def test_large_fallback_share_warns_once_and_points_to_explain():
     torch.manual_seed(0)
-    model = Encoder(True).double().eval()
-    x = torch.randn(3, 4, 8, dtype=F64)
+    model = Recurrent(nn.GRU, True).double()  # a GRU: no rule
+    x = torch.randn(3, 4, 3, dtype=F64)
     with pytest.warns(UserWarning, match=r"of the parameters have no per-layer rule.*explain"):
         telescope.ntk(model, x)
     with warnings.catch_warnings():
@@ -466,3 +466,75 @@ def test_batch_one_submodule_outputs():
             for method in METHODS:
                 close(telescope.ntk(model, x, method=method, output="full"),
                       oracle_ntk(model, x, None, "full"))
+
+
+class Attention(nn.Module):
+    """``nn.MultiheadAttention`` called the ways people call it: a key padding mask and an
+    attention mask (boolean or additive), cross-attention to a second sequence, and its
+    averaged attention weights used downstream."""
+
+    def __init__(self, batch_first: bool, mask: str) -> None:
+        super().__init__()
+        self.batch_first, self.mask = batch_first, mask
+        self.mha = nn.MultiheadAttention(8, 2, batch_first=batch_first)
+        self.head = nn.Linear(8 + 5, 2)
+
+    def forward(self, x):  # x: [N, S, 8] with S = 5
+        n, s, _ = x.shape
+        causal = torch.triu(torch.ones(s, s, dtype=torch.bool), 1)
+        attn_mask = causal if self.mask == "bool" else causal.to(x.dtype) * -1e4
+        pad = torch.zeros(n, s, dtype=torch.bool)
+        pad[:, -1] = x[:, -1, 0] > 0  # per example: its last token is padding when ...
+        memory = torch.flip(x, dims=(1,))
+        q, kv = (x, memory) if self.batch_first else (x.transpose(0, 1), memory.transpose(0, 1))
+        out, weights = self.mha(q, kv, kv, key_padding_mask=pad, attn_mask=attn_mask,
+                                need_weights=True)
+        out = out if self.batch_first else out.transpose(0, 1)
+        return self.head(torch.cat([out.mean(1), weights[:, -1]], dim=1))
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("mask", ["bool", "float"])
+def test_multihead_attention_projections_have_a_rule(batch_first, mask):
+    from telescope.kernels import explain
+
+    torch.manual_seed(0)
+    model = Attention(batch_first, mask).double().eval()
+    x1 = torch.randn(3, 5, 8, dtype=F64, generator=torch.Generator().manual_seed(10))
+    x2 = torch.randn(2, 5, 8, dtype=F64, generator=torch.Generator().manual_seed(11))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="structured NTK")  # no rule failed
+        df = explain(model, x1).set_index("parameter")
+    assert set(df.loc[df["module"].str.startswith("mha"), "rule"]) == {
+        "linear (attention projections)"}
+    assert _rule_share(df) == pytest.approx(1.0)
+    ref = oracle_ntk(model, x1, x2, "full")
+    for method in METHODS:
+        close(telescope.ntk(model, x1, x2, method=method, output="full"), ref)
+    # the transformer encoder: every parameter on a rule now
+    df = explain(Encoder(True).double().eval(), x1).set_index("parameter")
+    assert _rule_share(df) == pytest.approx(1.0)
+
+
+def test_attention_configurations_without_a_rule_fall_back_exactly():
+    torch.manual_seed(0)
+
+    class Cross(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mha = nn.MultiheadAttention(8, 2, kdim=6, vdim=6, batch_first=True,
+                                             add_bias_kv=True)
+            self.head = nn.Linear(8, 2)
+
+        def forward(self, x):
+            return self.head(self.mha(x, x[..., :6], x[..., :6])[0].mean(1))
+
+    model = Cross().double().eval()
+    x = torch.randn(3, 5, 8, dtype=F64)
+    from telescope.kernels import explain
+
+    df = explain(model, x).set_index("parameter")
+    assert "does not fit" in df.loc["mha.q_proj_weight", "reason"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        close(telescope.ntk(model, x, output="full"), oracle_ntk(model, x, None, "full"))

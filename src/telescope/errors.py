@@ -45,7 +45,7 @@ def warn(message: str, category: type[Warning] = UserWarning) -> None:
     import sys
     import warnings
 
-    level, frame = 1, sys._getframe(1)
+    level, frame = 2, sys._getframe(1)  # stacklevel 2 is warn's caller, frame 1
     while frame is not None and frame.f_globals.get("__name__", "").startswith("telescope."):
         frame = frame.f_back
         level += 1

@@ -33,6 +33,7 @@ Reference: Novak, Sohl-Dickstein & Schoenholz (2022), "Fast Finite Width Neural 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -46,7 +47,7 @@ from telescope.errors import UsageError
 from telescope.models.mlp import NTKLinear
 
 __all__ = ["TokenFactor", "GradFactor", "LinearRule", "AffineRule", "EmbeddingRule", "ConvRule",
-           "register_rule", "rule_for"]
+           "AttentionRule", "register_rule", "rule_for"]
 
 # --------------------------------------------------------------------------------------------
 # Factors: what a rule extracts from one block of examples
@@ -340,6 +341,129 @@ class AffineRule:
 
 
 
+class AttentionRule:
+    """``nn.MultiheadAttention``'s four projections as linear rules: ``q = x_q W_q^T + b_q``,
+    ``k``, ``v`` likewise (the three blocks of ``in_proj_weight``) and ``o = a W_o^T + b_o``
+    (``out_proj``, which the module's forward never calls as a module).
+
+    A *composite* rule: during the structured passes the module's forward is replaced by
+    :meth:`forward`, the same attention written out (``softmax(q k^T / sqrt(d) + masks) v``
+    per head, masks merged as ``F.multi_head_attention_forward`` merges them), which hands the
+    engine its four inputs and adds the engine's perturbations at the four outputs. It covers
+    packed projections only (``kdim == vdim == embed_dim``) without ``add_bias_kv`` or
+    ``add_zero_attn``; other configurations do not fit and use per-example Jacobians.
+    """
+
+    name = "linear (attention projections)"
+    composite = True
+
+    def parameters(self, module: nn.Module) -> list[str]:
+        """The trainable parameter names the rule covers, relative to ``module``: all of the
+        module's (a configuration the rule does not fit moves them all to the fallback)."""
+        return [n for n, p in module.named_parameters() if p.requires_grad]
+
+    def forward(self, module: nn.Module, point: Callable, query: Tensor, key: Tensor,
+                value: Tensor, key_padding_mask: Tensor | None = None, need_weights: bool = True,
+                attn_mask: Tensor | None = None, average_attn_weights: bool = True,
+                is_causal: bool = False) -> tuple[Tensor, Tensor | None]:
+        """The module's forward with ``point(i, input, output) -> output`` at the four
+        projections (``i`` = 0, 1, 2 for q, k, v and 3 for the output projection)."""
+        m = module
+        if not m._qkv_same_embed_dim or m.bias_k is not None or m.add_zero_attn:
+            raise RuleMismatch("separate key/value sizes, add_bias_kv or add_zero_attn")
+        if m.training and m.dropout > 0:
+            raise RuleMismatch("attention dropout in train mode")
+        if query.dim() != 3:
+            raise RuleMismatch("unbatched inputs")
+        if not m.batch_first:
+            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+        n, length, e = query.shape
+        s, h = key.shape[1], m.num_heads
+        d = e // h
+        w_q, w_k, w_v = m.in_proj_weight.chunk(3)
+        b_q, b_k, b_v = (m.in_proj_bias.chunk(3) if m.in_proj_bias is not None
+                         else (None, None, None))
+        q = point(0, query, F.linear(query, w_q, b_q))
+        k = point(1, key, F.linear(key, w_k, b_k))
+        v = point(2, value, F.linear(value, w_v, b_v))
+        q = q.view(n, length, h, d).transpose(1, 2)
+        k = k.view(n, s, h, d).transpose(1, 2)
+        v = v.view(n, s, h, d).transpose(1, 2)
+        scores = q @ k.transpose(-2, -1) / math.sqrt(d)
+        if attn_mask is not None:
+            mask = _additive(attn_mask, scores.dtype)
+            scores = scores + (mask.view(n, h, length, s) if mask.dim() == 3 else mask)
+        elif is_causal:
+            raise RuleMismatch("is_causal without attn_mask")
+        if key_padding_mask is not None:
+            scores = scores + _additive(key_padding_mask, scores.dtype).view(n, 1, 1, s)
+        prob = scores.softmax(dim=-1)
+        att = (prob @ v).transpose(1, 2).reshape(n, length, e)
+        o = point(3, att, F.linear(att, m.out_proj.weight, m.out_proj.bias))
+        if not m.batch_first:
+            o = o.transpose(0, 1)
+        weights = (prob.mean(dim=1) if average_attn_weights else prob) if need_weights else None
+        return o, weights
+
+    def __call__(self, module: nn.Module, prefix: str, inputs: list, deltas: list) -> list:
+        """``inputs``/``deltas``: per call the four projections' inputs ``[B, L, E]`` and output
+        deltas ``[O, B, L, E]``."""
+        e = module.embed_dim
+        factors = []
+        for i in range(3):  # q, k, v: the three blocks of in_proj_weight
+            rows = slice(i * e, (i + 1) * e)
+            a = _tokens([c[i] for c in inputs], e)
+            d = _tokens([c[i] for c in deltas], e, lead=2)
+            factors.append(_rows_factor(prefix, a, d, module.in_proj_weight,
+                                        module.in_proj_bias, rows))
+        a = _tokens([c[3] for c in inputs], e)
+        d = _tokens([c[3] for c in deltas], e, lead=2)
+        factors.append(_dense_factor(prefix, a, d, module.out_proj.weight, module.out_proj.bias,
+                                     weight_name="out_proj.weight", bias_name="out_proj.bias"))
+        return factors
+
+
+def _additive(mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """A boolean mask (``True``: not attended) as ``-inf``/0, a float mask as it is."""
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(
+            mask, float("-inf"))
+    return mask.to(dtype)
+
+
+def _rows_factor(prefix: str, a: Tensor, d: Tensor, weight: Tensor, bias: Tensor | None,
+                 rows: slice) -> TokenFactor:
+    """A linear factor whose weight and bias are the rows ``rows`` of ``weight``/``bias``
+    (parameter-shaped gradients are zero outside them)."""
+    has_w, has_b = weight.requires_grad, bias is not None and bias.requires_grad
+    n_in = a.shape[-1]
+    cols = [a] if has_w else []
+    if has_b:
+        cols.append(torch.ones_like(a[..., :1]))
+    a_aug = torch.cat(cols, dim=-1)
+    w_key, b_key = f"{prefix}in_proj_weight", f"{prefix}in_proj_bias"
+
+    def to_params(g: Tensor) -> dict[str, Tensor]:
+        out = {}
+        if has_w:
+            full = g.new_zeros(*g.shape[:2], *weight.shape)
+            full[:, :, rows] = g[..., :n_in]
+            out[w_key] = full
+        if has_b:
+            full = g.new_zeros(*g.shape[:2], *bias.shape)
+            full[:, :, rows] = g[..., -1]
+            out[b_key] = full
+        return out
+
+    def from_params(theta: dict[str, Tensor]) -> Tensor:
+        cols = [theta[w_key][rows]] if has_w else []
+        if has_b:
+            cols.append(theta[b_key][rows].reshape(-1, 1))
+        return torch.cat(cols, dim=1)
+
+    return TokenFactor.create(d, a_aug, None, a_aug.shape[-1], to_params, from_params)
+
+
 Rule = Callable[[nn.Module, str, list, list], list]
 """``rule(module, prefix, inputs, deltas) -> factors``: ``inputs`` are the module's first
 positional argument at each call (``[B, ...]``), ``deltas`` the derivatives of the selected
@@ -356,6 +480,7 @@ _REGISTRY: dict[type, Rule] = {
     nn.RMSNorm: AffineRule(axis="last", bias=None, name="affine (norm)"),
     nn.GroupNorm: AffineRule(axis="channel", name="affine (norm)"),
     nn.modules.batchnorm._NormBase: AffineRule(axis="channel", name="affine (norm)"),
+    nn.MultiheadAttention: AttentionRule(),
 }
 _VERSION = [0]
 

@@ -35,7 +35,10 @@ Reference: Novak, Sohl-Dickstein & Schoenholz (2022), "Fast Finite Width Neural 
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import weakref
+from collections.abc import Iterator
 
 import torch
 import torch.utils._pytree as pytree
@@ -101,13 +104,20 @@ class _Engine:
                 if p is not None:
                     owners.setdefault(id(p), []).append(f"{mname}.{pname}" if mname else pname)
         self.modules: list[tuple[str, nn.Module]] = []
+        claimed: list[str] = []  # composite-rule modules: their submodules are theirs
         for mname, module in model.named_modules():
-            own = [(n, p) for n, p in module._parameters.items() if p is not None]
-            trainable = [n for n, p in own if p.requires_grad]
-            if not trainable:
+            if any(mname.startswith(c + ".") for c in claimed):
                 continue
             prefix = f"{mname}." if mname else ""
             rule, why = rule_for(module)
+            if rule is not None and _composite(rule):
+                named = dict(module.named_parameters())
+                own = [(n, named[n]) for n in rule.parameters(module)]
+            else:
+                own = [(n, p) for n, p in module._parameters.items() if p is not None]
+            trainable = [n for n, p in own if p.requires_grad]
+            if not trainable:
+                continue
             shared = [o for n, p in own for o in owners[id(p)] if o != prefix + n]
             if mname in excluded:
                 why, rule = excluded[mname], None
@@ -118,12 +128,27 @@ class _Engine:
                 continue
             self.modules.append((mname, module))
             self.rules[mname] = (rule, why)
-        covered = {(f"{m}." if m else "") + n for m, mod in self.modules
-                   for n, p in mod._parameters.items() if p is not None and p.requires_grad}
+            if _composite(rule):
+                claimed.append(mname)
+        covered = {n for m, mod in self.modules for n in self.covers(m, mod)}
         self.fallback = [n for n in self.params if n not in covered]
         for n in self.fallback:  # parameters not held by any module's _parameters
             self.reasons.setdefault(n, "no module holds it directly")
         self._discover(x_probe)
+
+    def covers(self, mname: str, module: nn.Module) -> list[str]:
+        """The full names of the trainable parameters the rule of ``mname`` covers."""
+        prefix = f"{mname}." if mname else ""
+        rule = self.rules.get(mname, (None,))[0]
+        if rule is not None and _composite(rule):
+            return [prefix + n for n in rule.parameters(module)]
+        return [prefix + n for n, p in module._parameters.items()
+                if p is not None and p.requires_grad]
+
+    def call_shapes(self, mname: str) -> list[torch.Size]:
+        """The per-example output shapes of every call (every point of a composite rule)."""
+        return [shp for call in self.shapes[mname]
+                for shp in (call if isinstance(call, list) else [call])]
 
     def _discover(self, x: Tensor) -> None:
         """One forward pass to find each rule module's call count and output shapes."""
@@ -131,7 +156,23 @@ class _Engine:
         broadcast: dict[str, list[bool]] = {m: [] for m, _ in self.modules}
         bad: dict[str, str] = {}
         handles = []
+        composite = {m: mod for m, mod in self.modules if _composite(self.rules[m][0])}
+
+        def recorder(mname: str):
+            def point(i, a, y):
+                if i == 0:
+                    shapes[mname].append([])
+                    broadcast[mname].append(False)
+                if y.shape[:1] != x.shape[:1]:
+                    bad[mname] = f"a projection has a batch of {y.shape[0]}, not {x.shape[0]}"
+                shapes[mname][-1].append(y.shape[1:])
+                return y
+            return point
+
         for mname, module in self.modules:
+            if mname in composite:
+                continue
+
             def hook(mod, args, out, mname=mname):
                 if not args or not isinstance(args[0], Tensor):
                     bad[mname] = "called without a positional tensor input"
@@ -149,8 +190,22 @@ class _Engine:
                                   f"for {x.shape[0]} examples")
             handles.append(module.register_forward_hook(hook))
         try:
-            with torch.no_grad():
+            with torch.no_grad(), _overridden(composite, self.rules, recorder):
                 batched_fn(self.model, self.frozen)(self.params, x)
+        except RuleMismatch as err:  # a composite rule that does not fit: without them
+            for h in handles:
+                h.remove()
+            self._drop({m: f"its {self.rules[m][1]} rule does not fit: {err}"
+                        for m in composite})
+            return self._discover(x)
+        except Exception as err:  # noqa: BLE001 - the model cannot take a decomposed module
+            for h in handles:
+                h.remove()
+            if not composite:
+                raise
+            self._drop({m: f"its {self.rules[m][1]} rule failed ({type(err).__name__}: {err})"
+                        for m in composite})
+            return self._discover(x)
         finally:
             for h in handles:
                 h.remove()
@@ -164,9 +219,7 @@ class _Engine:
         """Move the parameters of the modules in ``bad`` (name -> reason) to the fallback."""
         for mname, module in self.modules:
             if mname in bad:
-                prefix = f"{mname}." if mname else ""
-                names = [prefix + n for n, p in module._parameters.items()
-                         if p is not None and p.requires_grad]
+                names = self.covers(mname, module)
                 self.fallback += names
                 self.reasons.update({n: bad[mname] for n in names})
         self.modules = [(m, mod) for m, mod in self.modules if m not in bad]
@@ -181,15 +234,34 @@ class _Engine:
         With ``mismatches``, a rule that does not fit its module is recorded there (module
         name -> reason) instead of raising."""
         b = x.shape[0]
-        zs = {m: [torch.zeros(b, *s, dtype=self.dtype, device=x.device) for s in shp]
-              for m, shp in self.shapes.items()}
+
+        def zeros(shape):
+            if isinstance(shape, list):  # a composite rule's call: one zero per point
+                return tuple(zeros(s) for s in shape)
+            return torch.zeros(b, *shape, dtype=self.dtype, device=x.device)
+
+        zs = {m: [zeros(s) for s in shp] for m, shp in self.shapes.items()}
         modules = dict(self.modules)
+        composite = {m: mod for m, mod in self.modules if _composite(self.rules[m][0])}
         params, frozen, model = self.params, self.frozen, self.model
 
         def f(zs):
-            captured: dict[str, list[Tensor]] = {m: [] for m in zs}
+            captured: dict[str, list] = {m: [] for m in zs}
+
+            def perturber(mname: str):
+                def point(i, a, y):
+                    if i == 0:
+                        captured[mname].append([])
+                    call = captured[mname][-1]
+                    call.append(a)
+                    return y + zs[mname][len(captured[mname]) - 1][i]
+                return point
+
             handles = []
             for mname, z_list in zs.items():
+                if mname in composite:
+                    continue
+
                 def hook(mod, args, out, mname=mname, z_list=z_list):
                     k = len(captured[mname])
                     inp = args[0]
@@ -199,7 +271,8 @@ class _Engine:
                     return out + z_list[k]
                 handles.append(modules[mname].register_forward_hook(hook))
             try:
-                out = functional_call(model, {**frozen, **params}, (x,), strict=False)
+                with _overridden(composite, self.rules, perturber):
+                    out = functional_call(model, {**frozen, **params}, (x,), strict=False)
             finally:
                 for h in handles:
                     h.remove()
@@ -264,16 +337,15 @@ class _Engine:
             self.fallback = saved_fallback
         for fac in factors:
             per = fac.to_params(fac.grads() if isinstance(fac, TokenFactor) else fac.g)
-            for n, g in per.items():  # g: [B, O, *shape]
-                recon[n] = torch.einsum("bo,bo...->...", c, g)
+            for n, g in per.items():  # g: [B, O, *shape]; several factors may share a parameter
+                part = torch.einsum("bo,bo...->...", c, g)
+                recon[n] = part if n not in recon else recon[n] + part
         tol = max(_TOLERANCE.get(d, 1e-3) for d in seen.dtypes | {self.dtype})
         # compared per module (weight and bias together): a parameter whose exact gradient is 0
         # (e.g. an attention key bias) only carries round-off, judged against its module's scale
         total = sum(float(g.norm()) ** 2 for g in true.values()) ** 0.5
         for mname, module in self.modules:
-            prefix = f"{mname}." if mname else ""
-            names = [prefix + p for p, t in module._parameters.items()
-                     if t is not None and prefix + p in recon]
+            names = [n for n in self.covers(mname, module) if n in recon]
             if not names or mname in bad:
                 continue
             err = sum(float((recon[n] - true[n]).norm()) ** 2 for n in names) ** 0.5
@@ -283,6 +355,30 @@ class _Engine:
                               f"gradient (relative error {err / max(scale, 1e-30):.1e}; a weight "
                               "also used outside the module, or a forward that differs)")
         return bad
+
+
+def _composite(rule: object) -> bool:
+    """A rule that replaces its module's forward to reach inside it (AttentionRule)."""
+    return bool(getattr(rule, "composite", False))
+
+
+@contextlib.contextmanager
+def _overridden(modules: dict[str, nn.Module], rules: dict, point_for) -> Iterator[None]:
+    """While inside, every composite-rule module's forward is its rule's ``forward`` with the
+    ``point`` callback ``point_for(name)`` (an instance attribute, removed after)."""
+    saved = {}
+    try:
+        for mname, module in modules.items():
+            saved[mname] = module.__dict__.get("forward")
+            module.forward = functools.partial(rules[mname][0].forward, module,
+                                               point_for(mname))
+        yield
+    finally:
+        for mname, module in modules.items():
+            if saved.get(mname) is None:
+                module.__dict__.pop("forward", None)
+            else:
+                module.forward = saved[mname]
 
 
 _TOLERANCE = {torch.float64: 1e-8, torch.float32: 1e-3, torch.float16: 1e-2,
@@ -427,13 +523,14 @@ def _sizes(engine: _Engine) -> tuple[int, int, int]:
     gradient of one layer per output (rough upper bounds, for choosing blocks)."""
     per_output, inputs, widest = 0, 0, 1
     for mname, module in engine.modules:
-        weight = getattr(module, "weight", None)
-        for shp in engine.shapes[mname]:
+        for shp in engine.call_shapes(mname):
             numel = int(torch.Size(shp).numel())
             per_output += numel
             inputs += 2 * numel
-        if weight is not None:
-            widest = max(widest, weight.numel() + weight.shape[0])
+        for name in engine.covers(mname, module):
+            weight = engine.params[name]
+            if weight.ndim >= 2:
+                widest = max(widest, weight[:weight.shape[1]].numel() + weight.shape[0])
     fallback = sum(engine.params[k].numel() for k in engine.fallback)
     return per_output + fallback, inputs, max(widest, fallback)
 
@@ -564,13 +661,12 @@ def explain(model: nn.Module, x: Tensor, *, output: str = "trace"):  # -> pandas
     rule_of = {}
     cost: dict[str, float] = {}
     for mname, module in engine.modules:
-        prefix = f"{mname}." if mname else ""
-        names = [prefix + k for k, p in module._parameters.items()
-                 if p is not None and p.requires_grad]
+        names = engine.covers(mname, module)
         numel = sum(engine.params[k].numel() for k in names)
+        shapes = engine.call_shapes(mname)
         tokens = sum(int(torch.Size(shp[:-1]).numel()) if len(shp) > 1 else 1
-                     for shp in engine.shapes[mname])
-        width = engine.shapes[mname][0][-1] if engine.shapes[mname][0] else 1
+                     for shp in shapes)
+        width = shapes[0][-1] if shapes and shapes[0] else 1
         per_pair = min(tokens * tokens * (numel / max(width, 1) + m * width), m * numel)
         for k in names:
             rule_of[k] = engine.rules[mname][1]

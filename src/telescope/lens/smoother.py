@@ -369,7 +369,8 @@ class Smoother:
                 return torch.nn.functional.mse_loss(out, y)
             return torch.nn.functional.cross_entropy(out, y)
 
-        expected = torch.func.grad(loss_fn)(params)
+        # detached: parameters outside params= stay requires_grad and may be recorded
+        expected = {k: v.detach() for k, v in torch.func.grad(loss_fn)(params).items()}
         num = sum(float((g - expected[n]).norm()) ** 2
                   for n, g in zip(self._names, grads, strict=True)) ** 0.5
         den = sum(float(e.norm()) ** 2 for e in expected.values()) ** 0.5
