@@ -511,9 +511,10 @@ def test_multihead_attention_projections_have_a_rule(batch_first, mask):
     ref = oracle_ntk(model, x1, x2, "full")
     for method in METHODS:
         close(telescope.ntk(model, x1, x2, method=method, output="full"), ref)
-    # the transformer encoder: every parameter on a rule now
-    df = explain(Encoder(True).double().eval(), x1).set_index("parameter")
-    assert _rule_share(df) == pytest.approx(1.0)
+    # the transformer encoder, in both layouts: every parameter on a rule now
+    for bf in (True, False):
+        df = explain(Encoder(bf).double().eval(), x1).set_index("parameter")
+        assert _rule_share(df) == pytest.approx(1.0)
 
 
 def test_attention_configurations_without_a_rule_fall_back_exactly():
@@ -538,3 +539,58 @@ def test_attention_configurations_without_a_rule_fall_back_exactly():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         close(telescope.ntk(model, x, output="full"), oracle_ntk(model, x, None, "full"))
+
+
+def test_sequence_first_layouts_keep_their_rules():
+    """Layers that see ``[S, N, E]`` (the default layout of torch's transformer modules): the
+    batch axis is found per call (the one that grows from 2 to 3 examples), inputs and deltas
+    are put batch-first for the rule, and the kernel matches the oracle; a module whose input
+    and output batch axes differ falls back."""
+    from telescope.kernels import explain
+
+    class SeqFirst(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(11, 6)
+            self.lin = nn.Linear(6, 6)
+            self.norm = nn.LayerNorm(6)
+            self.head = nn.Linear(6, 2)
+
+        def forward(self, ids):  # [N, S]
+            h = self.emb(ids.T)               # [S, N, 6]: batch on axis 1
+            h = torch.tanh(self.norm(self.lin(h)))
+            return self.head(h.mean(0))
+
+    torch.manual_seed(0)
+    model = SeqFirst().double()
+    x = torch.randint(0, 11, (3, 2), generator=torch.Generator().manual_seed(12))  # S = 2
+    df = explain(model, x)
+    assert _rule_share(df) == pytest.approx(1.0)
+    ref = oracle_ntk(model, x, None, "full")
+    for method in METHODS:
+        close(telescope.ntk(model, x, method=method, output="full"), ref)
+    # a single example, and x2 given
+    x2 = torch.randint(0, 11, (2, 2), generator=torch.Generator().manual_seed(13))
+    close(telescope.ntk(model, x[:1], x2, output="full"), oracle_ntk(model, x[:1], x2, "full"))
+
+    class Transposing(nn.Linear):  # output [S, N, E] from input [N, S, E]
+        def forward(self, x):
+            return super().forward(x).transpose(0, 1)
+
+    class Wrapped(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.lin, self.head = nn.Embedding(11, 6), Transposing(6, 6), nn.Linear(6, 2)
+
+        def forward(self, ids):
+            return self.head(torch.tanh(self.lin(self.emb(ids))).mean(0))
+
+    torch.manual_seed(0)
+    model = Wrapped().double()
+    df = explain(model, x).set_index("parameter")
+    assert df.loc["lin.weight", "rule"] == "per-example Jacobian"
+    assert "no axis of its output is the batch" in df.loc["lin.weight", "reason"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        close(telescope.ntk(model, x, output="full"), oracle_ntk(model, x, None, "full"))
+

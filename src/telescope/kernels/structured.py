@@ -151,68 +151,88 @@ class _Engine:
                 for shp in (call if isinstance(call, list) else [call])]
 
     def _discover(self, x: Tensor) -> None:
-        """One forward pass to find each rule module's call count and output shapes."""
-        shapes: dict[str, list[torch.Size]] = {m: [] for m, _ in self.modules}
-        broadcast: dict[str, list[bool]] = {m: [] for m, _ in self.modules}
+        """Forward passes on ``x`` (two examples) and on three examples to find each rule
+        module's calls: their output shapes and which axis is the batch (0, or e.g. 1 in a
+        sequence-first ``[S, N, E]`` layout)."""
+        calls: dict[str, list] = {m: [] for m, _ in self.modules}
         bad: dict[str, str] = {}
-        handles = []
         composite = {m: mod for m, mod in self.modules if _composite(self.rules[m][0])}
+        x3 = torch.cat([x, x[:1]])
 
-        def recorder(mname: str):
+        def recorder(mname: str, record: bool):
             def point(i, a, y):
+                if not record:
+                    return y
                 if i == 0:
-                    shapes[mname].append([])
-                    broadcast[mname].append(False)
+                    calls[mname].append([])
                 if y.shape[:1] != x.shape[:1]:
                     bad[mname] = f"a projection has a batch of {y.shape[0]}, not {x.shape[0]}"
-                shapes[mname][-1].append(y.shape[1:])
+                calls[mname][-1].append(y.shape[1:])
                 return y
             return point
 
-        for mname, module in self.modules:
-            if mname in composite:
-                continue
+        def run(xs: Tensor, record: bool) -> dict[str, list]:
+            seen: dict[str, list] = {m: [] for m, _ in self.modules}
+            handles = []
+            for mname, module in self.modules:
+                if mname in composite:
+                    continue
 
-            def hook(mod, args, out, mname=mname):
-                if not args or not isinstance(args[0], Tensor):
-                    bad[mname] = "called without a positional tensor input"
-                elif not isinstance(out, Tensor):
-                    bad[mname] = f"its output is a {type(out).__name__}, not a tensor"
-                elif out.shape[:1] == x.shape[:1] or (
-                        out.ndim and out.shape[0] == 1 and args[0].ndim and
-                        args[0].shape[0] == 1):
-                    # a batch-1 call (position ids [1, S]) whose output is broadcast to the
-                    # batch: each example gets its own delta, the input is shared
-                    shapes[mname].append(out.shape[1:])
-                    broadcast[mname].append(out.shape[0] != x.shape[0])
-                else:
-                    bad[mname] = (f"called with a batch of {out.shape[0] if out.ndim else 0} "
-                                  f"for {x.shape[0]} examples")
-            handles.append(module.register_forward_hook(hook))
+                def hook(mod, args, out, mname=mname):
+                    if not args or not isinstance(args[0], Tensor):
+                        bad[mname] = "called without a positional tensor input"
+                    elif not isinstance(out, Tensor):
+                        bad[mname] = f"its output is a {type(out).__name__}, not a tensor"
+                    else:
+                        seen[mname].append((tuple(out.shape), tuple(args[0].shape)))
+                handles.append(module.register_forward_hook(hook))
+            try:
+                with torch.no_grad(), _overridden(composite, self.rules,
+                                                  lambda m: recorder(m, record)):
+                    batched_fn(self.model, self.frozen)(self.params, xs)
+            finally:
+                for h in handles:
+                    h.remove()
+            return seen
+
         try:
-            with torch.no_grad(), _overridden(composite, self.rules, recorder):
-                batched_fn(self.model, self.frozen)(self.params, x)
+            two = run(x, True)
+            three = run(x3, False)
         except RuleMismatch as err:  # a composite rule that does not fit: without them
-            for h in handles:
-                h.remove()
             self._drop({m: f"its {self.rules[m][1]} rule does not fit: {err}"
                         for m in composite})
             return self._discover(x)
         except Exception as err:  # noqa: BLE001 - the model cannot take a decomposed module
-            for h in handles:
-                h.remove()
             if not composite:
                 raise
             self._drop({m: f"its {self.rules[m][1]} rule failed ({type(err).__name__}: {err})"
                         for m in composite})
             return self._discover(x)
-        finally:
-            for h in handles:
-                h.remove()
-        bad.update({m: "never called in the forward pass" for m, s in shapes.items()
-                    if not s and m not in bad})
+        axes: dict[str, list[int]] = {m: [0] * len(calls[m]) for m in composite}
+        broadcast: dict[str, list[bool]] = {m: [False] * len(calls[m]) for m in composite}
+        for mname, _ in self.modules:
+            if mname in composite or mname in bad:
+                continue
+            if len(two[mname]) != len(three[mname]):
+                bad[mname] = "called a different number of times for 2 and for 3 examples"
+                continue
+            axes[mname], broadcast[mname] = [], []
+            for (out2, in2), (out3, in3) in zip(two[mname], three[mname], strict=True):
+                axis = _batch_axis(out2, out3, in2, in3)
+                if axis is None:
+                    bad[mname] = (f"no axis of its output is the batch (shape {list(out2)} "
+                                  f"for 2 examples, {list(out3)} for 3)")
+                    break
+                shared = axis == -1  # a batch-1 call (position ids [1, S]) broadcast to the
+                axis = max(axis, 0)  # batch: each example gets its own delta, one input
+                calls[mname].append(torch.Size(out2[:axis] + out2[axis + 1:]))
+                axes[mname].append(axis)
+                broadcast[mname].append(shared)
+        bad.update({m: "never called in the forward pass" for m, c in calls.items()
+                    if not c and m not in bad})
         self._drop(bad)
-        self.shapes = {m: shapes[m] for m, _ in self.modules}
+        self.shapes = {m: calls[m] for m, _ in self.modules}
+        self.axes = {m: axes[m] for m, _ in self.modules}
         self.broadcast = {m: broadcast[m] for m, _ in self.modules}
 
     def _drop(self, bad: dict[str, str]) -> None:
@@ -235,12 +255,14 @@ class _Engine:
         name -> reason) instead of raising."""
         b = x.shape[0]
 
-        def zeros(shape):
+        def zeros(shape, axis=0):
             if isinstance(shape, list):  # a composite rule's call: one zero per point
                 return tuple(zeros(s) for s in shape)
-            return torch.zeros(b, *shape, dtype=self.dtype, device=x.device)
+            return torch.zeros(*shape[:axis], b, *shape[axis:], dtype=self.dtype,
+                               device=x.device)
 
-        zs = {m: [zeros(s) for s in shp] for m, shp in self.shapes.items()}
+        zs = {m: [zeros(s, ax) for s, ax in zip(shp, self.axes[m], strict=True)]
+              for m, shp in self.shapes.items()}
         modules = dict(self.modules)
         composite = {m: mod for m, mod in self.modules if _composite(self.rules[m][0])}
         params, frozen, model = self.params, self.frozen, self.model
@@ -267,6 +289,8 @@ class _Engine:
                     inp = args[0]
                     if self.broadcast[mname][k]:
                         inp = inp.expand(b, *inp.shape[1:])
+                    elif self.axes[mname][k]:  # batch-first for the rule
+                        inp = inp.movedim(self.axes[mname][k], 0)
                     captured[mname].append(inp)
                     return out + z_list[k]
                 handles.append(modules[mname].register_forward_hook(hook))
@@ -290,8 +314,10 @@ class _Engine:
             for mname, module in self.modules:
                 prefix = f"{mname}." if mname else ""
                 rule = self.rules[mname][0]
+                ds = [d if not ax else d.movedim(ax + 1, 1)  # [O, B, ...] for the rule
+                      for d, ax in zip(deltas[mname], self.axes[mname], strict=True)]
                 try:
-                    factors += rule(module, prefix, captured[mname], deltas[mname])
+                    factors += rule(module, prefix, captured[mname], ds)
                 except RuleMismatch as err:
                     if mismatches is None:
                         raise
@@ -355,6 +381,25 @@ class _Engine:
                               f"gradient (relative error {err / max(scale, 1e-30):.1e}; a weight "
                               "also used outside the module, or a forward that differs)")
         return bad
+
+
+def _batch_axis(out2: tuple, out3: tuple, in2: tuple, in3: tuple) -> int | None:
+    """The batch axis of a module call seen with 2 and with 3 examples: the one axis of the
+    output (and of its input) that is 2 and then 3, all else equal; ``-1`` for a batch-1 call
+    whose output is broadcast to the batch (axis 0 of size 1 both times); ``None`` otherwise."""
+    if len(out2) != len(out3) or not out2:
+        return None
+    if out2[0] == out3[0] == 1 and in2 and in2[0] == in3[0] == 1 and out2 == out3:
+        return -1
+    axes = [a for a in range(len(out2))
+            if out2[a] == 2 and out3[a] == 3
+            and out2[:a] + out2[a + 1:] == out3[:a] + out3[a + 1:]]
+    if len(axes) != 1:
+        return None
+    axis = axes[0]
+    if axis and (len(in2) <= axis or in2[axis] != 2 or in3[axis] != 3):
+        return None  # the input's batch is elsewhere: the rule could not line them up
+    return axis
 
 
 def _composite(rule: object) -> bool:
