@@ -374,3 +374,28 @@ def test_low_precision_jacobian_contraction_is_accurate_over_millions_of_paramet
             else ref.diagonal(dim1=2, dim2=3))
         assert k.dtype == torch.float32
         assert float((k.double() - r).abs().max() / r.abs().max()) < 1e-6
+
+
+def test_x2_equal_to_x1_takes_the_symmetric_path(monkeypatch):
+    """Passing the same points as x2 gives the same kernel through the symmetric path (each
+    off-diagonal block computed once): checked by counting the blocks computed."""
+    from telescope.kernels import _blocks
+
+    torch.manual_seed(0)
+    model = MLP(6, [8], 2)
+    x = torch.randn(12, 6)
+    calls = []
+    original = _blocks.blocked_kernel
+
+    def counting(block_kernel, x1, x2, *args, **kwargs):
+        calls.append(x2 is None)
+        return original(block_kernel, x1, x2, *args, **kwargs)
+
+    monkeypatch.setattr("telescope.kernels.structured.blocked_kernel", counting)
+    ref = telescope.ntk(model, x, block_size=4)
+    for x2 in (x, x.clone()):
+        torch.testing.assert_close(telescope.ntk(model, x, x2, block_size=4), ref, rtol=0,
+                                   atol=0)
+    assert calls == [True, True, True]
+    telescope.ntk(model, x, x[:11], block_size=4)
+    assert calls[-1] is False

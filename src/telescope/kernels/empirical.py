@@ -84,7 +84,8 @@ def ntk(
         explains the fix.
     x1, x2:
         Inputs ``[N1, ...]`` and ``[N2, ...]`` of any dtype the model takes (integer tokens
-        included). ``x2=None`` means ``x2 = x1`` and uses the symmetry of the kernel.
+        included). ``x2=None`` means ``x2 = x1`` and uses the symmetry of the kernel (so does
+        an ``x2`` that is, or equals, ``x1``).
     method:
         ``"jacobian"``, ``"vector"``, ``"structured"`` or ``"auto"`` (structured, the fastest).
     output:
@@ -129,6 +130,8 @@ def _ntk(model: nn.Module, x1: Tensor, x2: Tensor | None, *, method: str, output
     budget = parse_memory(max_memory_gb)
     with ad_safe_backends(model):
         x1, x2 = checked_call(model, x1, x2)
+    if x2 is not None and (x2 is x1 or (x2.shape == x1.shape and torch.equal(x2, x1))):
+        x2 = None  # the same points: the symmetric path (each off-diagonal block once)
     dtype, _ = model_dtype_device(model)
     if method == "auto":
         method = "structured"
