@@ -399,3 +399,59 @@ def test_x2_equal_to_x1_takes_the_symmetric_path(monkeypatch):
     assert calls == [True, True, True]
     telescope.ntk(model, x, x[:11], block_size=4)
     assert calls[-1] is False
+
+
+@pytest.mark.parametrize("method", ["structured", "jacobian"])
+@pytest.mark.parametrize("output", ["trace", "full"])
+def test_kernel_written_to_disk_block_by_block_and_resumed(tmp_path, method, output,
+                                                           monkeypatch):
+    """``out=PATH``: the same numbers as in memory, in a .npy numpy opens lazily; a computation
+    killed after some blocks resumes with only the missing ones (each off-diagonal block of a
+    symmetric kernel computed once); a file of another kernel is refused."""
+    import numpy as np
+
+    from telescope.kernels import _blocks
+
+    torch.manual_seed(0)
+    model = MLP(6, [8], 3).double()
+    x = torch.randn(10, 6, dtype=torch.float64)
+    path = tmp_path / "k.npy"
+    ref = telescope.ntk(model, x, method=method, output=output)
+    written = []
+    original = _blocks.KernelFile.write
+
+    def dying(self, a, b, block, mirror):
+        if len(written) == 3:
+            raise KeyboardInterrupt  # killed after three blocks
+        written.append((a, b))
+        original(self, a, b, block, mirror)
+
+    monkeypatch.setattr(_blocks.KernelFile, "write", dying)
+    with pytest.raises(KeyboardInterrupt):
+        telescope.ntk(model, x, method=method, output=output, out=path, block_size=3)
+    monkeypatch.setattr(_blocks.KernelFile, "write", original)
+    blocks = [(a, b) for a in range(0, 10, 3) for b in range(0, 10, 3) if b >= a]
+    assert len(blocks) == 10 and written == blocks[:3]
+    computed = []
+    monkeypatch.setattr(_blocks.KernelFile, "write",
+                        lambda self, a, b, block, mirror: (computed.append((a, b)),
+                                                           original(self, a, b, block, mirror)))
+    k = telescope.ntk(model, x, method=method, output=output, out=path, block_size=3)
+    assert computed == blocks[3:]
+    assert isinstance(k, np.memmap) and not k.flags.writeable
+    np.testing.assert_allclose(k, ref.numpy(), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(np.load(path, mmap_mode="r"), ref.numpy(), rtol=0, atol=1e-12)
+    # the same call again computes nothing
+    computed.clear()
+    telescope.ntk(model, x, method=method, output=output, out=path, block_size=3)
+    assert computed == []
+    # another kernel (other inputs) in the same file: refused, the file untouched
+    with pytest.raises(telescope.errors.UsageError, match="already holds another kernel"):
+        telescope.ntk(model, x + 1, method=method, output=output, out=path, block_size=3)
+    np.testing.assert_allclose(np.load(path), ref.numpy(), rtol=0, atol=1e-12)
+    # x2 given: every block pair
+    x2 = torch.randn(4, 6, dtype=torch.float64)
+    k2 = telescope.ntk(model, x, x2, method=method, output=output, out=tmp_path / "k2.npy",
+                       block_size=3)
+    np.testing.assert_allclose(k2, telescope.ntk(model, x, x2, method=method,
+                                                 output=output).numpy(), rtol=0, atol=1e-12)

@@ -4,14 +4,18 @@ contraction. Shared by every method of :func:`telescope.ntk`."""
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from collections.abc import Callable
+from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.func import jacrev
 
-from telescope.errors import warn
+from telescope.errors import UsageError, warn
 from telescope.kernels._functional import map_or_loop
 
 SLOW_BLOCK_PAIRS = 20_000
@@ -66,39 +70,115 @@ def blocked_kernel(
     n_out: int,
     dtype: torch.dtype,
     progress: bool,
-) -> Tensor:
+    sink: KernelFile | None = None,
+) -> Tensor | np.ndarray:
     """Assemble a kernel from blocks, using the symmetry when ``x2`` is ``None``.
 
     ``block_kernel(xa, xb, cache_a, cache_b)`` returns the kernel block for ``(xa, xb)`` and the
     per-block caches (e.g. Jacobians), so a block's expensive part is computed once per outer
-    row; ``xb=None`` means the diagonal block ``(xa, xa)``.
+    row; ``xb=None`` means the diagonal block ``(xa, xa)``. With ``sink`` (a
+    :class:`KernelFile`) every block goes to disk as it is done, blocks the file already holds
+    are skipped (a resumed computation), and the file's memory-mapped array is returned.
     """
     symmetric = x2 is None
     xb_all = x1 if symmetric else x2
     n1, n2 = x1.shape[0], xb_all.shape[0]
-    if n1 <= block_size and n2 <= block_size:  # a single block: no assembly copy
+    if sink is None and n1 <= block_size and n2 <= block_size:  # one block: no assembly copy
         return block_kernel(x1, None if symmetric else x2, None, None)[0]
     shape = {"trace": (n1, n2), "full": (n1, n2, n_out, n_out), "diagonal": (n1, n2, n_out)}
-    out = torch.empty(shape[output], dtype=dtype, device=x1.device)
+    out = None if sink is not None else torch.empty(shape[output], dtype=dtype,
+                                                     device=x1.device)
     starts1 = range(0, n1, block_size)
     starts2 = list(range(0, n2, block_size))
-    total = sum(1 for a in starts1 for b in starts2 if not symmetric or b >= a)
-    bar = _progress(total, progress)
-    for a in starts1:
-        xa = x1[a:a + block_size]
-        cache_a = None
-        for b in starts2:
-            if symmetric and b < a:
-                continue
-            xb = xb_all[b:b + block_size]
-            diagonal = symmetric and a == b
-            block, cache_a, _ = block_kernel(xa, None if diagonal else xb, cache_a, None)
+    pairs = [(a, b) for a in starts1 for b in starts2 if not symmetric or b >= a]
+    todo = [pair for pair in pairs if sink is None or not sink.done(*pair)]
+    bar = _progress(len(todo), progress)
+    row, cache_a = None, None
+    for a, b in todo:
+        if a != row:
+            row, cache_a = a, None
+        xa, xb = x1[a:a + block_size], xb_all[b:b + block_size]
+        diagonal = symmetric and a == b
+        block, cache_a, _ = block_kernel(xa, None if diagonal else xb, cache_a, None)
+        mirror = _transpose_block(block, output) if symmetric and b > a else None
+        if sink is not None:
+            sink.write(a, b, block, mirror)
+        else:
             out[a:a + xa.shape[0], b:b + xb.shape[0]] = block
-            if symmetric and b > a:
-                out[b:b + xb.shape[0], a:a + xa.shape[0]] = _transpose_block(block, output)
-            bar.update()
+            if mirror is not None:
+                out[b:b + xb.shape[0], a:a + xa.shape[0]] = mirror
+        bar.update()
     bar.close()
-    return out
+    return sink.result() if sink is not None else out
+
+
+class KernelFile:
+    """A kernel written block by block into ``path`` (a ``.npy`` file, memory-mapped: numpy and
+    torch open it lazily), with the finished blocks recorded in ``path + ".progress.json"``
+    (written atomically after each block), so that a killed computation resumes where it
+    stopped. ``fingerprint`` names what the kernel is of (model parameters, inputs, method,
+    output, blocks); a file holding another kernel is refused, never overwritten."""
+
+    def __init__(self, path: str | os.PathLike, shape: tuple[int, ...], dtype: torch.dtype,
+                 fingerprint: str) -> None:
+        self.path = Path(path)
+        self.progress_path = self.path.with_name(self.path.name + ".progress.json")
+        np_dtype = {torch.float64: np.float64, torch.float32: np.float32,
+                    torch.float16: np.float16}.get(dtype)
+        if np_dtype is None:
+            raise UsageError(f"out=: a {dtype} kernel cannot be stored as .npy; use a float16, "
+                             f"float32 or float64 model")
+        self.fingerprint = fingerprint
+        self.blocks: set[tuple[int, int]] = set()
+        if self.path.exists():
+            saved = self._read_progress()
+            if saved is None or saved.get("fingerprint") != fingerprint:
+                raise UsageError(
+                    f"out={self.path} already holds another kernel (other model parameters, "
+                    f"inputs or options, or no {self.progress_path.name}); delete it or choose "
+                    f"another out")
+            self.blocks = {tuple(b) for b in saved.get("blocks", [])}
+            self.array = np.lib.format.open_memmap(self.path, mode="r+")
+            if self.array.shape != tuple(shape) or self.array.dtype != np_dtype:
+                raise UsageError(f"out={self.path} has shape {self.array.shape}, expected "
+                                 f"{tuple(shape)}; delete it or choose another out")
+        else:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.array = np.lib.format.open_memmap(self.path, mode="w+", dtype=np_dtype,
+                                                   shape=tuple(shape))
+            self._write_progress()
+
+    def _read_progress(self) -> dict | None:
+        try:
+            return json.loads(self.progress_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+
+    def _write_progress(self) -> None:
+        text = json.dumps({"fingerprint": self.fingerprint, "shape": list(self.array.shape),
+                           "blocks": sorted(self.blocks)})
+        tmp = self.progress_path.with_name(self.progress_path.name + ".tmp")
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, self.progress_path)
+
+    def done(self, a: int, b: int) -> bool:
+        """Whether the block starting at rows ``a``, columns ``b`` is on disk."""
+        return (a, b) in self.blocks
+
+    def write(self, a: int, b: int, block: Tensor, mirror: Tensor | None) -> None:
+        """The block at ``(a, b)`` (and its transpose at ``(b, a)``), flushed, then recorded."""
+        r, c = block.shape[0], block.shape[1]
+        self.array[a:a + r, b:b + c] = block.detach().cpu().numpy()
+        if mirror is not None:
+            self.array[b:b + c, a:a + r] = mirror.detach().cpu().numpy()
+        self.array.flush()
+        self.blocks.add((a, b))
+        self._write_progress()
+
+    def result(self) -> np.ndarray:
+        """The finished kernel, memory-mapped read-only."""
+        self.array.flush()
+        return np.load(self.path, mmap_mode="r")
 
 
 def _transpose_block(block: Tensor, output: str) -> Tensor:

@@ -21,6 +21,10 @@ summed over every trainable parameter. Three methods compute it (all agree to ro
 
 from __future__ import annotations
 
+import hashlib
+import os
+
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.func import jvp
@@ -28,6 +32,7 @@ from torch.func import jvp
 from telescope.errors import UsageError
 from telescope.kernels._blocks import (
     SLOW_BLOCK_PAIRS,
+    KernelFile,
     block_for_pairs,
     block_pairs,
     blocked_kernel,
@@ -68,7 +73,8 @@ def ntk(
     max_memory_gb: float | None = None,
     progress: bool = False,
     params: ParamSpec = None,
-) -> Tensor:
+    out: str | os.PathLike | None = None,
+) -> Tensor | np.ndarray:
     """Empirical neural tangent kernel of ``model`` between ``x1`` and ``x2``.
 
     Parameters
@@ -102,10 +108,17 @@ def ntk(
         ``"transformer.h.3.*"``), a list of them, or a predicate ``(name, param) -> bool``
         (head-only, bias-only or LoRA-only kernels; Malladi et al. 2023, "A Kernel-Based View
         of Language Model Fine-Tuning"). ``None``: every trainable parameter.
+    out:
+        A path: the kernel is written block by block into this ``.npy`` file (memory-mapped,
+        RAM bounded by the blocks, for kernels larger than memory) and returned as a read-only
+        ``numpy.memmap``; finished blocks are recorded in ``out + ".progress.json"``, so the
+        same call after a kill resumes where it stopped. A file holding another kernel (other
+        parameters, inputs or options) is refused. ``np.load(out, mmap_mode="r")`` or
+        ``torch.from_numpy`` open it later.
 
     Returns
     -------
-    Tensor in the model's dtype and device.
+    Tensor in the model's dtype and device (a ``numpy.memmap`` with ``out``).
 
     References
     ----------
@@ -116,11 +129,12 @@ def ntk(
         raise UsageError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     with only_params(model, select_params(model, params)):
         return _ntk(model, x1, x2, method=method, output=output, block_size=block_size,
-                    max_memory_gb=max_memory_gb, progress=progress)
+                    max_memory_gb=max_memory_gb, progress=progress, out=out)
 
 
 def _ntk(model: nn.Module, x1: Tensor, x2: Tensor | None, *, method: str, output: str,
-         block_size: int | None, max_memory_gb: float | None, progress: bool) -> Tensor:
+         block_size: int | None, max_memory_gb: float | None, progress: bool,
+         out: str | os.PathLike | None = None) -> Tensor | np.ndarray:
     if method not in METHODS:
         raise UsageError(f"method must be one of {METHODS}, got {method!r}")
     if output not in OUTPUTS:
@@ -135,13 +149,20 @@ def _ntk(model: nn.Module, x1: Tensor, x2: Tensor | None, *, method: str, output
     dtype, _ = model_dtype_device(model)
     if method == "auto":
         method = "structured"
+    n_out = num_outputs(model, x1)
+    sink = None
+    if out is not None:
+        n1, n2 = x1.shape[0], x1.shape[0] if x2 is None else x2.shape[0]
+        shape = {"trace": (n1, n2), "full": (n1, n2, n_out, n_out),
+                 "diagonal": (n1, n2, n_out)}[output]
+        sink = KernelFile(out, shape, dtype, _fingerprint(model, x1, x2, method, output,
+                                                           block_size, budget))
     with ad_safe_backends(model):
         if method == "structured":
             return structured_ntk(model, x1, x2, output=output, block_size=block_size,
-                                  budget=budget, progress=progress)
+                                  budget=budget, progress=progress, sink=sink)
         params = trainable_params(model)
         n_params = sum(p.numel() for p in params.values())
-        n_out = num_outputs(model, x1)
         itemsize = torch.finfo(dtype).bits // 8
         if block_size is None:
             # a block's Jacobians [B, O, P], the other block's, and jacrev's output buffer
@@ -162,7 +183,25 @@ def _ntk(model: nn.Module, x1: Tensor, x2: Tensor | None, *, method: str, output
             block_kernel = _jacobian_block_fn(model, frozen, params, output, keep)
         else:
             block_kernel = _vector_block_fn(model, frozen, params, output, n_out, budget)
-        return blocked_kernel(block_kernel, x1, x2, block_size, output, n_out, dtype, progress)
+        return blocked_kernel(block_kernel, x1, x2, block_size, output, n_out, dtype, progress,
+                              sink)
+
+
+def _fingerprint(model: nn.Module, x1: Tensor, x2: Tensor | None, method: str, output: str,
+                 block_size: int | None, budget: int) -> str:
+    """SHA-1 of what a kernel file holds: the trainable parameters' names and values, the
+    buffers, the inputs, the method, output kind and the blocking (so a resumed computation
+    is the same computation)."""
+    h = hashlib.sha1()
+    h.update(repr((method, output, block_size, budget, torch.__version__)).encode())
+    tensors = [(f"param:{n}", p) for n, p in model.named_parameters() if p.requires_grad]
+    tensors += [(f"buffer:{n}", b) for n, b in model.named_buffers()]
+    tensors += [("x1", x1)] + ([] if x2 is None else [("x2", x2)])
+    for name, t in tensors:
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
 
 
 def _jacobian_block_fn(model, frozen, params, output, keep: bool):

@@ -50,6 +50,7 @@ from telescope.errors import UsageError, warn
 from telescope.kernels._blocks import (
     GOOD_BLOCK_PAIRS,
     SLOW_BLOCK_PAIRS,
+    KernelFile,
     block_pairs,
     blocked_kernel,
     per_example_jacobian,
@@ -581,7 +582,7 @@ def _sizes(engine: _Engine) -> tuple[int, int, int]:
 
 
 def _choose_blocks(engine: _Engine, n1: int, n2: int, n_out: int, output: str, budget: int,
-                   itemsize: int) -> tuple[int, int, bool]:
+                   itemsize: int, whole_outputs: bool = False) -> tuple[int, int, bool]:
     """Output chunk, example block and whether every block's factors can be kept.
 
     Trace and diagonal kernels are sums/stacks over outputs, so they are computed for chunks of
@@ -595,7 +596,7 @@ def _choose_blocks(engine: _Engine, n1: int, n2: int, n_out: int, output: str, b
         return examples * (c * per_output + inputs) * itemsize
 
     chunk = n_out
-    if output != "full":
+    if output != "full" and not whole_outputs:
         while chunk > 1 and factor_bytes(chunk, n) > budget // 2:
             chunk = (chunk + 1) // 2
     keep_all = factor_bytes(chunk, n) <= budget // 2
@@ -759,13 +760,22 @@ def _check_block_pairs(engine: _Engine, n1: int, n2: int, n_out: int, output: st
 
 
 def structured_ntk(model: nn.Module, x1: Tensor, x2: Tensor | None, *, output: str,
-                   block_size: int | None, budget: int, progress: bool) -> Tensor:
-    """The ``method="structured"`` path of :func:`telescope.ntk` (inputs already validated)."""
+                   block_size: int | None, budget: int, progress: bool,
+                   sink: KernelFile | None = None) -> Tensor:
+    """The ``method="structured"`` path of :func:`telescope.ntk` (inputs already validated);
+    with ``sink`` the blocks go to disk, each with all its outputs at once."""
     engine, n_out = _plan(model, at_least_two(x1[:2] if x1.shape[0] > 1 or x2 is None
                                                  else torch.cat([x1, x2[:1]])))
     itemsize = torch.finfo(engine.dtype).bits // 8
     n1, n2 = x1.shape[0], 0 if x2 is None else x2.shape[0]
-    chunk, block, keep_all = _choose_blocks(engine, n1, n2, n_out, output, budget, itemsize)
+    chunk, block, keep_all = _choose_blocks(engine, n1, n2, n_out, output, budget, itemsize,
+                                            whole_outputs=sink is not None)
+    if sink is not None:
+        if block_size is not None:
+            block = block_size
+        kernel = _block_kernel_fn(engine, n_out, output, None, {} if keep_all else None)
+        return blocked_kernel(kernel, x1, x2, block, output, n_out, engine.dtype, progress,
+                              sink)
     if block_size is not None:
         block = block_size
     else:
