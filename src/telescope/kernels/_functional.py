@@ -125,17 +125,21 @@ def single_fn(model: nn.Module, frozen: dict[str, Tensor]) -> Callable[[dict, Te
     return f
 
 
+def check_input(name: str, x: object) -> None:
+    """``x`` must be a tensor of examples ``[N, ...]``, ``N >= 1``, without NaN or inf."""
+    if not isinstance(x, Tensor):
+        raise UsageError(
+            f"{name} must be a torch.Tensor of shape [N, ...], got {type(x).__name__}")
+    if x.ndim == 0 or x.shape[0] == 0:
+        raise UsageError(f"{name} must have shape [N, ...] with N >= 1, got {tuple(x.shape)}")
+    if x.is_floating_point() and not torch.isfinite(x).all():
+        raise UsageError(f"{name} contains NaN or infinite values")
+
+
 def check_inputs(x1: Tensor, x2: Tensor | None) -> None:
-    for name, x in (("x1", x1), ("x2", x2)):
-        if x is None:
-            continue
-        if not isinstance(x, Tensor):
-            raise UsageError(
-                f"{name} must be a torch.Tensor of shape [N, ...], got {type(x).__name__}")
-        if x.ndim == 0 or x.shape[0] == 0:
-            raise UsageError(f"{name} must have shape [N, ...] with N >= 1, got {tuple(x.shape)}")
-        if x.is_floating_point() and not torch.isfinite(x).all():
-            raise UsageError(f"{name} contains NaN or infinite values")
+    check_input("x1", x1)
+    if x2 is not None:
+        check_input("x2", x2)
     if x2 is not None and x1.dtype != x2.dtype:
         raise UsageError(f"x1 and x2 must have the same dtype, got {x1.dtype} and {x2.dtype}")
     if x2 is not None and x1.shape[1:] != x2.shape[1:]:
@@ -180,7 +184,6 @@ def check_parameters(model: nn.Module) -> None:
                 f"parameter {name!r} is on the meta device (it has a shape but no values): "
                 "materialize the model first (model.to_empty(device='cpu') and initialize it, "
                 "or load its weights)")
-    for name, p in model.named_parameters():
         if p.is_floating_point() and not bool(torch.isfinite(p.detach()).all()):
             raise UsageError(
                 f"parameter {name!r} holds NaN or infinite values, so every kernel would be "

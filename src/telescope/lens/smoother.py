@@ -85,6 +85,7 @@ from telescope.kernels._functional import (
     ParamSpec,
     ad_safe_backends,
     check_batch_independence,
+    check_input,
     check_model,
     check_parameters,
     eval_mode,
@@ -95,6 +96,7 @@ from telescope.kernels._functional import (
     select_params,
 )
 from telescope.kernels.structured import ntk_to_subset
+from telescope.lens._tracked import optimizer_param_ids, parameter_changes
 
 TRAIN = "train"
 LOSSES = ("mse", "cross_entropy")
@@ -156,12 +158,12 @@ class Smoother:
             raise UsageError(f"every must be a positive int, got {every!r}")
         if not isinstance(model, nn.Module):
             raise UsageError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        _check_inputs("x_train", x_train)
+        check_input("x_train", x_train)
         probes = dict(probes or {})
         if TRAIN in probes:
             raise UsageError('the probe name "train" is reserved for the training set')
         for name, x in probes.items():
-            _check_inputs(f"probe {name!r}", x)
+            check_input(f"probe {name!r}", x)
             if x.shape[1:] != x_train.shape[1:] or x.dtype != x_train.dtype:
                 raise UsageError(f"probe {name!r} has per-example shape {tuple(x.shape[1:])} "
                                  f"({x.dtype}), the training inputs {tuple(x_train.shape[1:])} "
@@ -205,7 +207,7 @@ class Smoother:
         self._sizes = [x.shape[0] for x in self.sets.values()]
         self.theta0 = [p.detach().clone() for p in self.params]
         self._seen = [p.detach().clone() for p in self.params]  # after the last step
-        self._opt_ids = _optimizer_param_ids(optimizer)
+        self._opt_ids = optimizer_param_ids(optimizer)
         self._buffers: dict[str, Tensor] | None = None  # function-space momentum
         self._D: Tensor | None = None  # weight space: theta - theta0 = D [vecY; 1]
         self._m: Tensor | None = None  # weight space: Adam first moment / SGD momentum
@@ -313,18 +315,15 @@ class Smoother:
     def _check_unchanged(self) -> None:
         """Refuse to go on when anything but the optimizer's steps changed what is trained: the
         smoother would silently drift from the network."""
-        chosen = select_params(self.model, self._spec)
-        trainable = [n for n, p in self.model.named_parameters()
-                     if p.requires_grad and (chosen is None or n in chosen)]
-        current = dict(self.model.named_parameters())
-        if (trainable != self._names or _optimizer_param_ids(self.optimizer) != self._opt_ids
-                or any(current[n] is not p for n, p in zip(self._names, self.params,
-                                                            strict=True))):
+        detail = parameter_changes(self.model, self._spec, self._names, self.params,
+                                   self.optimizer, self._opt_ids)
+        if detail is not None:
             raise UsageError(
                 f"Smoother: the model's trainable parameters or the optimizer's param groups "
-                f"changed after step {self.step} (a replaced layer, add_param_group, "
-                "requires_grad toggled): the smoother follows the parameters it started with "
-                "only. Create a new Smoother (and optimizer) after changing the model")
+                f"changed after step {self.step}{f' ({detail})' if detail else ''}; the "
+                "smoother follows the parameters it started with only (a replaced layer, "
+                "add_param_group, requires_grad toggled). Create a new Smoother (and optimizer) "
+                "after changing the model")
         _check_training_mode(self.model)
         changed = [n for n, p, q in zip(self._names, self.params, self._seen, strict=True)
                    if not torch.equal(p.detach(), q)]
@@ -631,20 +630,6 @@ def _check_uniform_groups(optimizer: torch.optim.Optimizer) -> None:
             "Smoother: the SGD param groups no longer share their hyperparameters (a schedule "
             "with one rule per group?), which the function-space recursion needs; create the "
             "Smoother with mode='weight'")
-
-
-def _optimizer_param_ids(optimizer: torch.optim.Optimizer) -> list[int]:
-    return [id(p) for g in optimizer.param_groups for p in g["params"]]
-
-
-def _check_inputs(name: str, x: object) -> None:
-    if not isinstance(x, Tensor):
-        raise UsageError(f"{name} must be a tensor of shape [m, ...], got {type(x).__name__}")
-    if x.ndim == 0 or x.shape[0] == 0:
-        raise UsageError(f"{name} must be a tensor of shape [m, ...] with m >= 1, got "
-                         f"{tuple(x.shape)}")
-    if x.is_floating_point() and not bool(torch.isfinite(x).all()):
-        raise UsageError(f"{name} contains NaN or infinite values")
 
 
 def _check_training_mode(model: nn.Module) -> None:

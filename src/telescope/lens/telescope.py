@@ -44,8 +44,12 @@ from telescope.kernels._functional import (
     check_parameters,
     eval_mode,
     frozen_state,
-    select_params,
     unwrap_output,
+)
+from telescope.lens._tracked import (
+    followed_parameters,
+    optimizer_param_ids,
+    parameter_changes,
 )
 
 __all__ = ["Telescope", "NonFiniteStepError"]
@@ -182,11 +186,11 @@ class Telescope:
         self.chunk_size = chunk_size
 
         self._spec = params
-        named = self._selected(model)
+        named = followed_parameters(model, params)
         self._check_optimizer(named, optimizer, model)
         self._names = [n for n, _ in named]
         self._params = [p for _, p in named]
-        self._opt_ids = _optimizer_param_ids(optimizer)
+        self._opt_ids = optimizer_param_ids(optimizer)
         with torch.no_grad():
             self._theta0 = [p.detach().clone() for p in self._params]
             self._prev = [p.detach().clone() for p in self._params]  # theta_{t-1}
@@ -220,12 +224,6 @@ class Telescope:
     # ------------------------------------------------------------------------------------------
     # validation
     # ------------------------------------------------------------------------------------------
-
-    def _selected(self, model: nn.Module) -> list[tuple[str, Tensor]]:
-        """The trainable parameters the telescoping model follows (``params=``)."""
-        chosen = select_params(model, self._spec)
-        return [(n, p) for n, p in model.named_parameters()
-                if p.requires_grad and (chosen is None or n in chosen)]
 
     @staticmethod
     def _check_optimizer(named: list[tuple[str, Tensor]], optimizer: torch.optim.Optimizer,
@@ -398,17 +396,9 @@ class Telescope:
         """Refuse to go on when the trained parameters are no longer the ones the telescoping
         model follows (a replaced layer, ``add_param_group``, ``requires_grad`` toggled): its
         sums and ``actual`` would silently describe another network."""
-        named = self._selected(self.model)
-        same = ([n for n, _ in named] == self._names
-                and all(p is q for (_, p), q in zip(named, self._params, strict=True))
-                and _optimizer_param_ids(self.optimizer) == self._opt_ids)
-        if not same:
-            now, old = dict(named), dict(zip(self._names, self._params, strict=True))
-            added = sorted(set(now) - set(old))
-            gone = sorted(set(old) - set(now))
-            replaced = sorted(n for n in set(now) & set(old) if now[n] is not old[n])
-            detail = "; ".join(f"{what}: {', '.join(names[:5])}" for what, names in (
-                ("new", added), ("replaced", replaced), ("gone", gone)) if names)
+        detail = parameter_changes(self.model, self._spec, self._names, self._params,
+                                   self.optimizer, self._opt_ids)
+        if detail is not None:
             raise UsageError(
                 f"Telescope: the model's trainable parameters or the optimizer's param groups "
                 f"changed after step {self._step}{f' ({detail})' if detail else ''}; the "
@@ -602,10 +592,6 @@ class Telescope:
         state = "closed" if self._closed else "open"
         return (f"Telescope(step={self._step}, probes={{{sizes}}}, every={self.every}, "
                 f"params={sum(p.numel() for p in self._params):,}, {state})")
-
-
-def _optimizer_param_ids(optimizer: torch.optim.Optimizer) -> list[int]:
-    return [id(p) for group in optimizer.param_groups for p in group["params"]]
 
 
 def _accumulation_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
