@@ -35,15 +35,6 @@ from telescope.kernels import explain
 from telescope.models import ResNet18
 
 
-class Logits(nn.Module):
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, ids):
-        return self.model(ids).logits
-
-
 def gpt2():
     import transformers
 

@@ -149,7 +149,7 @@ def _ntk(model: nn.Module, x1: Tensor, x2: Tensor | None, *, method: str, output
     dtype, _ = model_dtype_device(model)
     if method == "auto":
         method = "structured"
-    n_out = num_outputs(model, x1)
+    n_out = num_outputs(model, x1) if method != "structured" or out is not None else None
     sink = None
     if out is not None:
         n1, n2 = x1.shape[0], x1.shape[0] if x2 is None else x2.shape[0]
@@ -206,7 +206,7 @@ def _fingerprint(model: nn.Module, x1: Tensor, x2: Tensor | None, method: str, o
 
 def _jacobian_block_fn(model, frozen, params, output, keep: bool):
     """Blocks from per-example Jacobians; with ``keep`` every block's Jacobians are computed
-    once and kept (they fit in half the budget), else the second block's are recomputed per
+    once and kept (they fit in 3/4 of the budget), else the second block's are recomputed per
     block pair (the first block's are reused along its row)."""
     f_single = single_fn(model, frozen)
     kept: dict[tuple[int, int], Tensor] = {}
