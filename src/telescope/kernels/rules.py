@@ -137,9 +137,11 @@ class GradFactor:
 def _dense_factor(prefix: str, a: Tensor, d: Tensor, weight: Tensor, bias: Tensor | None,
                   weight_scale: float = 1.0, bias_scale: float = 1.0, *,
                   weight_name: str = "weight", bias_name: str | None = "bias",
-                  transposed: bool = False) -> TokenFactor:
+                  transposed: bool = False, rows: slice | None = None) -> TokenFactor:
     """Factor of ``y_s = weight_scale * W a_s + bias_scale * b`` with ``W`` viewed as ``[p, q]``
-    (``weight`` itself is ``[p, ...]``, or ``[q, p]`` when ``transposed``: ``y = a @ weight``).
+    (``weight`` itself is ``[p, ...]``, or ``[q, p]`` when ``transposed``: ``y = a @ weight``;
+    with ``rows``, ``W`` and ``b`` are those rows of ``weight`` and ``bias``, e.g. one of the
+    q/k/v blocks of a packed projection, and parameter-shaped gradients are zero elsewhere).
 
     ``a`` is ``[B, S, q]`` and ``d`` is ``[O, B, S, p]``; a constant column ``bias_scale`` is
     appended to ``a`` for the bias, so the bias gradient is the last column of ``sum_s d_s a_s^T``.
@@ -154,23 +156,32 @@ def _dense_factor(prefix: str, a: Tensor, d: Tensor, weight: Tensor, bias: Tenso
     w_shape = tuple(weight.shape)
     w_key, b_key = f"{prefix}{weight_name}", f"{prefix}{bias_name}"
 
+    def padded(g: Tensor, shape: tuple[int, ...]) -> Tensor:
+        if rows is None:
+            return g
+        full = g.new_zeros(*g.shape[:2], *shape)
+        full[:, :, rows] = g
+        return full
+
     def to_params(g: Tensor) -> dict[str, Tensor]:
         o, b = g.shape[:2]
         out = {}
         if has_w:
             gw = g[..., :n_in]
-            out[w_key] = gw.transpose(2, 3) if transposed else gw.reshape(o, b, *w_shape)
+            gw = gw.transpose(2, 3) if transposed else gw.reshape(o, b, -1, *w_shape[1:])
+            out[w_key] = padded(gw, w_shape)
         if has_b:
-            out[b_key] = g[..., -1]
+            out[b_key] = padded(g[..., -1], tuple(bias.shape))
         return out
 
     def from_params(theta: dict[str, Tensor]) -> Tensor:
         cols = []
         if has_w:
-            w = theta[w_key]
-            cols.append(w.T if transposed else w.reshape(w_shape[0], -1))
+            w = theta[w_key] if rows is None else theta[w_key][rows]
+            cols.append(w.T if transposed else w.reshape(w.shape[0], -1))
         if has_b:
-            cols.append(theta[b_key].reshape(-1, 1))
+            b = theta[b_key] if rows is None else theta[b_key][rows]
+            cols.append(b.reshape(-1, 1))
         return torch.cat(cols, dim=1)
 
     return TokenFactor.create(d, a_aug, None, a_aug.shape[-1], to_params, from_params)
@@ -414,8 +425,9 @@ class AttentionRule:
             rows = slice(i * e, (i + 1) * e)
             a = _tokens([c[i] for c in inputs], e)
             d = _tokens([c[i] for c in deltas], e, lead=2)
-            factors.append(_rows_factor(prefix, a, d, module.in_proj_weight,
-                                        module.in_proj_bias, rows))
+            factors.append(_dense_factor(prefix, a, d, module.in_proj_weight,
+                                         module.in_proj_bias, weight_name="in_proj_weight",
+                                         bias_name="in_proj_bias", rows=rows))
         a = _tokens([c[3] for c in inputs], e)
         d = _tokens([c[3] for c in deltas], e, lead=2)
         factors.append(_dense_factor(prefix, a, d, module.out_proj.weight, module.out_proj.bias,
@@ -429,39 +441,6 @@ def _additive(mask: Tensor, dtype: torch.dtype) -> Tensor:
         return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(
             mask, float("-inf"))
     return mask.to(dtype)
-
-
-def _rows_factor(prefix: str, a: Tensor, d: Tensor, weight: Tensor, bias: Tensor | None,
-                 rows: slice) -> TokenFactor:
-    """A linear factor whose weight and bias are the rows ``rows`` of ``weight``/``bias``
-    (parameter-shaped gradients are zero outside them)."""
-    has_w, has_b = weight.requires_grad, bias is not None and bias.requires_grad
-    n_in = a.shape[-1]
-    cols = [a] if has_w else []
-    if has_b:
-        cols.append(torch.ones_like(a[..., :1]))
-    a_aug = torch.cat(cols, dim=-1)
-    w_key, b_key = f"{prefix}in_proj_weight", f"{prefix}in_proj_bias"
-
-    def to_params(g: Tensor) -> dict[str, Tensor]:
-        out = {}
-        if has_w:
-            full = g.new_zeros(*g.shape[:2], *weight.shape)
-            full[:, :, rows] = g[..., :n_in]
-            out[w_key] = full
-        if has_b:
-            full = g.new_zeros(*g.shape[:2], *bias.shape)
-            full[:, :, rows] = g[..., -1]
-            out[b_key] = full
-        return out
-
-    def from_params(theta: dict[str, Tensor]) -> Tensor:
-        cols = [theta[w_key][rows]] if has_w else []
-        if has_b:
-            cols.append(theta[b_key][rows].reshape(-1, 1))
-        return torch.cat(cols, dim=1)
-
-    return TokenFactor.create(d, a_aug, None, a_aug.shape[-1], to_params, from_params)
 
 
 Rule = Callable[[nn.Module, str, list, list], list]
