@@ -6,6 +6,7 @@ taken with ``torch.func.jvp`` (not the library's code)."""
 from __future__ import annotations
 
 import torch
+from _oracles import oracle_jacobian
 from torch.func import functional_call, jvp
 
 
@@ -55,16 +56,6 @@ class FirstOrder:
                 "output_scale": float(actual.abs().mean())}
 
 
-def jacobian_rows(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``[N, P]``: the gradient of the (single) output at each point, one backward per point."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    rows = []
-    for i in range(x.shape[0]):
-        out = model(x[i:i + 1]).reshape(())
-        rows.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(out, params)]))
-    return torch.stack(rows)
-
-
 class SmootherReference:
     """The function-space smoother of SGD with heavy-ball momentum on ``F.mse_loss`` (mean
     reduction, one output), written from the recursion of the paper: at every step, with the
@@ -87,7 +78,11 @@ class SmootherReference:
                 self.a[k], self.b[k] = a, torch.zeros_like(a)
 
     def step(self, batch: torch.Tensor) -> None:
-        jac = {k: jacobian_rows(self.model, pts).double() for k, pts in self.sets.items()}
+        jac = {}
+        for k, pts in self.sets.items():
+            j = oracle_jacobian(self.model, pts)  # [N, O, P], one backward per point and output
+            assert j.shape[1] == 1, "the reference smoother is for single-output models"
+            jac[k] = j[:, 0].double()
         sel = torch.zeros(len(batch), self.n + 1, dtype=torch.float64)
         sel[torch.arange(len(batch)), batch] = 1.0
         resid = 2.0 / len(batch) * (self.a["train"][batch] - sel)     # [|B|, n+1]
