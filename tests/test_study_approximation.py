@@ -9,9 +9,9 @@ import torch
 from _first_order import FirstOrder
 
 from telescope.cli import main
-from telescope.runs.executors import Progress
 from telescope.studies import approximation as ap
 from telescope.studies import get_study, make_config
+from telescope.train import Progress
 
 PROBE_COLUMNS = {f"{kind}_{probe}" for kind in ("telescoping_mae", "linearized_mae",
                                                 "output_scale") for probe in ("train", "test")}

@@ -11,9 +11,9 @@ from _first_order import SmootherReference
 from telescope.cli import main
 from telescope.data import add_label_noise
 from telescope.models import MLP
-from telescope.runs.executors import Progress
 from telescope.studies import double_descent as dd
 from telescope.studies import get_study, make_config
+from telescope.train import Progress
 
 COLUMNS = {"label_noise", "width", "seed", "step", "train_mse", "test_mse", "train_error",
            "test_error", "train_error_clean", "p_train", "p_test", "smoother_gap_test",

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from telescope.cli import main
 from telescope.data import load_mnist1d
 from telescope.models import ConvNet1d
-from telescope.runs.executors import Progress
 from telescope.studies import get_study, make_config
+from telescope.train import Progress
 
 TINY = ["--set", "data.n_train=60", "data.n_test=40", "channels=4", "spawn_steps=0,3",
         "k=4", "batch_size=16", "n_alpha=3", "seeds=1"]

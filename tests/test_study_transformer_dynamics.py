@@ -13,9 +13,9 @@ import torch.nn.functional as F
 from _first_order import FirstOrder
 
 from telescope.cli import main
-from telescope.runs.executors import Progress
 from telescope.studies import get_study, make_config
 from telescope.studies import transformer_dynamics as td
+from telescope.train import Progress
 
 TINY = {"seeds": "1", "data.n_train": "48", "data.n_test": "24",
         "entropy.steps": "6", "entropy.evals": "3", "entropy.d_model": "16",

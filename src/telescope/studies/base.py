@@ -41,8 +41,8 @@ from typing import Any
 import torch
 
 from telescope.errors import UsageError
-from telescope.runs.executors import Progress
 from telescope.runs.plan import MAX_POINTS
+from telescope.train.progress import Progress
 
 __all__ = ["Study", "Progress", "REGISTRY", "register", "get_study", "list_studies",
            "make_config", "config_from_dict", "config_to_dict", "config_keys", "flatten_config",
