@@ -485,24 +485,30 @@ def test_read_arff_types_and_quoting(tmp_path):
     assert frame["rooms"].dtype == np.float64 and frame.shape == (10, 5)
     assert list(frame["ocean"].cat.categories) == ["NEAR", "INLAND", "ISLAND"]
     assert math.isnan(frame["price"][4]) and frame["price"][0] == 4.5
-    quoted = ("@relation q\n@attribute 'a b' string\n@attribute c {'x y',z}\n@data\n"
-              "'hello, world','x y'\n\"it's\",z\n?,?\n")
+    quoted = ("@relation q\n@attribute 'a b' numeric\n@attribute c {'x y',z,'u, v'}\n@data\n"
+              "1.5,'x y'\n2,z\n3,'u, v'\n?,?\n")
     (tmp_path / "q.arff.gz").write_bytes(gzip.compress(quoted.encode()))
     q, _ = read_arff(tmp_path / "q.arff.gz")
-    assert q["a b"].tolist()[:2] == ["hello, world", "it's"] and q["c"].tolist()[:2] == ["x y", "z"]
-    assert q.isna().iloc[2].all()
+    assert q["a b"].tolist()[:3] == [1.5, 2.0, 3.0]
+    assert q["c"].tolist()[:3] == ["x y", "z", "u, v"]  # nominal values are str, not bytes
+    assert q.isna().iloc[3].all()
+    # scipy.io.arff reads no string attributes: a clear error, not a crash
+    (tmp_path / "s.arff").write_text("@relation s\n@attribute a string\n@data\n'hello'\n")
+    with pytest.raises(ValueError, match="String attributes not supported.*load_table"):
+        read_arff(tmp_path / "s.arff")
 
 
 @pytest.mark.parametrize(
     ("text", "match"),
     [("@relation r\n@attribute a numeric\n@attribute b numeric\n@data\n1,2\n3\n",
-      r"line 6: 1 values for 2 attributes"),
-     ("@relation r\n@attribute a numeric\n@data\n1\nabc\n", r"line 5: value 'abc' of numeric"),
-     ("@relation r\n@attribute a {x,y}\n@data\nx\nw\n", r"line 5: value 'w' of nominal .*'x'"),
+      r"a @data row has fewer values than there are attributes"),
+     ("@relation r\n@attribute a numeric\n@data\n1\nabc\n",
+      r"could not convert string to float: 'abc'"),
+     ("@relation r\n@attribute a {x,y}\n@data\nx\nw\n", r"w value not in \('x', 'y'\)"),
      ("@relation r\n@attribute a numeric\n", "no @data section"),
-     ("a,b\n1,2\n", "line 1: expected @relation"),
-     ("@relation r\n@attribute a numeric\n@data\n{0 1}\n", "sparse ARFF rows"),
-     ("@relation r\n@attribute a relational\n@data\n", "unsupported type")],
+     ("a,b\n1,2\n", "not ARFF"),
+     ("@relation r\n@attribute a numeric\n@data\n{0 1}\n", r"'\{0 1\}'.*reads dense ARFF"),
+     ("@relation r\n@attribute a relational\n@data\n", "Error while parsing header")],
 )
 def test_read_arff_malformed(tmp_path, text, match):
     path = tmp_path / "bad.arff"
@@ -545,7 +551,8 @@ def _openml_responses(did=4242, file_id=99):
 
 
 def _write_openml_cache(data_home: Path, did=4242, file_id=99):
-    """The cache layout of fetch_openml(data_home=...), written by hand."""
+    """The cache layout of fetch_openml(data_home=...) (sklearn's ``_open_openml_url``: the URL's
+    path under ``data_home/openml/openml.org``, plus ``.gz``), written by hand."""
     _, docs = _openml_responses(did, file_id)
     root = data_home / "openml" / "openml.org"
     for url_path, doc in docs.items():
@@ -563,7 +570,18 @@ def _check_toyhouses(ds: Dataset):
     assert ds.meta["openml_id"] == 4242 and ds.name == "toyhouses"
 
 
-def test_openml_cache_layout(tmp_path):
+def _no_network(monkeypatch):
+    """Make any attempt of fetch_openml to go online fail the test."""
+    import sklearn.datasets._openml as sk_openml
+
+    def urlopen(request, *args, **kwargs):
+        raise AssertionError(f"fetch_openml went online: {request.full_url}")
+
+    monkeypatch.setattr(sk_openml, "urlopen", urlopen)
+
+
+def test_openml_cache_layout(tmp_path, monkeypatch):
+    _no_network(monkeypatch)
     root = _write_openml_cache(tmp_path)
     by_name = load_openml_cache(tmp_path, "toyhouses", n_train=7, n_test=3, seed=0)
     _check_toyhouses(by_name)
@@ -581,6 +599,37 @@ def test_openml_cache_layout(tmp_path):
     (root / "api/v1/json/data/4242.gz").write_bytes(gzip.compress(b"{not json"))
     with pytest.raises(ValueError, match="not a \\(gzipped\\) JSON file"):
         load_openml_cache(tmp_path, 4242)
+    assert (root / "api/v1/json/data/4242.gz").is_file()  # not deleted by sklearn's retry
+
+
+@pytest.mark.parametrize("part", ["api/v1/json/data/qualities/4242.gz",
+                                  "api/v1/json/data/features/4242.gz",
+                                  "data/v1/download/99/toyhouses.arff.gz"])
+def test_openml_incomplete_cache_is_reported_offline(tmp_path, monkeypatch, part):
+    """A cache that lacks a file fetch_openml needs: a MissingDataError naming the file and how
+    to fill the cache, before fetch_openml could try the network."""
+    _no_network(monkeypatch)
+    root = _write_openml_cache(tmp_path)
+    (root / part).unlink()
+    with pytest.raises(MissingDataError, match=f"{part}.*fetch_openml\\('toyhouses', data_home="
+                                               f"'{tmp_path}'\\)"):
+        load_openml_cache(tmp_path, "toyhouses")
+    with pytest.raises(MissingDataError, match="fetch_openml\\(data_id=4242, data_home="):
+        load_openml_cache(tmp_path, 4242)
+
+
+def test_openml_corrupt_or_misplaced_cache(tmp_path, monkeypatch):
+    _no_network(monkeypatch)
+    root = _write_openml_cache(tmp_path)
+    data = root / "data/v1/download/99/toyhouses.arff.gz"
+    data.write_bytes(gzip.compress(b"@relation x\n@data\n"))
+    with pytest.raises(ValueError, match="MD5 checksum.*fetch the data set again"):
+        load_openml_cache(tmp_path, "toyhouses")
+    assert data.is_file()
+    moved = tmp_path / "elsewhere"
+    root.rename(moved)  # api/v1 directly in a folder that is not DIR/openml/openml.org
+    with pytest.raises(ValueError, match="only from DIR/openml/openml.org"):
+        load_openml_cache(moved, "toyhouses")
 
 
 def test_openml_cache_written_by_sklearn(tmp_path, monkeypatch):
@@ -603,6 +652,7 @@ def test_openml_cache_written_by_sklearn(tmp_path, monkeypatch):
     monkeypatch.setattr(sk_openml, "urlopen", fake_urlopen)
     bunch = sk_openml.fetch_openml("toyhouses", data_home=str(tmp_path), parser="pandas",
                                    as_frame=True)
+    _no_network(monkeypatch)  # the loader reads what sklearn cached, offline
     ds = load_openml_cache(tmp_path, "toyhouses", n_train=7, n_test=3, standardize=False,
                            standardize_target=False, dtype=torch.float64)
     _check_toyhouses(ds)

@@ -32,6 +32,8 @@ use :func:`load_table`.
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
 import re
@@ -329,89 +331,28 @@ def load_bundled_table(
 
 # ------------------------------------------------------------------------------------- ARFF
 
-_NUMERIC_TYPES = ("numeric", "real", "integer")
-
-
-def _split_values(text: str, where: str) -> list[str | None]:
-    """Comma-separated ARFF values; quoted values keep their text, unquoted ``?`` is missing."""
-    if "'" not in text and '"' not in text:
-        out = [v.strip() for v in text.split(",")]
-        return [None if v == "?" else v for v in out]
-    values: list[str | None] = []
-    i, n = 0, len(text)
-    while True:
-        while i < n and text[i] in " \t":
-            i += 1
-        if i < n and text[i] in "'\"":
-            quote, i, buf = text[i], i + 1, []
-            while i < n and text[i] != quote:
-                if text[i] == "\\" and i + 1 < n:
-                    i += 1
-                buf.append(text[i])
-                i += 1
-            if i >= n:
-                raise UsageError(f"{where}: unterminated quoted value")
-            i += 1
-            values.append("".join(buf))
-            while i < n and text[i] in " \t":
-                i += 1
-            if i < n and text[i] != ",":
-                raise UsageError(f"{where}: unexpected text after a quoted value")
-        else:
-            j = text.find(",", i)
-            j = n if j < 0 else j
-            raw = text[i:j].strip()
-            values.append(None if raw == "?" else raw)
-            i = j
-        if i >= n:
-            return values
-        i += 1  # the comma
-
-
-def _parse_attribute(rest: str, where: str) -> tuple[str, Any]:
-    rest = rest.strip()
-    if rest[:1] in ("'", '"'):
-        end = rest.find(rest[0], 1)
-        if end < 0:
-            raise UsageError(f"{where}: unterminated quoted attribute name")
-        name, spec = rest[1:end], rest[end + 1:].strip()
-    else:
-        parts = rest.split(None, 1)
-        if len(parts) < 2:
-            raise UsageError(f"{where}: an @attribute line needs a name and a type")
-        name, spec = parts
-    low = spec.lower()
-    if spec.startswith("{"):
-        if not spec.rstrip().endswith("}"):
-            raise UsageError(f"{where}: nominal type of {name!r} is missing its closing '}}'")
-        cats = _split_values(spec.strip()[1:-1], where)
-        return name, [c for c in cats if c is not None]
-    if low in _NUMERIC_TYPES:
-        return name, "numeric"
-    if low == "string" or low.startswith("date"):
-        return name, "string"
-    raise UsageError(f"{where}: unsupported type {spec!r} of attribute {name!r} (supported: "
-                     "numeric/real/integer, {nominal,values}, string, date)")
+_RELATION = re.compile(r"^\s*@relation\s+(.*?)\s*$", re.IGNORECASE | re.MULTILINE)
 
 
 def read_arff(path: str | os.PathLike[str]) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """Read a dense ARFF file (plain or gzipped) into a DataFrame.
+    """A dense ARFF file (plain or gzipped) as a DataFrame, read by :func:`scipy.io.arff.loadarff`.
 
-    Supports the subset of ARFF that OpenML's dense data sets use: ``%`` comment lines,
-    ``@relation``, ``@attribute NAME TYPE`` with types ``numeric`` / ``real`` / ``integer``
-    (float64 columns), nominal ``{a, b, ...}`` (pandas ``Categorical`` with the declared
-    categories), ``string`` and ``date`` (object columns), and ``@data`` rows of comma-separated
-    values, optionally quoted with ``'`` or ``"``; ``?`` is a missing value. Sparse rows
-    (``{...}``) and relational attributes are not supported. Malformed files raise ``ValueError``
-    with the line number.
+    scipy reads ``numeric`` / ``real`` / ``integer`` attributes (float64 columns), nominal
+    ``{a, b, ...}`` ones (here pandas ``Categorical`` columns with the declared categories, values
+    decoded to ``str``) and ``date`` ones (``datetime64``); ``?`` is a missing value (NaN).
+    ``string`` attributes and sparse rows (``{...}``) are not supported by scipy: convert such a
+    file to CSV and use :func:`load_table`. A file scipy cannot read raises ``ValueError`` with
+    scipy's reason.
 
     Returns
     -------
     frame : pandas.DataFrame
         One column per attribute, in file order.
     info : dict
-        ``{"relation": str, "attributes": [(name, "numeric" | "string" | [categories])]}``.
+        ``{"relation": str, "attributes": [(name, "numeric" | "date" | [categories])]}``.
     """
+    from scipy.io import arff
+
     p = U.as_path(path, "read_arff")
     if not p.is_file():
         raise MissingDataError(f"ARFF file {p} does not exist")
@@ -419,71 +360,29 @@ def read_arff(path: str | os.PathLike[str]) -> tuple[pd.DataFrame, dict[str, Any
         text = U.read_bytes(p).decode("utf-8")
     except UnicodeDecodeError as err:
         raise UsageError(f"{p} is not a UTF-8 text (ARFF) file: {err}") from err
-    return _parse_arff(text, str(p))
-
-
-def _parse_arff(text: str, where: str) -> tuple[pd.DataFrame, dict[str, Any]]:
-    relation, attributes = None, []
-    lines = text.splitlines()
-    data_start = None
-    for lineno, line in enumerate(lines, 1):
-        s = line.strip()
-        if not s or s.startswith("%"):
-            continue
-        key = s.split(None, 1)[0].lower()
-        if key == "@relation":
-            relation = s.split(None, 1)[1].strip().strip("'\"") if " " in s else ""
-        elif key == "@attribute":
-            attributes.append(_parse_attribute(s.split(None, 1)[1] if " " in s else "",
-                                               f"{where}, line {lineno}"))
-        elif key == "@data":
-            data_start = lineno
-            break
-        elif key == "@end":
-            continue
+    hints = {StopIteration: "no @attribute lines or no @data section: the file is truncated or "
+                            "not ARFF",
+             IndexError: "a @data row has fewer values than there are attributes"}
+    try:
+        data, meta = arff.loadarff(io.StringIO(text))
+    except (ValueError, IndexError, StopIteration, NotImplementedError, arff.ArffError) as err:
+        why = hints.get(type(err)) or f"{type(err).__name__}: {err}"
+        raise UsageError(f"could not read {p} as ARFF ({why}). scipy.io.arff reads dense ARFF "
+                         "with numeric, nominal and date attributes; convert other files to CSV "
+                         "and use load_table") from err
+    frame, attributes = {}, []
+    for name in meta.names():
+        kind, values = meta[name]
+        column = data[name]
+        if kind == "nominal":
+            strings = [None if v == b"?" else v.decode("utf-8") for v in column.tolist()]
+            frame[name] = pd.Categorical(strings, categories=list(values))
+            attributes.append((name, list(values)))
         else:
-            raise UsageError(f"{where}, line {lineno}: expected @relation, @attribute or @data, "
-                             f"found {s[:40]!r}; is this an ARFF file?")
-    if not attributes:
-        raise UsageError(f"{where}: no @attribute declarations; not an ARFF file")
-    if data_start is None:
-        raise UsageError(f"{where}: no @data section; the file is truncated or not ARFF")
-    k = len(attributes)
-    rows, line_of = [], []
-    for lineno in range(data_start + 1, len(lines) + 1):
-        s = lines[lineno - 1].strip()
-        if not s or s.startswith("%"):
-            continue
-        if s.startswith("{"):
-            raise UsageError(f"{where}, line {lineno}: sparse ARFF rows are not supported")
-        values = _split_values(s, f"{where}, line {lineno}")
-        if len(values) != k:
-            raise UsageError(f"{where}, line {lineno}: {len(values)} values for {k} attributes")
-        rows.append(values)
-        line_of.append(lineno)
-    columns = list(zip(*rows, strict=True)) if rows else [() for _ in attributes]
-    frame = {}
-    for (name, kind), values in zip(attributes, columns, strict=True):
-        series = pd.Series(values, dtype=object)
-        if kind == "numeric":
-            num = pd.to_numeric(series, errors="coerce")
-            wrong = num.isna() & series.notna()
-            if wrong.any():
-                i = int(np.flatnonzero(wrong.to_numpy())[0])
-                raise UsageError(f"{where}, line {line_of[i]}: value {values[i]!r} of numeric "
-                                 f"attribute {name!r} is not a number")
-            frame[name] = num.astype(np.float64)
-        elif kind == "string":
-            frame[name] = series
-        else:
-            wrong = series.notna() & ~series.isin(kind)
-            if wrong.any():
-                i = int(np.flatnonzero(wrong.to_numpy())[0])
-                raise UsageError(f"{where}, line {line_of[i]}: value {values[i]!r} of nominal "
-                                 f"attribute {name!r} is not one of {kind}")
-            frame[name] = pd.Categorical(series, categories=kind)
-    if len(frame) != k:
-        raise UsageError(f"{where}: duplicate attribute names")
+            frame[name] = column
+            attributes.append((name, kind))
+    match = _RELATION.search(text)
+    relation = match.group(1).strip("'\"") if match else meta.name
     return pd.DataFrame(frame), {"relation": relation, "attributes": attributes}
 
 
@@ -498,36 +397,29 @@ def _json(path: Path) -> Any:
 
 
 def _openml_root(folder: Path) -> Path | None:
-    for cand in (folder, folder / "openml.org", folder / "openml" / "openml.org"):
+    """``HOME/openml/openml.org`` for ``folder`` = ``HOME``, ``HOME/openml`` or that root."""
+    for cand in (folder / "openml" / "openml.org", folder / "openml.org", folder):
         if (cand / "api" / "v1").is_dir() or (cand / "data" / "v1").is_dir():
+            if cand.name != "openml.org" or cand.parent.name != "openml":
+                raise UsageError(
+                    f"{cand} looks like an OpenML cache, but fetch_openml(data_home=DIR) reads "
+                    "its cache only from DIR/openml/openml.org: move it there and pass DIR"
+                )
             return cand
     return None
-
-
-def _flag(value: Any) -> bool:
-    return str(value).lower() == "true"
-
-
-def _as_list(value: Any) -> list[str]:
-    if value is None:
-        return []
-    if isinstance(value, str):
-        return [v for v in value.split(",") if v]
-    return [str(v) for v in value]
 
 
 def _resolve_id(root: Path, name: str, version: int | None) -> int | None:
     """The data id of ``name`` from cached name lookups, else from cached descriptions."""
     candidates: list[tuple[bool, int, int]] = []  # (not active, version, did)
     lookup = root / "api" / "v1" / "json" / "data" / "list" / "data_name" / name.lower()
-    if lookup.is_dir():
-        for f in sorted(p for p in lookup.rglob("*") if p.is_file()):
-            try:
-                found = _json(f)["data"]["dataset"]
-            except (ValueError, KeyError, TypeError):
-                continue
-            for d in found:
-                candidates.append((d.get("status") != "active", int(d["version"]), int(d["did"])))
+    for f in sorted(p for p in lookup.rglob("*") if p.is_file()) if lookup.is_dir() else []:
+        try:
+            found = _json(f)["data"]["dataset"]
+        except (ValueError, KeyError, TypeError):
+            continue
+        candidates += [(d.get("status") != "active", int(d["version"]), int(d["did"]))
+                       for d in found]
     if not candidates:
         desc_dir = root / "api" / "v1" / "json" / "data"
         for f in sorted(desc_dir.glob("*.gz")) if desc_dir.is_dir() else []:
@@ -543,58 +435,78 @@ def _resolve_id(root: Path, name: str, version: int | None) -> int | None:
     return min(candidates)[2] if candidates else None
 
 
+def _not_cached(root: Path, name_or_id: str | int, what: str) -> MissingDataError:
+    data_home = root.parent.parent
+    how = (f"data_id={name_or_id}" if str(name_or_id).isdigit() else repr(name_or_id))
+    return MissingDataError(
+        f"OpenML data set {name_or_id!r} is not in the cache {root}: {what}. Fill the cache on a "
+        f"machine with internet with sklearn.datasets.fetch_openml({how}, "
+        f"data_home={str(data_home)!r}) and copy that directory here (nothing is downloaded now)"
+    )
+
+
 def _openml_frame(
     root: Path, name_or_id: str | int, version: int | None
 ) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """The data of an OpenML cache (``fetch_openml`` layout), with its target/ignore info."""
+    """The data of an OpenML cache, read by ``fetch_openml`` once every file it needs is there.
+
+    The cached description, features, qualities and data file (with its MD5 checksum) are
+    checked first, so that ``fetch_openml`` never reaches for the network (nor deletes a corrupt
+    cache file to download it again).
+    """
+    from sklearn.datasets import fetch_openml
+
     if isinstance(name_or_id, (int, np.integer)) or str(name_or_id).isdigit():
         did = int(name_or_id)
     else:
         did = _resolve_id(root, str(name_or_id), version)
-    info: dict[str, Any] = {"targets": [], "ignore": []}
-    arff = None
-    if did is not None:
-        desc_path = root / "api" / "v1" / "json" / "data" / f"{did}.gz"
-        if desc_path.is_file():
-            desc = _json(desc_path).get("data_set_description", {})
-            if str(desc.get("format", "arff")).lower() == "sparse_arff":
-                raise UsageError(f"OpenML data set {did} is sparse ARFF, which is not supported")
-            info["targets"] = _as_list(desc.get("default_target_attribute"))
-            info["ignore"] = (_as_list(desc.get("ignore_attribute"))
-                              + _as_list(desc.get("row_id_attribute")))
-            info["name"] = desc.get("name")
-            url = desc.get("url")
-            if url:
-                local = root / (urlparse(url).path.lstrip("/") + ".gz")
-                arff = local if local.is_file() else None
-            if arff is None and desc.get("file_id") is not None:
-                hits = sorted((root / "data" / "v1" / "download" / str(desc["file_id"])).glob("*"))
-                arff = hits[0] if hits else None
-        feat_path = root / "api" / "v1" / "json" / "data" / "features" / f"{did}.gz"
-        if feat_path.is_file():
-            feats = _json(feat_path).get("data_features", {}).get("feature", [])
-            targets = [f["name"] for f in feats if _flag(f.get("is_target"))]
-            info["targets"] = targets or info["targets"]
-            info["ignore"] = sorted(set(info["ignore"]) | {
-                f["name"] for f in feats
-                if _flag(f.get("is_ignore")) or _flag(f.get("is_row_identifier"))})
-        info["id"] = did
-    if arff is None and not str(name_or_id).isdigit():
-        want = str(name_or_id).lower()
-        hits = [p for p in sorted((root / "data" / "v1" / "download").glob("*/*"))
-                if p.name.lower().split(".")[0] == want]
-        arff = hits[0] if hits else None
-    if arff is None:
-        raise MissingDataError(
-            f"OpenML data set {name_or_id!r} is not in the cache {root}: no cached description "
-            "(api/v1/json/data/<id>.gz) and data file (data/v1/download/<file_id>/<name>.arff.gz)"
-            f" found for it. Fill the cache on a machine with internet with "
-            f"sklearn.datasets.fetch_openml({name_or_id!r}, data_home=DIR) and copy DIR"
-        )
-    frame, arff_info = read_arff(arff)
-    info["path"] = str(arff)
-    info["attributes"] = arff_info["attributes"]
-    return frame, info
+        if did is None:
+            raise _not_cached(root, name_or_id, "no cached name lookup (api/v1/json/data/list/"
+                              f"data_name/{str(name_or_id).lower()}/...) or description names it")
+    api = root / "api" / "v1" / "json" / "data"
+    need = [api / f"{did}.gz", api / "features" / f"{did}.gz", api / "qualities" / f"{did}.gz"]
+    absent = [str(p.relative_to(root)) for p in need if not p.is_file()]
+    if absent:
+        raise _not_cached(root, name_or_id, f"{', '.join(absent)} missing")
+    desc, features, _ = (_json(p) for p in need)
+    try:
+        desc, features = desc["data_set_description"], features["data_features"]["feature"]
+        url, md5 = desc["url"], desc.get("md5_checksum")
+    except (KeyError, TypeError) as err:
+        raise UsageError(f"{need[0]} / {need[1]}: not an OpenML description / feature list "
+                         f"(missing {err}); fetch the data set again") from err
+    if str(desc.get("format", "arff")).lower() == "sparse_arff":
+        raise UsageError(f"OpenML data set {did} is sparse ARFF, which is not supported")
+    data_file = root / (urlparse(url).path.lstrip("/") + ".gz")
+    if not data_file.is_file():
+        raise _not_cached(root, name_or_id, f"data file {data_file.relative_to(root)} missing")
+    if md5 and hashlib.md5(U.read_bytes(data_file)).hexdigest() != md5:
+        raise UsageError(f"{data_file} does not match the MD5 checksum of its OpenML description: "
+                         "the cached file is corrupt; delete it and fetch the data set again")
+    try:
+        # target_column=None: every column but OpenML's ignored and row-id ones, target included
+        bunch = fetch_openml(data_id=did, data_home=str(root.parent.parent), target_column=None,
+                             as_frame=True, parser="pandas")
+    except OSError as err:  # URLError: a cache file was unreadable and sklearn went online
+        raise _not_cached(root, name_or_id, f"fetch_openml could not read it offline ({err})"
+                          ) from err
+    frame = bunch.frame
+    for f in features:  # the declared category order (as in the ARFF header), not sorted
+        col, declared = f["name"], f.get("nominal_value")
+        if f.get("data_type") != "nominal" or declared is None or col not in frame:
+            continue
+        declared = [str(v) for v in (declared if isinstance(declared, list) else [declared])]
+        values = [None if pd.isna(v) else str(v) for v in frame[col].tolist()]
+        unknown = sorted(set(values) - set(declared) - {None})
+        if unknown:
+            raise UsageError(f"{data_file}: values {unknown[:5]} of nominal attribute {col!r} "
+                             f"are not among its declared values {declared[:10]}")
+        frame[col] = pd.Categorical(values, categories=declared)
+    targets = [f["name"] for f in features if str(f.get("is_target")).lower() == "true"]
+    if not targets and desc.get("default_target_attribute"):
+        targets = str(desc["default_target_attribute"]).split(",")
+    return frame, {"targets": targets, "name": desc.get("name"), "id": did,
+                   "path": str(data_file)}
 
 
 def load_openml_cache(
@@ -618,19 +530,20 @@ def load_openml_cache(
        may be ``DIR``, ``DIR/openml`` or ``DIR/openml/openml.org``. A name is resolved to its data
        id through the cached name lookups (``api/v1/json/data/list/data_name/<name>/...``) or
        else the cached descriptions (``api/v1/json/data/<id>.gz``); with several versions the
-       oldest active one is taken unless ``version`` is given. The description's ``url`` gives
-       the data file ``data/v1/download/<file_id>/<name>.arff.gz``; the default target, ignored
-       and row-id attributes come from ``api/v1/json/data/features/<id>.gz`` (else the
-       description). All cache files are gzipped JSON / ARFF, read by :func:`read_arff`.
+       oldest active one is taken unless ``version`` is given. Once the description, features,
+       qualities and data file of that id are found in the cache (and the data file matches its
+       MD5 checksum), ``fetch_openml(data_id=..., data_home=DIR)`` reads them, offline. OpenML's
+       ignored and row-id attributes are left out; the default target is the attribute flagged
+       as target. A data set missing from the cache raises :class:`MissingDataError` saying
+       which file is missing and how to fill the cache; nothing is downloaded.
     2. a plain directory holding ``<name>.csv``, ``<name>.parquet``, ``<name>.arff`` or
        ``<name>.arff.gz`` (name matched case-insensitively). A CSV / Parquet file needs
-       ``target``; for an ARFF file the default target is its last attribute (Weka's convention).
+       ``target``; an ARFF file is read by :func:`read_arff` and its default target is its last
+       attribute (Weka's convention).
 
     The frame is converted by :func:`table_dataset` (``options`` go there). ``task`` defaults to
     classification for a nominal / string target and regression otherwise. Grinsztajn et al.'s
     benchmark sets (``houses``, ``california``, ...) are read this way; see the module docstring.
-    A data set that is not in the cache raises :class:`MissingDataError` explaining how to fill
-    the cache.
     """
     folder = U.as_path(cache_dir, "load_openml_cache")
     if not folder.is_dir():
@@ -638,24 +551,24 @@ def load_openml_cache(
                                "data_home you gave fetch_openml, or a directory with <name>.csv")
     key = str(name_or_id)
     plain = {p.name.lower(): p for p in folder.iterdir() if p.is_file()}
-    frame, info = None, {"targets": [], "ignore": []}
+    frame, info = None, {}
     for ext in (".csv", ".tsv", ".parquet", ".pq", ".arff", ".arff.gz", ".csv.gz"):
         p = plain.get(key.lower() + ext)
         if p is None:
             continue
         if ext.startswith(".arff"):
             frame, arff_info = read_arff(p)
-            info = {"targets": [arff_info["attributes"][-1][0]], "ignore": [], "path": str(p)}
+            info = {"targets": [arff_info["attributes"][-1][0]], "path": str(p)}
         else:
             frame = _read_frame(p)
-            info = {"targets": [], "ignore": [], "path": str(p)}
+            info = {"targets": [], "path": str(p)}
         break
     if frame is None:
         root = _openml_root(folder)
         if root is None:
             raise MissingDataError(
                 f"no data set {key!r} in {folder}: neither {key}.csv / .parquet / .arff[.gz] "
-                "nor an OpenML cache (openml.org/api/v1, openml.org/data/v1) is there. Fill it "
+                "nor an OpenML cache (openml/openml.org/api/v1, .../data/v1) is there. Fill it "
                 f"with sklearn.datasets.fetch_openml({key!r}, data_home={str(folder)!r}) on a "
                 "machine with internet, or put the table there as CSV"
             )
@@ -663,20 +576,20 @@ def load_openml_cache(
     if target is None:
         if len(info["targets"]) != 1:
             raise UsageError(
-                f"{info.get('path', key)}: no single default target (found {info['targets']}); "
+                f"{info['path']}: no single default target (found {info['targets']}); "
                 f"pass target= one of {list(frame.columns)}"
             )
         target = info["targets"][0]
     if target not in frame.columns:
-        raise UsageError(f"{info.get('path', key)}: target column {target!r} not found; the "
+        raise UsageError(f"{info['path']}: target column {target!r} not found; the "
                          f"columns are {list(frame.columns)}")
     if features is None:
-        features = [c for c in frame.columns if c != target and c not in info["ignore"]]
+        features = [c for c in frame.columns if c != target]
     if task is None:
         task = "classification" if _is_categorical(frame[target]) else "regression"
     name = re.sub(r"\W+", "_", str(info.get("name") or key)).strip("_") or "openml"
     ds = table_dataset(frame, target, features=features, n_train=n_train, n_test=n_test,
-                       seed=seed, task=task, name=name, source=info.get("path"), **options)
+                       seed=seed, task=task, name=name, source=info["path"], **options)
     if "id" in info:
         ds.meta["openml_id"] = info["id"]
     return ds
