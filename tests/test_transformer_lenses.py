@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import telescope
+from telescope.errors import UsageError
 from telescope.kernels import effective_rank, kernel_distance, kernel_target_alignment
 from telescope.lens import (
     KernelEvolution,
@@ -21,6 +22,7 @@ from telescope.lens import (
     detect_cycles,
 )
 from telescope.models import MLP, TinyTransformer
+from telescope.models.hooks import HookPoint, capture
 from telescope.models.transformer import SelfAttention
 
 
@@ -76,33 +78,110 @@ def test_hand_computed_single_head_attention():
 def test_attention_entropy_restores_state_and_errors():
     model = _tiny()
     model.train()
-    model.blocks[1].attn.record = True
     x = torch.randint(0, 9, (2, 4))
     rows = attention_entropy(model, x)
     assert all(m.training for m in model.modules())
-    assert model.blocks[0].attn.record is False and model.blocks[1].attn.record is True
-    assert all(b.attn.last_attention is None for b in model.blocks)
-    # both blocks measured (the pre-set flag of block 1 does not hide it), heads in order; the
-    # values against a plain recomputation from the attention probabilities of an eval-mode
-    # forward pass (causal: query i sees i + 1 keys)
+    # the model keeps no lens state: the temporary hooks are gone, no attributes were set
+    assert all(not m._forward_hooks for m in model.modules())
+    assert not any(hasattr(b.attn, "record") or hasattr(b.attn, "last_attention")
+                   for b in model.blocks)
+    # both blocks measured, heads in order; the values against a plain recomputation from the
+    # attention probabilities of an eval-mode forward pass (causal: query i sees i + 1 keys)
     assert [(r["layer"], r["head"]) for r in rows] == [
         (f"blocks.{b}.attn", h) for b in range(2) for h in range(2)]
     model.eval()
-    for block in model.blocks:
-        block.attn.record = True
-    with torch.no_grad():
+    with torch.no_grad(), capture(model, lambda n: n.endswith("attn.hook_pattern")) as cache:
         model(x)
     max_ent = (math.log(1) + math.log(2) + math.log(3) + math.log(4)) / 4
-    for b, block in enumerate(model.blocks):
-        a = block.attn.last_attention.double()
+    for b in range(2):
+        a = cache[f"blocks.{b}.attn.hook_pattern"].double()
         ent = -(a * a.clamp_min(1e-300).log()).sum(-1).mean(dim=(0, 2))
         for h in range(2):
             r = rows[2 * b + h]
             assert r["entropy"] == pytest.approx(float(ent[h]), rel=1e-9)
             assert r["max_entropy"] == pytest.approx(max_ent, rel=1e-12)
             assert r["normalized"] == pytest.approx(float(ent[h]) / max_ent, rel=1e-9)
-    with pytest.raises(ValueError, match="record"):
+    with pytest.raises(ValueError, match="hook_pattern"):
         attention_entropy(MLP(3, [4], 1), torch.randn(2, 3))
+    # an error in the forward pass: hooks removed and train mode restored all the same
+    model.train()
+    with pytest.raises(UsageError, match="seq_len"):
+        attention_entropy(model, torch.randint(0, 9, (2, 7)))
+    assert all(m.training for m in model.modules())
+    assert all(not m._forward_hooks for m in model.modules())
+
+
+def test_attention_entropy_matches_softmax_from_the_weights():
+    """Each layer's entropy from ``softmax(Q K^T / sqrt(d_head) + causal mask)`` written out
+    from the weights (the first layer from the embeddings, the second from the first block's
+    output as computed by hand)."""
+    model = _tiny().double()
+    x = torch.randint(0, 9, (3, 5))
+    rows = attention_entropy(model, x)
+
+    def block_by_hand(block, h):
+        u = F.layer_norm(h, (8,), block.ln1.weight, block.ln1.bias)
+        a = block.attn
+        q, k, v = ((u @ lin.weight.T + lin.bias).view(3, 5, 2, 4).transpose(1, 2)
+                   for lin in (a.query, a.key, a.value))
+        scores = q @ k.transpose(-2, -1) / math.sqrt(4)
+        scores = scores + torch.full((5, 5), float("-inf"), dtype=torch.float64).triu(1)
+        p = scores.softmax(-1)                                      # [N, heads, S, S]
+        y = (p @ v).transpose(1, 2).reshape(3, 5, 8) @ a.out.weight.T + a.out.bias
+        h = h + y
+        w1, w2 = block.mlp[0], block.mlp[2]
+        m = F.layer_norm(h, (8,), block.ln2.weight, block.ln2.bias) @ w1.weight.T + w1.bias
+        return p, h + F.gelu(m) @ w2.weight.T + w2.bias
+
+    with torch.no_grad():
+        h = model.token_embedding.weight[x] + model.position_embedding.weight[:5]
+        for b, block in enumerate(model.blocks):
+            p, h = block_by_hand(block, h)
+            ent = -(p * p.clamp_min(1e-300).log()).sum(-1).mean(dim=(0, 2))
+            for head in range(2):
+                r = rows[2 * b + head]
+                assert (r["layer"], r["head"]) == (f"blocks.{b}.attn", head)
+                assert r["entropy"] == pytest.approx(float(ent[head]), rel=1e-10)
+                assert r["max_entropy"] == pytest.approx(
+                    sum(math.log(i + 1) for i in range(5)) / 5, rel=1e-12)
+
+
+class _Mixer(nn.Module):
+    """A user's own attention: one head, scores ``x x^T``, a per-example key padding mask
+    (``pad[n, j]``: key ``j`` of example ``n`` masked), hook points by the convention."""
+
+    def __init__(self, with_scores: bool) -> None:
+        super().__init__()
+        self.hook_pattern = HookPoint()
+        self.hook_scores = HookPoint() if with_scores else None
+        self.pad: torch.Tensor | None = None
+
+    def forward(self, x):
+        scores = (x @ x.transpose(-2, -1)).unsqueeze(1)             # [N, 1, S, S]
+        if self.pad is not None:
+            scores = scores.masked_fill(self.pad[:, None, None, :], float("-inf"))
+        if self.hook_scores is not None:
+            scores = self.hook_scores(scores)
+        return self.hook_pattern(scores.softmax(-1)).squeeze(1) @ x
+
+
+def test_attention_entropy_on_a_users_hook_points():
+    x = torch.randn(2, 3, 4, dtype=torch.float64)
+    model = nn.Sequential(nn.Identity(), _Mixer(with_scores=True))
+    model[1].pad = torch.tensor([[False, False, True], [False, False, False]])
+    rows = attention_entropy(model, x)
+    assert [(r["layer"], r["head"]) for r in rows] == [("1", 0)]
+    s = (x @ x.transpose(-2, -1)).masked_fill(model[1].pad[:, None, :], float("-inf"))
+    p = s.softmax(-1)
+    assert rows[0]["entropy"] == pytest.approx(
+        float(-torch.special.xlogy(p, p).sum(-1).mean()), rel=1e-12)
+    # m_i = 2 keys in example 0, 3 in example 1: mean over examples and queries of log m_i
+    assert rows[0]["max_entropy"] == pytest.approx((math.log(2) + math.log(3)) / 2, rel=1e-12)
+    # without hook_scores every query counts all S_k = 3 keys
+    plain = _Mixer(with_scores=False)
+    rows = attention_entropy(plain, x)
+    assert [(r["layer"], r["head"]) for r in rows] == [("", 0)]
+    assert rows[0]["max_entropy"] == pytest.approx(math.log(3), rel=1e-12)
 
 
 def test_causal_max_entropy_and_zero_entropy_one_token():
@@ -229,6 +308,33 @@ def test_weight_rank_on_sigma_reparam_transformer():
             assert r["rank"] == 4
         else:  # nothing else moved: the raw weights (only gamma did), the VO forms, block 1
             assert r["delta_norm"] == 0.0, r
+
+
+def test_weight_rank_reads_attention_through_head_weights():
+    class Heads(nn.Module):  # a user's attention: declares its per-head matrices, nothing else
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(4, 2, 3))     # W_Q, W_K, W_V [1, 2, 3], W_O
+
+        def head_weights(self):
+            wq, wk, wv, wo = self.w[:1], self.w[1:2], self.w[2:3], self.w[3:4].transpose(1, 2)
+            return wq, wk, wv, wo
+
+    model = nn.Sequential(Heads())
+    lens = WeightRank(model)
+    with torch.no_grad():
+        model[0].w[0].mul_(2.0)                             # W_Q doubles: D_QK = M_QK
+    qk = [r for r in lens.measure() if r["kind"] == "qk"]
+    w = model[0].w.detach().double()
+    assert [r["matrix"] for r in qk] == ["0.qk"]
+    assert qk[0]["delta_norm"] == pytest.approx(float((w[0].T @ w[1]).norm() / 2), rel=1e-9)
+
+    class Bad(nn.Module):
+        def head_weights(self):
+            return torch.zeros(2, 2)
+
+    with pytest.raises(UsageError, match="head_weights"):
+        WeightRank(nn.Sequential(Bad()))
 
 
 # ------------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
-"""SigmaReparamLinear, TinyTransformer(sigma_reparam=True) and LazyModel against oracles:
-torch.linalg.matrix_norm, finite differences, nn.Linear, alpha^2-scaled NTKs and the
-linearized model."""
+"""SigmaReparamLinear, TinyTransformer(sigma_reparam=True), LazyModel and the named hook points
+against oracles: torch.linalg.matrix_norm, finite differences, nn.Linear, alpha^2-scaled NTKs,
+the linearized model and the transformer's computation written out by hand."""
 
 from __future__ import annotations
 
@@ -11,7 +11,9 @@ from torch import nn
 from torch.func import functional_call, jacrev
 
 import telescope
+from telescope.errors import UsageError
 from telescope.models import MLP, LazyModel, SigmaReparamLinear, TinyTransformer
+from telescope.models.hooks import HookPoint, capture, hook_points, run_with_cache
 
 # ------------------------------------------------------------------------------------------
 # SigmaReparamLinear
@@ -260,3 +262,115 @@ def test_lazy_training_approaches_linearized_model():
     gaps = [_lazy_vs_linear(a) for a in (1.0, 10.0, 100.0)]
     assert gaps[0] > gaps[1] > gaps[2]
     assert gaps[2] < 0.2 * gaps[1] and gaps[2] < 1e-2
+
+
+# ------------------------------------------------------------------------------------------
+# Named hook points
+# ------------------------------------------------------------------------------------------
+
+_ATTN_HOOKS = ("hook_q", "hook_k", "hook_v", "hook_scores", "hook_pattern", "hook_z")
+_BLOCK_HOOKS = ("hook_resid_pre", "hook_attn_out", "hook_resid_mid", "hook_mlp_out",
+                "hook_resid_post")
+
+
+def test_hook_point_names_and_shapes():
+    model = _tiny()
+    expected = ["hook_embed", "hook_pos_embed"] + [
+        f"blocks.{b}.{n}" for b in range(2)
+        for n in [f"attn.{a}" for a in _ATTN_HOOKS] + list(_BLOCK_HOOKS)]
+    assert sorted(hook_points(model)) == sorted(expected)
+    x = torch.randint(0, 9, (3, 4))
+    out, cache = run_with_cache(model, x)
+    assert set(cache) == set(expected)
+    for name, t in cache.items():
+        last = name.rsplit(".", 1)[-1]
+        if last in ("hook_q", "hook_k", "hook_v", "hook_z"):
+            assert t.shape == (3, 2, 4, 4), name       # [N, heads, S, d_head]
+        elif last in ("hook_scores", "hook_pattern"):
+            assert t.shape == (3, 2, 4, 4), name       # [N, heads, S_q, S_k]
+        else:
+            assert t.shape == (3, 4, 8), name          # [N, S, d_model]
+        assert not t.requires_grad
+    torch.testing.assert_close(out, model(x), rtol=0, atol=0)
+    # the tensors are the model's own: written out by hand from the weights
+    b0 = model.blocks[0]
+    h = model.token_embedding.weight[x] + model.position_embedding.weight[:4]
+    torch.testing.assert_close(cache["blocks.0.hook_resid_pre"], h.detach())
+    u = F.layer_norm(h, (8,), b0.ln1.weight, b0.ln1.bias)
+    q = (u @ b0.attn.query.weight.T + b0.attn.query.bias).view(3, 4, 2, 4).transpose(1, 2)
+    k = (u @ b0.attn.key.weight.T + b0.attn.key.bias).view(3, 4, 2, 4).transpose(1, 2)
+    scores = (q @ k.transpose(-2, -1) / 2.0).masked_fill(
+        torch.ones(4, 4, dtype=torch.bool).triu(1), float("-inf"))
+    torch.testing.assert_close(cache["blocks.0.attn.hook_q"], q.detach())
+    torch.testing.assert_close(cache["blocks.0.attn.hook_scores"], scores.detach())
+    torch.testing.assert_close(cache["blocks.0.attn.hook_pattern"], scores.softmax(-1).detach())
+    torch.testing.assert_close(cache["blocks.0.hook_resid_post"], cache["blocks.1.hook_resid_pre"])
+    torch.testing.assert_close(cache["blocks.0.hook_resid_mid"],
+                               cache["blocks.0.hook_resid_pre"] + cache["blocks.0.hook_attn_out"])
+    # the model keeps no state: no hooks left, no lens attributes
+    assert all(not m._forward_hooks for m in model.modules())
+    assert not any(hasattr(b.attn, "record") or hasattr(b.attn, "last_attention")
+                   for b in model.blocks)
+
+
+def test_capture_selects_and_removes_hooks_also_on_error():
+    model = _tiny()
+    x = torch.randint(0, 9, (2, 5))
+    with capture(model, "blocks.1.attn.hook_pattern") as cache:
+        model(x)
+        assert model.blocks[1].attn.hook_pattern._forward_hooks
+    assert list(cache) == ["blocks.1.attn.hook_pattern"]
+    with capture(model, lambda n: n.endswith("hook_resid_post")) as cache:
+        model(x[:1])
+        model(x)                                          # the last call is kept
+    assert sorted(cache) == ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
+    assert cache["blocks.0.hook_resid_post"].shape[0] == 2
+    with pytest.raises(RuntimeError, match="boom"):
+        with capture(model) as cache:
+            model(x)
+            raise RuntimeError("boom")
+    assert len(cache) == len(hook_points(model))
+    with pytest.raises(UsageError, match="seq_len"):          # an error inside the forward pass
+        with capture(model):
+            model(torch.randint(0, 9, (2, 7)))
+    assert all(not m._forward_hooks for m in model.modules())
+    with pytest.raises(UsageError, match="no hook point named 'blocks.2.attn.hook_pattern'"):
+        with capture(model, ["blocks.0.attn.hook_pattern", "blocks.2.attn.hook_pattern"]):
+            pass
+    assert all(not m._forward_hooks for m in model.modules())
+    # detach=False keeps the graph: gradients flow to the weights through the cached tensor
+    _, cache = run_with_cache(model, x, names=["blocks.0.attn.hook_pattern"], detach=False)
+    cache["blocks.0.attn.hook_pattern"].sum().backward()
+    assert model.blocks[0].attn.query.weight.grad is not None
+
+
+def test_hook_point_is_identity_under_vmap_and_functional_call():
+    point = HookPoint()
+    x = torch.randn(3, 4)
+    assert point(x) is x
+    model = _tiny().double()
+    x = torch.randint(0, 9, (3, 5))
+    params = {n: p.detach() for n, p in model.named_parameters()}
+
+    def one(p, xi):
+        return functional_call(model, p, (xi.unsqueeze(0),)).squeeze(0)
+
+    batched = torch.func.vmap(one, in_dims=(None, 0))(params, x)
+    torch.testing.assert_close(batched, model(x), rtol=1e-12, atol=1e-12)
+    jac = jacrev(lambda p: functional_call(model, p, (x,)))(params)
+    assert set(jac) == set(params)
+
+
+def test_head_weights_are_the_per_head_blocks_of_the_projections():
+    for sigma_reparam in (False, True):
+        attn = _tiny(sigma_reparam=sigma_reparam).blocks[0].attn
+        wq, wk, wv, wo = attn.head_weights()
+        assert wq.shape == wk.shape == wv.shape == (2, 4, 8) and wo.shape == (2, 8, 4)
+        full = {n: (getattr(attn, n).effective_weight() if sigma_reparam
+                    else getattr(attn, n).weight) for n in ("query", "key", "value", "out")}
+        for h in range(2):
+            rows = slice(4 * h, 4 * h + 4)
+            torch.testing.assert_close(wq[h], full["query"][rows], rtol=0, atol=0)
+            torch.testing.assert_close(wk[h], full["key"][rows], rtol=0, atol=0)
+            torch.testing.assert_close(wv[h], full["value"][rows], rtol=0, atol=0)
+            torch.testing.assert_close(wo[h], full["out"][:, rows], rtol=0, atol=0)

@@ -12,7 +12,8 @@ head, of the updates of the two bilinear forms a head computes:
 (biases left out) where ``W_Q[h]``, ``W_K[h]``, ``W_V[h]`` are the ``d_head`` output rows of head
 ``h`` and ``W_O[:, h]`` the matching ``d_head`` input columns of the output projection. Both are
 ``d_model x d_model`` of rank at most ``d_head``. Their updates ``D = M_t - M_0`` are measured
-like the weights.
+like the weights. The lens reads the per-head matrices from the attention module's
+``head_weights()`` method (see :class:`WeightRank`).
 
 Per matrix, with singular values ``s_1 >= s_2 >= ...`` of ``D``:
 ``delta_norm = ||D||_F``, ``sigma_max = s_1``, the stable rank ``||D||_F^2 / ||D||_2^2``
@@ -20,6 +21,9 @@ Per matrix, with singular values ``s_1 >= s_2 >= ...`` of ``D``:
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -31,31 +35,22 @@ __all__ = ["WeightRank"]
 _KINDS = ("weight", "qk", "vo")
 
 
-def _linear_weight(module: nn.Module) -> Tensor:
-    """The matrix a linear-like module applies (``W_hat`` of a sigma-reparametrized layer)."""
-    if hasattr(module, "effective_weight"):
-        return module.effective_weight()
-    return module.weight
-
-
 def _is_attention(module: nn.Module) -> bool:
-    parts = [getattr(module, n, None) for n in ("query", "key", "value", "out")]
-    return (hasattr(module, "n_heads")
-            and all(isinstance(getattr(p, "weight", None), nn.Parameter) for p in parts))
+    return callable(getattr(module, "head_weights", None))
 
 
-def _head_forms(module: nn.Module) -> list[tuple[Tensor, Tensor]]:
+def _head_forms(name: str, module: nn.Module) -> list[tuple[Tensor, Tensor]]:
     """``[(M_QK^h, M_VO^h) for h]`` of an attention module, float64, detached."""
     with torch.no_grad():
-        wq, wk, wv, wo = (_linear_weight(getattr(module, n)).detach().to(torch.float64)
-                          for n in ("query", "key", "value", "out"))
-    heads = int(module.n_heads)
-    d_head = wq.shape[0] // heads
-    forms = []
-    for h in range(heads):
-        rows = slice(h * d_head, (h + 1) * d_head)
-        forms.append((wq[rows].T @ wk[rows], wo[:, rows] @ wv[rows]))
-    return forms
+        # a method (_is_attention), which nn.Module's attribute type cannot say
+        weights = cast(Callable[[], object], module.head_weights)()
+        if not (isinstance(weights, tuple | list) and len(weights) == 4
+                and all(isinstance(w, Tensor) and w.dim() == 3 for w in weights)):
+            raise UsageError(f"WeightRank: {name or type(module).__name__}.head_weights() must "
+                             f"return four tensors (W_Q, W_K, W_V [heads, d_head, d_model], "
+                             f"W_O [heads, d_model, d_head])")
+        wq, wk, wv, wo = (w.detach().to(torch.float64) for w in weights)
+    return [(wq[h].T @ wk[h], wo[h] @ wv[h]) for h in range(wq.shape[0])]
 
 
 def _row(name: str, kind: str, head: int, d: Tensor, threshold: float) -> dict:
@@ -78,13 +73,11 @@ class WeightRank:
     model
         The network. At construction every 2-D parameter (by its ``named_parameters`` name) is
         copied as ``W_0``, and so are the per-head forms ``M_QK^h``, ``M_VO^h`` of every
-        attention module: a submodule with an ``n_heads`` attribute and ``query``, ``key``,
-        ``value``, ``out`` submodules whose ``weight`` is a parameter (as
-        :class:`telescope.models.transformer.SelfAttention`). Heads split the output rows of
-        ``query``/``key``/``value`` and the input columns of ``out`` into ``n_heads`` contiguous
-        blocks of ``d_head`` (the ``view(N, S, heads, d_head)`` layout). A linear-like module with
-        an ``effective_weight()`` method (:class:`telescope.models.SigmaReparamLinear`)
-        contributes that matrix to the forms.
+        attention module: a submodule with a method ``head_weights()`` that returns the
+        matrices its heads apply, ``(W_Q, W_K, W_V, W_O)`` with ``W_Q[h]``, ``W_K[h]``,
+        ``W_V[h]`` of shape ``[d_head, d_model]`` and ``W_O[h]`` of shape ``[d_model, d_head]``
+        (:meth:`telescope.models.transformer.SelfAttention.head_weights`; give your own
+        attention module this method to have it measured).
     threshold
         Relative cut-off of the numerical rank: singular values ``> threshold * sigma_max``.
 
@@ -100,7 +93,7 @@ class WeightRank:
         self.model, self.threshold = model, float(threshold)
         self._w0 = {n: self._snap(p) for n, p in model.named_parameters() if p.dim() == 2}
         self._attn = [(n, m) for n, m in model.named_modules() if _is_attention(m)]
-        self._forms0 = {n: _head_forms(m) for n, m in self._attn}
+        self._forms0 = {n: _head_forms(n, m) for n, m in self._attn}
 
     @staticmethod
     def _snap(p: Tensor) -> Tensor:
@@ -116,17 +109,18 @@ class WeightRank:
         for mname, module in self._attn:
             prefix = f"{mname}." if mname else ""
             for h, ((qk, vo), (qk0, vo0)) in enumerate(
-                    zip(_head_forms(module), self._forms0[mname], strict=True)):
+                    zip(_head_forms(mname, module), self._forms0[mname], strict=True)):
                 out.append((prefix + "qk", "qk", h, qk.cpu() - qk0.cpu()))
                 out.append((prefix + "vo", "vo", h, vo.cpu() - vo0.cpu()))
         return out
 
-    def measure(self) -> list[dict]:
-        """One row per matrix: ``{"matrix", "kind", "head", "delta_norm", "sigma_max",
-        "stable_rank", "rank"}`` with ``D = W_t - W_0`` (kind ``"weight"``, ``head = -1``) or
-        ``D = M_t - M_0`` per head (kinds ``"qk"``, ``"vo"``, matrix ``"<module>.qk"`` /
-        ``"<module>.vo"``). ``stable_rank = ||D||_F^2 / ||D||_2^2`` and ``rank`` are 0 when
-        ``D = 0``."""
+    def measure(self, state: object = None) -> list[dict]:
+        """One row per matrix (as a :func:`telescope.train.fit` callback, the rows of its
+        table ``"WeightRank"``; ``state`` is unused): ``{"matrix", "kind", "head",
+        "delta_norm", "sigma_max", "stable_rank", "rank"}`` with ``D = W_t - W_0`` (kind
+        ``"weight"``, ``head = -1``) or ``D = M_t - M_0`` per head (kinds ``"qk"``, ``"vo"``,
+        matrix ``"<module>.qk"`` / ``"<module>.vo"``). ``stable_rank = ||D||_F^2 / ||D||_2^2``
+        and ``rank`` are 0 when ``D = 0``."""
         return [_row(name, kind, head, d, self.threshold)
                 for name, kind, head, d in self._deltas()]
 
@@ -155,7 +149,7 @@ class WeightRank:
         if mname not in modules:
             raise KeyError(f"WeightRank: no attention module named {mname!r}; known: "
                            f"{sorted(modules)}")
-        forms, forms0 = _head_forms(modules[mname]), self._forms0[mname]
+        forms, forms0 = _head_forms(mname, modules[mname]), self._forms0[mname]
         if not 0 <= head < len(forms):
             raise IndexError(f"head must be in [0, {len(forms)}), got {head}")
         i = 0 if kind == "qk" else 1

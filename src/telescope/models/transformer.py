@@ -2,8 +2,30 @@
 
 Attention is written out (``softmax(Q K^T / sqrt(d_head) + mask) V``) instead of calling
 ``F.scaled_dot_product_attention``: forward-mode AD works on every backend, the attention
-probabilities are available to lenses, and every parameter lives in an ``nn.Linear``,
+probabilities are there to read, and every parameter lives in an ``nn.Linear``,
 ``nn.Embedding`` or ``nn.LayerNorm``, so the structured NTK engine covers the whole model.
+
+Named hook points (identity :class:`~telescope.models.hooks.HookPoint` modules, in the spirit
+of TransformerLens) mark the activations lenses read with
+:func:`telescope.models.hooks.capture`; the model keeps no lens state. With ``N`` examples,
+``S`` positions, ``H`` heads of size ``d_head`` (layer ``i``):
+
+====================================  ===========================  ==============================
+name                                  shape                        what
+====================================  ===========================  ==============================
+``hook_embed``                        ``[N, S, d_model]``          token (or input) embedding
+``hook_pos_embed``                    ``[N, S, d_model]``          position embedding
+``blocks.i.hook_resid_pre``           ``[N, S, d_model]``          residual stream into block i
+``blocks.i.attn.hook_q/_k/_v``        ``[N, H, S, d_head]``        queries, keys, values
+``blocks.i.attn.hook_scores``         ``[N, H, S_q, S_k]``         ``q k^T / sqrt(d_head)``,
+                                                                   masked keys ``-inf``
+``blocks.i.attn.hook_pattern``        ``[N, H, S_q, S_k]``         attention probabilities
+``blocks.i.attn.hook_z``              ``[N, H, S, d_head]``        ``pattern @ v`` per head
+``blocks.i.hook_attn_out``            ``[N, S, d_model]``          attention sublayer output
+``blocks.i.hook_resid_mid``           ``[N, S, d_model]``          after the attention residual
+``blocks.i.hook_mlp_out``             ``[N, S, d_model]``          MLP sublayer output
+``blocks.i.hook_resid_post``          ``[N, S, d_model]``          residual stream out of block i
+====================================  ===========================  ==============================
 
 With ``sigma_reparam=True`` every linear layer of the attention and MLP sublayers is a
 :class:`~telescope.models.SigmaReparamLinear` (Zhai et al., 2023, "Stabilizing Transformer
@@ -19,6 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from telescope.errors import UsageError
+from telescope.models.hooks import HookPoint
 from telescope.models.sigma_reparam import SigmaReparamLinear
 
 
@@ -26,12 +49,20 @@ def _linear(d_in: int, d_out: int, sigma_reparam: bool) -> nn.Module:
     return SigmaReparamLinear(d_in, d_out) if sigma_reparam else nn.Linear(d_in, d_out)
 
 
+def _applied_weight(module: nn.Module) -> Tensor:
+    """The matrix a linear layer applies (``W_hat`` of a sigma-reparametrized one)."""
+    if isinstance(module, SigmaReparamLinear):
+        return module.effective_weight()
+    return module.weight
+
+
 class SelfAttention(nn.Module):
     """Multi-head self-attention with separate query/key/value/output projections.
 
     Head ``h`` uses the output rows ``h * d_head : (h + 1) * d_head`` of ``query``, ``key`` and
-    ``value`` and the matching input columns of ``out``. With ``record = True`` a forward pass
-    keeps the attention probabilities in ``last_attention`` (``[N, heads, S, S]``, detached).
+    ``value`` and the matching input columns of ``out`` (:meth:`head_weights`). Hook points
+    ``hook_q``, ``hook_k``, ``hook_v``, ``hook_scores``, ``hook_pattern`` and ``hook_z`` (see
+    the module docstring) expose the intermediate tensors.
     """
 
     def __init__(self, d_model: int, n_heads: int, *, causal: bool = True,
@@ -44,8 +75,22 @@ class SelfAttention(nn.Module):
         self.key = _linear(d_model, d_model, sigma_reparam)
         self.value = _linear(d_model, d_model, sigma_reparam)
         self.out = _linear(d_model, d_model, sigma_reparam)
-        self.last_attention: Tensor | None = None  # [N, heads, S, S], kept only if record=True
-        self.record = False
+        self.hook_q, self.hook_k, self.hook_v = HookPoint(), HookPoint(), HookPoint()
+        self.hook_scores, self.hook_pattern, self.hook_z = HookPoint(), HookPoint(), HookPoint()
+
+    def head_weights(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``(W_Q, W_K, W_V, W_O)`` per head: ``W_Q[h]``, ``W_K[h]``, ``W_V[h]`` are
+        ``[d_head, d_model]`` (head ``h``'s output rows of the projection) and ``W_O[h]`` is
+        ``[d_model, d_head]`` (its input columns of ``out``), so head ``h`` computes
+        ``scores = x W_Q[h]^T (x W_K[h]^T)^T / sqrt(d_head)`` and adds
+        ``pattern (x W_V[h]^T) W_O[h]^T`` to the output (biases aside). The matrices the layers
+        apply (``W_hat`` of a :class:`~telescope.models.SigmaReparamLinear`), differentiable.
+        :class:`telescope.lens.WeightRank` reads attention through this method."""
+        h, d = self.n_heads, self.d_head
+        wq, wk, wv, wo = (_applied_weight(m) for m in (self.query, self.key, self.value,
+                                                        self.out))
+        return (wq.reshape(h, d, -1), wk.reshape(h, d, -1), wv.reshape(h, d, -1),
+                wo.reshape(-1, h, d).transpose(0, 1))
 
     def forward(self, x: Tensor) -> Tensor:
         n, s, d = x.shape
@@ -53,20 +98,22 @@ class SelfAttention(nn.Module):
         def heads(t: Tensor) -> Tensor:
             return t.view(n, s, self.n_heads, self.d_head).transpose(1, 2)
 
-        q, k, v = heads(self.query(x)), heads(self.key(x)), heads(self.value(x))
+        q = self.hook_q(heads(self.query(x)))
+        k = self.hook_k(heads(self.key(x)))
+        v = self.hook_v(heads(self.value(x)))
         scores = q @ k.transpose(-2, -1) / math.sqrt(self.d_head)
         if self.causal:
             mask = torch.ones(s, s, dtype=torch.bool, device=x.device).triu(1)
             scores = scores.masked_fill(mask, float("-inf"))
-        attn = scores.softmax(dim=-1)
-        if self.record:
-            self.last_attention = attn.detach()
-        y = (attn @ v).transpose(1, 2).reshape(n, s, d)
+        attn = self.hook_pattern(self.hook_scores(scores).softmax(dim=-1))
+        y = self.hook_z(attn @ v).transpose(1, 2).reshape(n, s, d)
         return self.out(y)
 
 
 class Block(nn.Module):
-    """Pre-LN residual block: ``x + attn(ln1(x))`` then ``x + mlp(ln2(x))``."""
+    """Pre-LN residual block: ``x + attn(ln1(x))`` then ``x + mlp(ln2(x))``, with hook points
+    ``hook_resid_pre``, ``hook_attn_out``, ``hook_resid_mid``, ``hook_mlp_out`` and
+    ``hook_resid_post``."""
 
     def __init__(self, d_model: int, n_heads: int, mlp_ratio: int = 4, *,
                  causal: bool = True, sigma_reparam: bool = False) -> None:
@@ -76,10 +123,14 @@ class Block(nn.Module):
         self.ln2 = nn.LayerNorm(d_model)
         self.mlp = nn.Sequential(_linear(d_model, mlp_ratio * d_model, sigma_reparam), nn.GELU(),
                                  _linear(mlp_ratio * d_model, d_model, sigma_reparam))
+        self.hook_resid_pre, self.hook_attn_out = HookPoint(), HookPoint()
+        self.hook_resid_mid, self.hook_mlp_out = HookPoint(), HookPoint()
+        self.hook_resid_post = HookPoint()
 
     def forward(self, x: Tensor) -> Tensor:
-        x = x + self.attn(self.ln1(x))
-        return x + self.mlp(self.ln2(x))
+        x = self.hook_resid_pre(x)
+        x = self.hook_resid_mid(x + self.hook_attn_out(self.attn(self.ln1(x))))
+        return self.hook_resid_post(x + self.hook_mlp_out(self.mlp(self.ln2(x))))
 
 
 class TinyTransformer(nn.Module):
@@ -134,6 +185,7 @@ class TinyTransformer(nn.Module):
             for _ in range(n_layers))
         self.ln_f = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, vocab if out_features is None else out_features)
+        self.hook_embed, self.hook_pos_embed = HookPoint(), HookPoint()
         if alpha != 1.0:
             with torch.no_grad():
                 for module in self.modules():
@@ -157,7 +209,8 @@ class TinyTransformer(nn.Module):
             raise UsageError(f"sequence length {s} exceeds the model's seq_len {self.seq_len}")
         # positions expanded per example, so every module sees a batch dimension
         pos = torch.arange(s, device=tokens.device).expand(n, s)
-        x = self.token_embedding(tokens) + self.position_embedding(pos)
+        x = self.hook_embed(self.token_embedding(tokens)) + self.hook_pos_embed(
+            self.position_embedding(pos))
         for block in self.blocks:
             x = block(x)
         x = self.ln_f(x)
