@@ -383,6 +383,32 @@ def test_make_config_errors(overrides, message):
         make_config(CFG_STUDY, "quick", overrides)
 
 
+@dataclass
+class NeedsValue:
+    n: int
+    seeds: int = 1
+    seed: int = 0
+
+
+def test_config_json_format_and_fields_without_default():
+    # config.json keeps its format (existing run directories resume): pinned
+    c = make_config(CFG_STUDY, "quick", {"data.path": "/d", "max_time": "2.5", "pair": "2,1e-3"})
+    assert json.dumps(config_to_dict(c)) == (
+        '{"data": {"name": "digits", "path": "/d", "classes": [0, 1]}, "widths": [4, 8], '
+        '"lrs": [0.1], "pair": [2, 0.001], "lr": 0.1, "steps": 10, "label_noise": false, '
+        '"optimizer": "sgd", "max_time": 2.5, "seeds": 1, "seed": 0}')
+    with pytest.raises(ValueError, match=r"config key 'widths': expected an integer, got 'x'"):
+        config_from_dict(Cfg, {**config_to_dict(c), "widths": [1, "x"]})
+
+    study = Study(name="needs-value", description="", config_cls=NeedsValue, presets={},
+                  points=lambda c: [], run_point=lambda c, p, pr: [],
+                  figures=lambda df, c, d: [], headline=lambda df, c: {}, guide="")
+    with pytest.raises(ValueError, match=r"cannot build NeedsValue: n: .*every config field "
+                                         r"needs a default"):
+        make_config(study, None, {})
+    assert make_config(study, None, {"n": "0x10"}).n == 16
+
+
 def test_cli_config_errors(tmp_path, capsys):
     for argv, message in [
         (["--set", "ridges"], "--set expects key=value, got 'ridges'"),

@@ -13,9 +13,11 @@ Configs are built in three layers, each overriding the previous one:
 3. the ``--set key=value`` overrides: strings parsed by the type annotation of the field they
    set (:func:`parse_value`).
 
-Values are checked against the annotations (``int``, ``float``, ``bool``, ``str``, ``Path``,
-``X | None``, ``Literal[...]``, ``tuple[X, ...]``, ``tuple[X, Y]``, ``list[X]``, ``dict``,
-nested dataclasses); unknown keys raise a :class:`ValueError` that lists the valid ones.
+Values are converted and checked against the annotations (``int``, ``float``, ``bool``,
+``str``, ``Path``, ``X | None``, ``Literal[...]``, ``tuple[X, ...]``, ``tuple[X, Y]``,
+``list[X]``, ``dict``, nested dataclasses) by pydantic, which also builds the nested
+dataclasses (running their ``__post_init__``); unknown keys raise a :class:`ValueError` that
+lists the valid ones.
 
 Every value given by a preset or ``--set`` is then checked generically, before the config
 class's own ``__post_init__`` (:func:`check_generic`): no NaN, no infinity unless the field's
@@ -27,8 +29,10 @@ combinations), with :func:`check_range` for one-line messages that name the key.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
+import functools
 import json
 import math
 import types
@@ -38,16 +42,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pydantic
 import torch
 
 from telescope.errors import UsageError
-from telescope.runs.plan import MAX_POINTS
 from telescope.train.progress import Progress
 
 __all__ = ["Study", "Progress", "REGISTRY", "register", "get_study", "list_studies",
            "make_config", "config_from_dict", "config_to_dict", "config_keys", "flatten_config",
            "parse_value", "parse_overrides", "resolve_device", "evenly_spaced_steps",
            "check_generic", "check_range", "check_device", "MAX_POINTS"]
+
+MAX_POINTS = 100_000
+"""The most points a sweep may have (a typo such as ``seeds=100000000`` is refused): checked
+on ``seeds`` here and on the whole sweep by :func:`telescope.runs.plan_sweep`."""
 
 
 @dataclass(frozen=True)
@@ -231,39 +239,24 @@ def _is_dataclass_type(tp: Any) -> bool:
     return isinstance(tp, type) and dataclasses.is_dataclass(tp)
 
 
-def config_keys(config_cls: type, prefix: str = "") -> dict[str, Any]:
-    """Every settable key of ``config_cls`` (dotted for nested dataclasses) -> its type."""
-    out: dict[str, Any] = {}
+def _fields(config_cls: type, prefix: str = "") -> dict[str, tuple[Any, dataclasses.Field]]:
+    """Every key of ``config_cls``, dotted into nested dataclasses (the groups themselves
+    included) -> its (type, field)."""
+    out: dict[str, tuple[Any, dataclasses.Field]] = {}
     hints = _hints(config_cls)
     for f in dataclasses.fields(config_cls):
-        if not f.init:
-            continue
-        tp = hints.get(f.name, Any)
-        key = prefix + f.name
-        if _is_dataclass_type(tp):
-            out.update(config_keys(tp, key + "."))
-        else:
-            out[key] = tp
+        if f.init:
+            key, tp = prefix + f.name, hints.get(f.name, Any)
+            out[key] = (tp, f)
+            if _is_dataclass_type(tp):
+                out.update(_fields(tp, key + "."))
     return out
 
 
-def _field_type(config_cls: type, key: str, study_name: str = "") -> Any:
-    """The annotation of the (dotted) ``key``; a ValueError listing the valid keys otherwise."""
-    cls: Any = config_cls
-    parts = key.split(".")
-    for i, part in enumerate(parts):
-        hints = _hints(cls)
-        fields = {f.name for f in dataclasses.fields(cls) if f.init}
-        if part not in fields:
-            _unknown_key(config_cls, key, study_name)
-        tp = hints.get(part, Any)
-        if i < len(parts) - 1:
-            if not _is_dataclass_type(tp):
-                _unknown_key(config_cls, key, study_name)
-            cls = tp
-        else:
-            return tp
-    raise AssertionError("unreachable")  # pragma: no cover
+def config_keys(config_cls: type, prefix: str = "") -> dict[str, Any]:
+    """Every settable key of ``config_cls`` (dotted for nested dataclasses) -> its type."""
+    return {key: tp for key, (tp, _) in _fields(config_cls, prefix).items()
+            if not _is_dataclass_type(tp)}
 
 
 def _unknown_key(config_cls: type, key: str, study_name: str) -> typing.NoReturn:
@@ -280,11 +273,38 @@ def _type_name(tp: Any) -> str:
     return str(tp).replace("typing.", "")
 
 
-# --------------------------------------------------------------------------- parsing strings
+# --------------------------------------------------------------------------- converting values
 
-_TRUE = {"true", "yes", "on", "1", "y", "t"}
-_FALSE = {"false", "no", "off", "0", "n", "f"}
 _NONE = {"none", "null", "~"}
+_EXPECTED = {"int": "an integer", "finite": "an integer", "float": "a number",   # by error type
+             "string": "a string", "bool": "a boolean (true/false, yes/no, 1/0)"}
+
+
+@functools.cache
+def _adapter(tp: Any) -> pydantic.TypeAdapter:
+    return pydantic.TypeAdapter(tp)
+
+
+def _convert(value: Any, tp: Any) -> Any:
+    """``value`` as a value of the annotation ``tp``, by pydantic's lax rules (JSON lists ->
+    tuples, ints -> floats, ``"3"`` -> 3, ``"yes"`` -> True, dicts -> nested dataclasses);
+    a :class:`~telescope.errors.UsageError` ``"expected ..., got ..."`` otherwise."""
+    try:
+        return _adapter(tp).validate_python(value)
+    except pydantic.ValidationError as err:
+        error = err.errors()[0]
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        want = _type_name(tp)
+    elif origin is tuple and Ellipsis not in args and error["type"] in ("missing", "too_long"):
+        want = f"{len(args)} values ({_type_name(tp)})"
+    elif error["type"] == "dataclass_type":
+        want = f"the settings of {_type_name(tp)} (a dict)"
+    elif error["type"] == "literal_error":  # ctx: "'sgd' or 'adamw'"
+        want = "one of " + error["ctx"]["expected"].replace(" or ", ", ")
+    else:
+        want = _EXPECTED.get(error["type"].partition("_")[0], _type_name(tp))
+    raise UsageError(f"expected {want}, got {error['input']!r}")
 
 
 def _split_items(text: str) -> list[str]:
@@ -309,65 +329,43 @@ def parse_value(text: str, tp: Any) -> Any:
     - ``bool``: ``true/false``, ``yes/no``, ``on/off``, ``1/0``;
     - ``int``: ``12``, ``1_000``, ``1e3`` (when integral), ``0x10``; ``float``: ``1e-3``, ``inf``;
     - ``X | None``: ``none`` or ``null`` -> ``None``, else parsed as ``X``;
-    - ``Literal["a", "b"]``: one of the choices;
+    - ``Literal["a", "b"]``: one of the choices (in any case);
     - ``tuple[X, ...]``, ``list[X]``, ``tuple[X, Y]``: ``8,16,32`` or ``[8, 16, 32]`` (JSON
       too); ``""`` or ``[]`` is empty;
-    - ``dict``: JSON; ``str``/``Path``: the text as is; untyped (``Any``): JSON if it parses,
-      else the text.
+    - ``dict``: JSON; ``str``/``Path``: the text as is (``~`` expanded); untyped (``Any``):
+      JSON if it parses, else the text.
 
-    Raises ValueError with the expected type when ``text`` does not fit.
+    :func:`_cli_spelling` reads what pydantic does not; pydantic converts and checks the rest.
+    Raises :class:`~telescope.errors.UsageError` with the expected type when ``text`` does
+    not fit.
     """
-    if not isinstance(text, str):
-        return coerce_value(text, tp)
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    s = text.strip()
+    return _convert(_cli_spelling(text, tp) if isinstance(text, str) else text, tp)
 
-    if tp is Any or tp is object:
-        try:
-            return json.loads(s)
-        except json.JSONDecodeError:
-            return text
-    if origin in (typing.Union, types.UnionType):
-        options = [a for a in args if a is not type(None)]
-        if type(None) in args and s.lower() in _NONE:
-            return None
-        for option in options:
-            try:
-                return parse_value(text, option)
-            except (ValueError, TypeError):
-                continue
-        raise UsageError(f"expected {_type_name(tp)}, got {text!r}")
-    if origin is typing.Literal:
-        for choice in args:
-            if str(choice) == s or (isinstance(choice, str) and choice.lower() == s.lower()):
-                return choice
-        raise UsageError(f"expected one of {', '.join(map(repr, args))}, got {text!r}")
-    if tp is bool:
-        if s.lower() in _TRUE:
-            return True
-        if s.lower() in _FALSE:
-            return False
-        raise UsageError(f"expected a boolean (true/false, yes/no, 1/0), got {text!r}")
-    if tp is int:
-        try:
-            return int(s.replace("_", ""), 0)
-        except ValueError:
-            pass
-        try:
-            value = float(s)
-        except ValueError:
-            raise UsageError(f"expected an integer, got {text!r}") from None
-        if value.is_integer():
-            return int(value)
-        raise UsageError(f"expected an integer, got {text!r}")
-    if tp is float:
-        try:
-            return float(s.replace("_", ""))
-        except ValueError:
-            raise UsageError(f"expected a number, got {text!r}") from None
+
+def _cli_spelling(text: str, tp: Any) -> Any:
+    """``text`` with the command-line spellings of :func:`parse_value` that pydantic does not
+    read itself turned into Python values; the rest is left to pydantic."""
+    origin, args, s = typing.get_origin(tp), typing.get_args(tp), text.strip()
     if tp is str:
         return text
+    if origin in (typing.Union, types.UnionType):
+        if type(None) in args and s.lower() in _NONE:
+            return None
+        for option in (a for a in args if a is not type(None)):
+            with contextlib.suppress(UsageError):
+                return parse_value(text, option)
+        return text
+    if origin is typing.Literal:
+        return next((c for c in args if str(c).lower() == s.lower()), text)
+    if tp is int:
+        with contextlib.suppress(ValueError):
+            return int(s.replace("_", ""), 0)       # 12, 1_000, 0x10
+        with contextlib.suppress(ValueError):
+            if float(s).is_integer():               # 1e3
+                return int(float(s))
+        return text
+    if tp in (bool, float):
+        return s
     if isinstance(tp, type) and issubclass(tp, Path):
         return Path(s).expanduser()
     if _is_dataclass_type(tp):
@@ -375,146 +373,44 @@ def parse_value(text: str, tp: Any) -> Any:
                          f"(e.g. key.{dataclasses.fields(tp)[0].name}=...)")
     if origin in (tuple, list, set, frozenset) or tp in (tuple, list):
         if s.startswith("["):
-            try:
-                return coerce_value(json.loads(s), tp)
-            except json.JSONDecodeError:
-                pass
+            with contextlib.suppress(json.JSONDecodeError):
+                return json.loads(s)
         items = _split_items(s)
-        if origin is tuple and args and not (len(args) == 2 and args[1] is Ellipsis):
+        if origin is tuple and args and args[-1] is not Ellipsis:
             if len(items) != len(args):
                 raise UsageError(f"expected {len(args)} comma-separated values "
                                  f"({_type_name(tp)}), got {text!r}")
-            return tuple(parse_value(item, a) for item, a in zip(items, args, strict=True))
-        elem = args[0] if args else Any
-        values = [parse_value(item, elem) for item in items]
-        return (origin or tp)(values)
-    if origin is dict or tp is dict:
-        try:
-            value = json.loads(s)
-        except json.JSONDecodeError:
-            raise UsageError(f"expected a JSON object, got {text!r}") from None
-        return coerce_value(value, tp)
-    # any other annotation: JSON if it parses, then checked
+            return [_cli_spelling(item, a) for item, a in zip(items, args, strict=True)]
+        return [_cli_spelling(item, args[0] if args else Any) for item in items]
     try:
-        value = json.loads(s)
+        return json.loads(s)                        # dict, untyped: JSON if it parses
     except json.JSONDecodeError:
-        value = text
-    return coerce_value(value, tp)
-
-
-def coerce_value(value: Any, tp: Any) -> Any:
-    """Check a Python value (a preset's, or one read back from JSON) against ``tp``; convert
-    JSON's lists to tuples, ints to floats and strings to paths where the annotation says so.
-    Strings for non-string fields are parsed with :func:`parse_value`."""
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if tp is Any or tp is object:
-        return value
-    if isinstance(value, str) and tp is not str and not (
-            isinstance(tp, type) and issubclass(tp, Path)) and origin is not typing.Literal:
-        if origin in (typing.Union, types.UnionType) and str in args:
-            return value
-        return parse_value(value, tp)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        for option in (a for a in args if a is not type(None)):
-            try:
-                return coerce_value(value, option)
-            except (ValueError, TypeError):
-                continue
-        raise UsageError(f"expected {_type_name(tp)}, got {value!r}")
-    if origin is typing.Literal:
-        if value in args:
-            return value
-        raise UsageError(f"expected one of {', '.join(map(repr, args))}, got {value!r}")
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise UsageError(f"expected a boolean, got {value!r}")
-    if tp is int:
-        if isinstance(value, bool):
-            raise UsageError(f"expected an integer, got {value!r}")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise UsageError(f"expected an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise UsageError(f"expected a number, got {value!r}")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise UsageError(f"expected a string, got {value!r}")
-    if isinstance(tp, type) and issubclass(tp, Path):
-        if isinstance(value, (str, Path)):
-            return Path(value)
-        raise UsageError(f"expected a path, got {value!r}")
-    if _is_dataclass_type(tp):
-        if isinstance(value, tp):
-            return value
-        if isinstance(value, Mapping):
-            return _build(tp, _nest(tp, dict(value), ""), "")
-        raise UsageError(f"expected the settings of {tp.__name__} (a dict), got {value!r}")
-    if origin in (tuple, list, set, frozenset) or tp in (tuple, list):
-        if not isinstance(value, (list, tuple, set, frozenset)):
-            raise UsageError(f"expected {_type_name(tp)}, got {value!r}")
-        items = list(value)
-        if origin is tuple and args and not (len(args) == 2 and args[1] is Ellipsis):
-            if len(items) != len(args):
-                raise UsageError(f"expected {len(args)} values ({_type_name(tp)}), got {value!r}")
-            return tuple(coerce_value(v, a) for v, a in zip(items, args, strict=True))
-        elem = args[0] if args else Any
-        return (origin or tp)(coerce_value(v, elem) for v in items)
-    if origin is dict or tp is dict:
-        if not isinstance(value, Mapping):
-            raise UsageError(f"expected a dict, got {value!r}")
-        if len(args) == 2:
-            return {coerce_value(k, args[0]): coerce_value(v, args[1]) for k, v in value.items()}
-        return dict(value)
-    if isinstance(tp, type) and not isinstance(value, tp):
-        try:
-            return tp(value)
-        except Exception as err:
-            raise UsageError(f"expected {_type_name(tp)}, got {value!r}") from err
-    return value
+        return text
 
 
 # --------------------------------------------------------------------------- building configs
 
 
-def _nest(config_cls: type, flat: dict[str, Any], study_name: str) -> dict[str, Any]:
-    """Dotted keys -> a nested dict, values coerced to their fields' types."""
-    nested: dict[str, Any] = {}
-    for key, value in flat.items():
-        tp = _field_type(config_cls, key, study_name)
-        if _is_dataclass_type(tp) and isinstance(value, Mapping):
-            # a whole group given as a dict ({"data": {"name": ...}}): its keys are dotted below
-            sub = {f"{key}.{k}": v for k, v in value.items()}
-            _merge(nested, _nest(config_cls, sub, study_name))
-            continue
-        try:
-            coerced = coerce_value(value, tp)
-        except (ValueError, TypeError) as err:
-            raise UsageError(f"config key {key!r}: {err}") from None
-        _set_path(nested, key.split("."), coerced)
-    return nested
+def _flatten(config_cls: type, data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``data`` with dotted keys, nested dataclasses given as dicts included
+    (``{"data": {"name": "digits"}}`` -> ``{"data.name": "digits"}``)."""
+    fields = _fields(config_cls)
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        key = prefix + key
+        if isinstance(value, Mapping) and key in fields and _is_dataclass_type(fields[key][0]):
+            out.update(_flatten(config_cls, value, key + "."))
+        else:
+            out[key] = value
+    return out
 
 
 def _set_path(nested: dict, parts: list[str], value: Any) -> None:
     for part in parts[:-1]:
-        nested = nested.setdefault(part, {})
+        if not isinstance(nested.get(part), dict):
+            nested[part] = {}
+        nested = nested[part]
     nested[parts[-1]] = value
-
-
-def _merge(into: dict, other: dict) -> None:
-    for k, v in other.items():
-        if isinstance(v, dict) and isinstance(into.get(k), dict):
-            _merge(into[k], v)
-        else:
-            into[k] = v
 
 
 def _numbers(value: Any) -> list[int | float]:
@@ -625,37 +521,47 @@ def check_range(key: str, value: Any, low: float | None = None, high: float | No
             raise UsageError(f"{what} must be {want}, got {got}")
 
 
-def _build(cls: type, values: dict[str, Any], study_name: str, prefix: str = "",
-           checks: list | None = None) -> Any:
-    """``cls(**values)``, nested dataclasses built from their dicts, every given value checked
-    by :func:`check_generic`: its ``finite`` part before the classes' ``__post_init__``, its
-    ``signs`` part after the outermost one (``checks`` collects them for nested calls)."""
-    outermost = checks is None
-    checks = [] if checks is None else checks
-    hints = _hints(cls)
-    kwargs: dict[str, Any] = {}
-    for f in dataclasses.fields(cls):
-        if not f.init or f.name not in values:
-            continue
-        tp = hints.get(f.name, Any)
-        value = values[f.name]
-        if _is_dataclass_type(tp) and isinstance(value, dict):
-            value = _build(tp, value, study_name, f"{prefix}{f.name}.", checks)
-        elif not dataclasses.is_dataclass(value):
-            checks.append((prefix + f.name, value, _default(f), f.metadata))
+def _build(config_cls: type, flat: Mapping[str, Any], study_name: str,
+           cli: Mapping[str, str] | None = None) -> Any:
+    """The config from dotted keys -> values (``cli``: the ``--set`` strings, which win): every
+    value converted to its field's type (strings as :func:`parse_value` reads them) and given
+    the ``finite`` part of :func:`check_generic`, the nested dataclasses built by pydantic
+    (which runs their ``__post_init__``), then every value given the ``signs`` part."""
+    fields = _fields(config_cls)
+    nested: dict[str, Any] = {}
+    checks = []
+    for key, value in {**flat, **(cli or {})}.items():
+        if key not in fields:
+            _unknown_key(config_cls, key, study_name)
+        tp, f = fields[key]
+        try:
+            value = parse_value(value, tp)
+        except UsageError as err:
+            where = f"--set {key}={value}" if key in (cli or {}) else f"config key {key!r}"
+            raise UsageError(f"{where}: {err}") from None
+        if not dataclasses.is_dataclass(value):
+            checks.append((key, value, _default(f), f.metadata))
             check_generic(*checks[-1], signs=False)
-        kwargs[f.name] = value
-    try:
-        config = cls(**kwargs)
-    except UsageError:
-        raise                   # the class's own validation: its message is the message
-    except TypeError as err:
-        raise UsageError(f"cannot build {cls.__name__}: {err} (every config field needs a "
-                         f"default, or a value in the preset)") from None
-    if outermost:
-        for args in checks:
-            check_generic(*args, finite=False)
+        _set_path(nested, key.split("."), value)
+    config = _construct(config_cls, nested)
+    for args in checks:
+        check_generic(*args, finite=False)
     return config
+
+
+def _construct(config_cls: type, nested: dict[str, Any]) -> Any:
+    """``config_cls`` built by pydantic from the nested dict of converted values (running every
+    dataclass's ``__post_init__``); what a ``__post_init__`` raises comes out as it was raised."""
+    try:
+        return _adapter(config_cls).validate_python(nested)
+    except pydantic.ValidationError as err:
+        error = err.errors()[0]
+    cause = error.get("ctx", {}).get("error")
+    if isinstance(cause, BaseException):
+        raise cause                      # the class's own validation: its message is the message
+    where = ".".join(map(str, error["loc"]))
+    raise UsageError(f"cannot build {config_cls.__name__}: {where}: {error['msg']} (every config "
+                     f"field needs a default, or a value in the preset)")
 
 
 def parse_overrides(pairs: list[str] | None) -> dict[str, str]:
@@ -687,45 +593,23 @@ def make_config(study: Study, preset: str | None, overrides: Mapping[str, Any] |
         For an unknown preset or key (listing the valid ones), a value that does not fit its
         field's type, or the config class's own validation.
     """
-    values: dict[str, Any] = {}
+    flat: dict[str, Any] = {}
     if preset is not None:
         if preset not in study.presets:
             raise UsageError(f"unknown preset {preset!r} for study {study.name!r}; presets: "
                              f"{', '.join(study.presets) or '(none)'}")
-        _merge(values, _nest(study.config_cls, dict(study.presets[preset]), study.name))
-    flat: dict[str, Any] = {}
-    for key, raw in (overrides or {}).items():
-        tp = _field_type(study.config_cls, key, study.name)
-        if isinstance(raw, str):
-            try:
-                flat[key] = parse_value(raw, tp)
-            except (ValueError, TypeError) as err:
-                raise UsageError(f"--set {key}={raw}: {err}") from None
-        else:
-            flat[key] = raw
-    _merge(values, _nest(study.config_cls, flat, study.name))
-    config = _build(study.config_cls, values, study.name)
+        flat = _flatten(study.config_cls, study.presets[preset])
+    overrides = dict(overrides or {})
+    cli = {k: v for k, v in overrides.items() if isinstance(v, str)}
+    flat.update(_flatten(study.config_cls, {k: v for k, v in overrides.items() if k not in cli}))
+    config = _build(study.config_cls, flat, study.name, cli)
     check_generic("seeds", getattr(config, "seeds", None))
     return config
 
 
-def _jsonable(value: Any) -> Any:
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple, set, frozenset)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    return str(value)
-
-
 def config_to_dict(config: Any) -> dict[str, Any]:
     """The config as a JSON-ready nested dict (tuples -> lists, paths -> strings)."""
-    return _jsonable(config)
+    return json.loads(json.dumps(dataclasses.asdict(config), default=str))
 
 
 def config_from_dict(config_cls: type, data: Mapping[str, Any], *, strict: bool = True):
@@ -734,25 +618,11 @@ def config_from_dict(config_cls: type, data: Mapping[str, Any], *, strict: bool 
     With ``strict=False`` keys the class no longer has are dropped (a saved run read by newer
     code); missing keys take their defaults either way.
     """
-    flat = _flatten_by_class(config_cls, data, "")
+    flat = _flatten(config_cls, data)
     if not strict:
         valid = config_keys(config_cls)
         flat = {k: v for k, v in flat.items() if k in valid}
-    return _build(config_cls, _nest(config_cls, flat, ""), "")
-
-
-def _flatten_by_class(cls: type, data: Mapping[str, Any], prefix: str) -> dict[str, Any]:
-    """Dotted keys for the nested dataclasses of ``cls`` only (dict-typed fields stay whole)."""
-    hints = _hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        tp = hints.get(key) if key in names else None
-        if tp is not None and _is_dataclass_type(tp) and isinstance(value, Mapping):
-            out.update(_flatten_by_class(tp, value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
+    return _build(config_cls, flat, "")
 
 
 def flatten_config(config: Any, prefix: str = "") -> dict[str, Any]:
