@@ -41,10 +41,12 @@ them from :func:`replay_inbag_masks`, which replays scikit-learn's random draws 
 fitted with an integer ``random_state`` (this relies on scikit-learn internals; the leaf-value
 check of :func:`boosting_smoother` tells if the replay is wrong).
 
-Summaries follow :class:`telescope.Smoother`: the kernel weight norm of a point is
-``||S(x)||_2``, the effective parameters of a set ``I`` are ``p(I) = n / |I| sum_{j in I}
-||S(x_j)||^2``, and the normalized maximum kernel weight norm of a set is its largest norm
-divided by the largest over the training set.
+Summaries follow :class:`telescope.Smoother` through :mod:`telescope.kernels.smoothing`
+(re-exported here: :func:`kernel_weight_norms`, :func:`effective_parameters`,
+:func:`max_kernel_weight_norm`): the kernel weight norm of a point is ``||S(x)||_2``, the
+effective parameters of a set ``I`` are ``p(I) = n / |I| sum_{j in I} ||S(x_j)||^2``, and the
+normalized maximum kernel weight norm of a set is its largest norm divided by the largest over
+the training set.
 """
 
 from __future__ import annotations
@@ -54,6 +56,11 @@ from collections.abc import Sequence
 import numpy as np
 
 from telescope.errors import UsageError
+from telescope.kernels.smoothing import (  # re-exported: one formula for every smoother
+    effective_parameters,
+    kernel_weight_norms,
+    max_kernel_weight_norm,
+)
 
 __all__ = ["boosting_smoother", "replay_inbag_masks", "kernel_weight_norms", "effective_parameters",
            "max_kernel_weight_norm"]
@@ -198,26 +205,3 @@ def replay_inbag_masks(model, n: int) -> np.ndarray:
         masks[m] = np.asarray(_random_sample_mask(n, n_inbag, rng), dtype=bool)
         rng.randint(0, 2147483647)  # the splitter's seed of this round's tree (RAND_R_MAX)
     return masks
-
-
-def kernel_weight_norms(s: np.ndarray) -> np.ndarray:
-    """``||S(x)||_2`` of every row of a smoother matrix ``[m, n]`` (as ``telescope.Smoother``)."""
-    return np.linalg.norm(np.asarray(s, dtype=np.float64), axis=1)
-
-
-def effective_parameters(s: np.ndarray) -> float:
-    """``p(I) = n / |I| sum_j ||S(x_j)||^2`` for the rows ``S(x_j)`` of ``s`` (``[|I|, n]``)."""
-    s = np.asarray(s, dtype=np.float64)
-    return float(s.shape[1] * (kernel_weight_norms(s) ** 2).mean())
-
-
-def max_kernel_weight_norm(s: np.ndarray, s_train: np.ndarray | None = None, *,
-                           normalize: bool = True) -> float:
-    """Largest kernel weight norm over the rows of ``s``, divided by the largest over the training
-    rows ``s_train`` when ``normalize`` (the definition of :class:`telescope.Smoother`)."""
-    top = float(kernel_weight_norms(s).max())
-    if not normalize:
-        return top
-    if s_train is None:
-        raise UsageError("normalize=True needs s_train, the smoother on the training points")
-    return top / float(kernel_weight_norms(s_train).max())
