@@ -1,5 +1,10 @@
 """Kernels: empirical NTK (jacobian / vector / structured), its per-layer plan and rules,
-low-rank NTK, infinite-width kernels, kernel regression and kernel metrics."""
+low-rank NTK, infinite-width kernels, kernel regression, kernel smoothers (smoother weights,
+effective parameters, kernel weight norms) and kernel metrics.
+
+:mod:`telescope.kernels.functional` holds the plumbing the layers above may use (a model as a
+function of its parameters, the checks at the door, per-example Jacobians); the modules whose
+names start with ``_`` are private to ``kernels``."""
 
 from telescope.kernels.empirical import ntk
 from telescope.kernels.infinite import infinite_ntk
@@ -13,6 +18,13 @@ from telescope.kernels.metrics import (
 )
 from telescope.kernels.regression import kernel_regression
 from telescope.kernels.rules import AffineRule, LinearRule, register_rule
+from telescope.kernels.smoothing import (
+    absolute_ridge,
+    effective_parameters,
+    kernel_weight_norms,
+    max_kernel_weight_norm,
+    smoother_weights,
+)
 from telescope.kernels.structured import explain
 
 __all__ = [
@@ -24,6 +36,11 @@ __all__ = [
     "lowrank_ntk",
     "infinite_ntk",
     "kernel_regression",
+    "smoother_weights",
+    "absolute_ridge",
+    "effective_parameters",
+    "kernel_weight_norms",
+    "max_kernel_weight_norm",
     "alignment",
     "kernel_distance",
     "kernel_target_alignment",

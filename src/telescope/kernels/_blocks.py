@@ -9,6 +9,7 @@ import math
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import overload
 
 import numpy as np
 import torch
@@ -61,8 +62,21 @@ def _round_up_gb(nbytes: int) -> float:
     return math.ceil(gb / scale) * scale
 
 
+BlockKernel = Callable[[Tensor, Tensor | None, object, object], tuple[Tensor, object, object]]
+"""``block_kernel(xa, xb, cache_a, cache_b) -> (block, cache_a, cache_b)``, as
+:func:`blocked_kernel` calls it."""
+
+
+@overload
+def blocked_kernel(block_kernel: BlockKernel, x1: Tensor, x2: Tensor | None, block_size: int,
+                   output: str, n_out: int, dtype: torch.dtype, progress: bool,
+                   sink: None = None) -> Tensor: ...
+@overload
+def blocked_kernel(block_kernel: BlockKernel, x1: Tensor, x2: Tensor | None, block_size: int,
+                   output: str, n_out: int, dtype: torch.dtype, progress: bool,
+                   sink: KernelFile) -> np.ndarray: ...
 def blocked_kernel(
-    block_kernel: Callable[[Tensor, Tensor | None, object, object], tuple[Tensor, object, object]],
+    block_kernel: BlockKernel,
     x1: Tensor,
     x2: Tensor | None,
     block_size: int,
@@ -81,7 +95,7 @@ def blocked_kernel(
     are skipped (a resumed computation), and the file's memory-mapped array is returned.
     """
     symmetric = x2 is None
-    xb_all = x1 if symmetric else x2
+    xb_all = x1 if x2 is None else x2
     n1, n2 = x1.shape[0], xb_all.shape[0]
     if sink is None and n1 <= block_size and n2 <= block_size:  # one block: no assembly copy
         return block_kernel(x1, None if symmetric else x2, None, None)[0]
@@ -104,12 +118,16 @@ def blocked_kernel(
         if sink is not None:
             sink.write(a, b, block, mirror)
         else:
+            assert out is not None  # no sink: assembled in memory
             out[a:a + xa.shape[0], b:b + xb.shape[0]] = block
             if mirror is not None:
                 out[b:b + xb.shape[0], a:a + xa.shape[0]] = mirror
         bar.update()
     bar.close()
-    return sink.result() if sink is not None else out
+    if sink is not None:
+        return sink.result()
+    assert out is not None  # no sink: assembled in memory
+    return out
 
 
 class KernelFile:
@@ -227,6 +245,7 @@ def contract(j1: Tensor, j2: Tensor, output: str) -> Tensor:
         c2 = c1 if j2 is j1 else j2[:, :, start:start + CONTRACT_CHUNK].double()
         part = _contract(c1, c2, output)
         acc = part if acc is None else acc.add_(part)
+    assert acc is not None  # p >= 1 parameter: at least one chunk
     return acc.to(j1.dtype)
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from typing import overload
 
 import numpy as np
 import torch
@@ -62,6 +63,16 @@ METHODS = ("auto", "jacobian", "vector", "structured")
 OUTPUTS = ("trace", "full", "diagonal")
 
 
+@overload
+def ntk(model: nn.Module, x1: Tensor, x2: Tensor | None = None, *, method: str = "auto",
+        output: str = "trace", block_size: int | None = None,
+        max_memory_gb: float | None = None, progress: bool = False, params: ParamSpec = None,
+        out: None = None) -> Tensor: ...
+@overload
+def ntk(model: nn.Module, x1: Tensor, x2: Tensor | None = None, *, method: str = "auto",
+        output: str = "trace", block_size: int | None = None,
+        max_memory_gb: float | None = None, progress: bool = False, params: ParamSpec = None,
+        out: str | os.PathLike) -> np.ndarray: ...
 def ntk(
     model: nn.Module,
     x1: Tensor,
@@ -152,6 +163,7 @@ def _ntk(model: nn.Module, x1: Tensor, x2: Tensor | None, *, method: str, output
     n_out = num_outputs(model, x1) if method != "structured" or out is not None else None
     sink = None
     if out is not None:
+        assert n_out is not None  # computed when out is given
         n1, n2 = x1.shape[0], x1.shape[0] if x2 is None else x2.shape[0]
         shape = {"trace": (n1, n2), "full": (n1, n2, n_out, n_out),
                  "diagonal": (n1, n2, n_out)}[output]
@@ -161,6 +173,7 @@ def _ntk(model: nn.Module, x1: Tensor, x2: Tensor | None, *, method: str, output
         if method == "structured":
             return structured_ntk(model, x1, x2, output=output, block_size=block_size,
                                   budget=budget, progress=progress, sink=sink)
+        assert n_out is not None  # computed for every method but structured
         params = trainable_params(model)
         n_params = sum(p.numel() for p in params.values())
         itemsize = torch.finfo(dtype).bits // 8
@@ -194,7 +207,8 @@ def _fingerprint(model: nn.Module, x1: Tensor, x2: Tensor | None, method: str, o
     is the same computation)."""
     h = hashlib.sha1()
     h.update(repr((method, output, block_size, budget, torch.__version__)).encode())
-    tensors = [(f"param:{n}", p) for n, p in model.named_parameters() if p.requires_grad]
+    tensors: list[tuple[str, Tensor]] = [
+        (f"param:{n}", p) for n, p in model.named_parameters() if p.requires_grad]
     tensors += [(f"buffer:{n}", b) for n, b in model.named_buffers()]
     tensors += [("x1", x1)] + ([] if x2 is None else [("x2", x2)])
     for name, t in tensors:

@@ -167,7 +167,8 @@ class _NTKOperator:
         def fb(p: dict[str, Tensor]) -> Tensor:
             return self.f(p, xb)
 
-        _, pull = vjp(fb, self.params)
+        # torch.func.vjp's return type is a union of the 2- and 3-tuple, not overloaded
+        _, pull = vjp(fb, self.params)  # type: ignore[misc]
         (grads,) = vmap(pull)(cots)
         return grads
 

@@ -27,6 +27,19 @@ W.T + b``-style layers (``transposed=True`` for ``y = x @ W + b``, ``weight_scal
 ``bias_scale`` for constant factors), ``register_rule(MyNorm, AffineRule(axis="last"))`` for
 ``y = w * u(x) + b``.
 
+A layer type can also declare its rule itself, without importing telescope (this is how
+:class:`telescope.models.NTKLinear` declares its own, so ``kernels`` imports no model): a class
+attribute ``ntk_rule``, a mapping with the rule's ``kind`` (``"linear"``: :class:`LinearRule`,
+``"affine"``: :class:`AffineRule`) and that rule's fields, e.g. ::
+
+    class MyLinear(nn.Module):
+        ntk_rule = {"kind": "linear", "weight": "w", "bias": "b", "weight_scale": "scale"}
+
+(``ntk_rule`` may also be a rule itself, for a layer whose module imports telescope). Lookup
+walks the class's MRO; at each class a rule given to :func:`register_rule` comes first, then an
+``ntk_rule`` the class defines itself, so ``register_rule`` overrides a declared rule and
+subclasses inherit both. A declared rule is checked against autograd like every other.
+
 Reference: Novak, Sohl-Dickstein & Schoenholz (2022), "Fast Finite Width Neural Tangent Kernel"
 (structured derivatives).
 """
@@ -34,9 +47,9 @@ Reference: Novak, Sohl-Dickstein & Schoenholz (2022), "Fast Finite Width Neural 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal, Protocol, cast
 
 import torch
 import torch.nn.functional as F
@@ -44,7 +57,6 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from telescope.errors import UsageError
-from telescope.models.mlp import NTKLinear
 
 __all__ = ["TokenFactor", "GradFactor", "LinearRule", "AffineRule", "EmbeddingRule", "ConvRule",
            "AttentionRule", "register_rule", "rule_for"]
@@ -99,6 +111,7 @@ class TokenFactor:
         if self.a is not None:
             y = self.a @ m.T  # [B, S, p]
         else:
+            assert self.idx is not None  # a factor holds a or idx
             y = m[self.idx.clamp(min=0)] * (self.idx >= 0).unsqueeze(-1)
         return torch.einsum("bsop,bsp->bo", self.d, y)
 
@@ -106,6 +119,7 @@ class TokenFactor:
         """Per-example gradients ``G [B, O, p, q]`` (``sum_s d_s a_s^T``)."""
         if self.a is not None:
             return torch.einsum("bsop,bsq->bopq", self.d, self.a)
+        assert self.idx is not None  # a factor holds a or idx
         b, s, o, p = self.d.shape
         g = self.d.new_zeros(b, o, p, self.q)
         index = self.idx.clamp(min=0).view(b, 1, 1, s).expand(b, o, p, s)
@@ -154,6 +168,7 @@ def _dense_factor(prefix: str, a: Tensor, d: Tensor, weight: Tensor, bias: Tenso
         cols.append(torch.full_like(a[..., :1], bias_scale))
     a_aug = torch.cat(cols, dim=-1)
     w_shape = tuple(weight.shape)
+    b_shape = () if bias is None else tuple(bias.shape)
     w_key, b_key = f"{prefix}{weight_name}", f"{prefix}{bias_name}"
 
     def padded(g: Tensor, shape: tuple[int, ...]) -> Tensor:
@@ -171,7 +186,7 @@ def _dense_factor(prefix: str, a: Tensor, d: Tensor, weight: Tensor, bias: Tenso
             gw = gw.transpose(2, 3) if transposed else gw.reshape(o, b, -1, *w_shape[1:])
             out[w_key] = padded(gw, w_shape)
         if has_b:
-            out[b_key] = padded(g[..., -1], tuple(bias.shape))
+            out[b_key] = padded(g[..., -1], b_shape)
         return out
 
     def from_params(theta: dict[str, Tensor]) -> Tensor:
@@ -217,7 +232,7 @@ class ConvRule:
 
     name = "convolution"
 
-    def __call__(self, module: nn.Module, prefix: str, inputs: list[Tensor],
+    def __call__(self, module: nn.Conv1d | nn.Conv2d, prefix: str, inputs: list[Tensor],
                  deltas: list[Tensor]) -> list:
         two_d = isinstance(module, nn.Conv2d)
         pads = module._reversed_padding_repeated_twice
@@ -306,9 +321,12 @@ class AffineRule:
         unit: dict[str, Tensor] = {}
         if isinstance(w, Tensor):
             unit[self.weight] = torch.ones_like(w)
-        if isinstance(b, Tensor):
+        if self.bias and isinstance(b, Tensor):
             unit[self.bias] = torch.zeros_like(b)
-        shape = (w if isinstance(w, Tensor) else b).shape
+        ref = w if isinstance(w, Tensor) else b
+        if not isinstance(ref, Tensor):
+            raise RuleMismatch(f"the module has no tensor {self.weight!r} or {self.bias!r}")
+        shape = ref.shape
         grads, names = [], []
         for x, dl in zip(inputs, deltas, strict=True):
             with torch.no_grad():
@@ -340,7 +358,8 @@ class AffineRule:
             names.append(f"{prefix}{self.weight}")
         if isinstance(b, Tensor) and b.requires_grad:
             names.append(f"{prefix}{self.bias}")
-        g = sum(grads).transpose(0, 1)  # [B, O, P]
+        # sum() of tensors is typed Tensor | Literal[0]; grads holds one tensor per call
+        g = cast(Tensor, sum(grads)).transpose(0, 1)  # [B, O, P]
         numel = [int(shape.numel())] * len(names)
 
         def to_params(gr: Tensor) -> dict[str, Tensor]:
@@ -416,7 +435,8 @@ class AttentionRule:
         weights = (prob.mean(dim=1) if average_attn_weights else prob) if need_weights else None
         return o, weights
 
-    def __call__(self, module: nn.Module, prefix: str, inputs: list, deltas: list) -> list:
+    def __call__(self, module: nn.MultiheadAttention, prefix: str, inputs: list,
+                 deltas: list) -> list:
         """``inputs``/``deltas``: per call the four projections' inputs ``[B, L, E]`` and output
         deltas ``[O, B, L, E]``."""
         e = module.embed_dim
@@ -443,15 +463,30 @@ def _additive(mask: Tensor, dtype: torch.dtype) -> Tensor:
     return mask.to(dtype)
 
 
-Rule = Callable[[nn.Module, str, list, list], list]
+# The module is typed Any: a rule is called with the modules of the type it is registered for
+# (EmbeddingRule takes an nn.Embedding), which a dict[type, Rule] cannot tie to each key.
+Rule = Callable[[Any, str, list, list], list]
 """``rule(module, prefix, inputs, deltas) -> factors``: ``inputs`` are the module's first
 positional argument at each call (``[B, ...]``), ``deltas`` the derivatives of the selected
 outputs with respect to its output at each call (``[O, B, ...]``); parameter names in the
 factors are ``prefix + name``. A rule may raise :class:`RuleMismatch` when it does not fit."""
 
+
+class CompositeRule(Protocol):
+    """A :data:`Rule` that replaces its module's forward during the structured passes to reach
+    inside it (:class:`AttentionRule`; ``composite = True``): it names the parameters it covers
+    and gives that forward."""
+
+    composite: bool
+
+    def __call__(self, module: Any, prefix: str, inputs: list, deltas: list) -> list: ...
+
+    def parameters(self, module: Any) -> list[str]: ...
+
+    def forward(self, module: Any, point: Callable, *args: Any, **kwargs: Any) -> Any: ...
+
 _REGISTRY: dict[type, Rule] = {
     nn.Linear: LinearRule(),
-    NTKLinear: LinearRule(weight_scale="weight_scale", bias_scale="bias_std"),
     nn.Embedding: EmbeddingRule(),
     nn.Conv1d: ConvRule(),
     nn.Conv2d: ConvRule(),
@@ -486,7 +521,7 @@ def rule_for(module: nn.Module) -> tuple[Rule | None, str]:
     """The rule for ``module`` and its name, or ``(None, why not)``."""
     if hasattr(module, "parametrizations"):
         return None, "its weight is parametrized (torch.nn.utils.parametrize): no rule"
-    rule = next((_REGISTRY[cls] for cls in type(module).__mro__ if cls in _REGISTRY), None)
+    rule = next((r for r in map(_rule_of_class, type(module).__mro__) if r is not None), None)
     if rule is None:
         rule = _by_computation(module)
     if rule is None:
@@ -494,6 +529,31 @@ def rule_for(module: nn.Module) -> tuple[Rule | None, str]:
     if isinstance(rule, ConvRule) and module.groups != 1:
         return None, f"grouped convolution (groups={module.groups}): no rule yet"
     return rule, getattr(rule, "name", type(rule).__name__)
+
+
+_DECLARED_KINDS: dict[str, type] = {"linear": LinearRule, "affine": AffineRule}
+"""The rule types a layer's ``ntk_rule = {"kind": ..., **fields}`` may name."""
+
+
+def _rule_of_class(cls: type) -> Rule | None:
+    """The rule registered for ``cls`` itself, else the one ``cls`` itself declares
+    (``ntk_rule``, see the module docstring), else ``None`` (inherited ones are not looked at:
+    :func:`rule_for` walks the MRO)."""
+    if cls in _REGISTRY:
+        return _REGISTRY[cls]
+    spec = cls.__dict__.get("ntk_rule")
+    if spec is None:
+        return None
+    if callable(spec):
+        return spec
+    if not isinstance(spec, Mapping) or spec.get("kind") not in _DECLARED_KINDS:
+        raise UsageError(f"{cls.__qualname__}.ntk_rule must be a rule or a mapping with 'kind' "
+                         f"one of {sorted(_DECLARED_KINDS)} and that rule's fields, got {spec!r}")
+    fields = {k: v for k, v in spec.items() if k != "kind"}
+    try:
+        return _DECLARED_KINDS[spec["kind"]](**fields)
+    except TypeError as err:
+        raise UsageError(f"{cls.__qualname__}.ntk_rule: {err}") from None
 
 
 def _by_computation(module: nn.Module) -> Rule | None:

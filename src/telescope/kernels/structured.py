@@ -38,8 +38,10 @@ from __future__ import annotations
 import contextlib
 import functools
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import TypeGuard, overload
 
+import numpy as np
 import torch
 import torch.utils._pytree as pytree
 from torch import Tensor, nn
@@ -73,6 +75,7 @@ from telescope.kernels._functional import (
     trainable_params,
 )
 from telescope.kernels.rules import (
+    CompositeRule,
     GradFactor,
     Rule,
     RuleMismatch,
@@ -305,7 +308,8 @@ class _Engine:
 
         factors: list = []
         if self.modules:
-            _, vjp_fn, captured = vjp(f, zs, has_aux=True)
+            # torch.func.vjp's return type is a union of the 2- and 3-tuple, not overloaded
+            _, vjp_fn, captured = vjp(f, zs, has_aux=True)  # type: ignore[misc]
             basis = torch.eye(n_out, dtype=self.dtype, device=x.device)
             if outputs is not None:
                 basis = basis[outputs]
@@ -353,7 +357,8 @@ class _Engine:
         c = torch.randn(x.shape[0], n_out, generator=gen, dtype=self.dtype).to(x.device)
         f = batched_fn(self.model, self.frozen)
         with _FloatDtypes() as seen:
-            _, pull = vjp(lambda p: f(p, x), self.params)
+            # torch.func.vjp's return type is a union of the 2- and 3-tuple, not overloaded
+            _, pull = vjp(lambda p: f(p, x), self.params)  # type: ignore[misc]
         (true,) = pull(c)
         recon: dict[str, Tensor] = {}
         bad: dict[str, str] = {}
@@ -403,7 +408,7 @@ def _batch_axis(out2: tuple, out3: tuple, in2: tuple, in3: tuple) -> int | None:
     return axis
 
 
-def _composite(rule: object) -> bool:
+def _composite(rule: object) -> TypeGuard[CompositeRule]:
     """A rule that replaces its module's forward to reach inside it (AttentionRule)."""
     return bool(getattr(rule, "composite", False))
 
@@ -412,7 +417,7 @@ def _composite(rule: object) -> bool:
 def _overridden(modules: dict[str, nn.Module], rules: dict, point_for) -> Iterator[None]:
     """While inside, every composite-rule module's forward is its rule's ``forward`` with the
     ``point`` callback ``point_for(name)`` (an instance attribute, removed after)."""
-    saved = {}
+    saved: dict[str, Callable | None] = {}
     try:
         for mname, module in modules.items():
             saved[mname] = module.__dict__.get("forward")
@@ -421,10 +426,11 @@ def _overridden(modules: dict[str, nn.Module], rules: dict, point_for) -> Iterat
         yield
     finally:
         for mname, module in modules.items():
-            if saved.get(mname) is None:
+            forward = saved.get(mname)
+            if forward is None:
                 module.__dict__.pop("forward", None)
             else:
-                module.forward = saved[mname]
+                module.forward = forward
 
 
 _TOLERANCE = {torch.float64: 1e-8, torch.float32: 1e-3, torch.float16: 1e-2,
@@ -535,8 +541,10 @@ def _token_gram(acc: Tensor, f1: TokenFactor, f2: TokenFactor, output: str, same
     b1, s1, o, p = f1.d.shape
     b2, s2 = f2.d.shape[:2]
     if f1.a is not None:
+        assert f2.a is not None  # the two factors are of one (dense) layer
         ga = gram(f1.a.reshape(b1 * s1, -1), None if same else f2.a.reshape(b2 * s2, -1))
     else:
+        assert f1.idx is not None and f2.idx is not None  # a factor holds a or idx
         i1, i2 = f1.idx.reshape(-1, 1), f2.idx.reshape(1, -1)
         ga = ((i1 == i2) & (i1 >= 0)).to(f1.d.dtype)
     ga = ga.view(b1, s1, b2, s2)
@@ -759,9 +767,17 @@ def _check_block_pairs(engine: _Engine, n1: int, n2: int, n_out: int, output: st
     warn_small_blocks(block, n1, n2 or n1, budget, work, suggestion)
 
 
+@overload
 def structured_ntk(model: nn.Module, x1: Tensor, x2: Tensor | None, *, output: str,
                    block_size: int | None, budget: int, progress: bool,
-                   sink: KernelFile | None = None) -> Tensor:
+                   sink: None = None) -> Tensor: ...
+@overload
+def structured_ntk(model: nn.Module, x1: Tensor, x2: Tensor | None, *, output: str,
+                   block_size: int | None, budget: int, progress: bool,
+                   sink: KernelFile) -> np.ndarray: ...
+def structured_ntk(model: nn.Module, x1: Tensor, x2: Tensor | None, *, output: str,
+                   block_size: int | None, budget: int, progress: bool,
+                   sink: KernelFile | None = None) -> Tensor | np.ndarray:
     """The ``method="structured"`` path of :func:`telescope.ntk` (inputs already validated);
     with ``sink`` the blocks go to disk, each with all its outputs at once."""
     engine, n_out = _plan(model, at_least_two(x1[:2] if x1.shape[0] > 1 or x2 is None
@@ -784,17 +800,21 @@ def structured_ntk(model: nn.Module, x1: Tensor, x2: Tensor | None, *, output: s
     if chunk >= n_out:
         kernel = _block_kernel_fn(engine, n_out, output, None, {} if keep_all else None)
         return blocked_kernel(kernel, x1, x2, block, output, n_out, engine.dtype, progress)
-    result = None
+    total: Tensor | None = None  # trace: the chunks' sum; else their concatenation
+    parts: list[Tensor] = []
     for start in range(0, n_out, chunk):
         outputs = torch.arange(start, min(start + chunk, n_out), device=x1.device)
         kernel = _block_kernel_fn(engine, n_out, output, outputs, {} if keep_all else None)
         part = blocked_kernel(kernel, x1, x2, block, output, len(outputs), engine.dtype,
                               progress)
         if output == "trace":
-            result = part if result is None else result.add_(part)
+            total = part if total is None else total.add_(part)
         else:
-            result = [part] if result is None else [*result, part]
-    return result if output == "trace" else torch.cat(result, dim=2)
+            parts.append(part)
+    if output == "trace":
+        assert total is not None  # chunk < n_out: at least two chunks
+        return total
+    return torch.cat(parts, dim=2)
 
 
 def ntk_to_subset(model: nn.Module, x: Tensor, idx: Tensor, *, output: str = "full",

@@ -8,10 +8,12 @@ another network, so they check at every step and refuse instead.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor, nn
 
-from telescope.kernels._functional import ParamSpec, select_params
+from telescope.kernels.functional import ParamSpec, select_params
 
 __all__ = ["optimizer_param_ids", "followed_parameters", "parameter_changes"]
 
@@ -29,7 +31,7 @@ def followed_parameters(model: nn.Module, spec: ParamSpec) -> list[tuple[str, Te
 
 
 def parameter_changes(model: nn.Module, spec: ParamSpec, names: list[str],
-                      params: list[Tensor], optimizer: torch.optim.Optimizer,
+                      params: Sequence[Tensor], optimizer: torch.optim.Optimizer,
                       optimizer_ids: list[int]) -> str | None:
     """``None`` while the followed parameters and the optimizer's groups are those recorded
     (``names``, ``params``, ``optimizer_ids``); else what changed, e.g. ``"replaced: 4.bias,

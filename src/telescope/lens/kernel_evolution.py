@@ -21,7 +21,7 @@ import math
 from torch import Tensor, nn
 
 from telescope.kernels import effective_rank, kernel_distance, kernel_target_alignment, ntk
-from telescope.kernels._functional import ParamSpec, eval_mode
+from telescope.kernels.functional import ParamSpec, eval_mode
 
 __all__ = ["KernelEvolution"]
 
@@ -83,11 +83,14 @@ class KernelEvolution:
             return self.y
         return self.y.reshape(-1)
 
-    def measure(self) -> dict:
+    def measure(self, state: object = None) -> dict:
         """``{"kernel_distance", "kernel_target_alignment", "kernel_trace",
         "kernel_effective_rank"}`` of ``K_t = telescope.ntk(model, x)`` at the current
         parameters: ``kernel_distance(K_t, K_0)``, ``kernel_target_alignment(K_t, y)`` (NaN
         without ``y``), ``tr K_t`` (``sum_{i,o} K[(i,o),(i,o)]``) and ``effective_rank(K_t)``.
+
+        As a :func:`telescope.train.fit` callback (``state`` is then the fit's state, unused)
+        these are columns of the history row of each measured step.
         """
         self.kernel = self._kernel()
         k = _as_matrix(self.kernel, self.output)

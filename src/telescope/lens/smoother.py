@@ -69,6 +69,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -80,8 +81,8 @@ from telescope.errors import (
     UnsupportedOptimizerError,
     UsageError,
 )
-from telescope.kernels._blocks import per_example_jacobian
-from telescope.kernels._functional import (
+from telescope.kernels import smoothing
+from telescope.kernels.functional import (
     ParamSpec,
     ad_safe_backends,
     check_batch_independence,
@@ -92,10 +93,11 @@ from telescope.kernels._functional import (
     flatten_output,
     forward_checked,
     frozen_state,
+    ntk_to_subset,
     only_params,
+    per_example_jacobian,
     select_params,
 )
-from telescope.kernels.structured import ntk_to_subset
 from telescope.lens._tracked import optimizer_param_ids, parameter_changes
 
 TRAIN = "train"
@@ -142,7 +144,8 @@ class Smoother:
         Verify at the first step that the gradient the optimizer sees is the gradient of the
         declared loss on the recorded batch (catches a wrong loss, reduction or batch).
 
-    Usage: call ``smoother.record(batch_indices)`` just before each ``optimizer.step()``.
+    Usage: call ``smoother.record(batch_indices)`` just before each ``optimizer.step()``, or
+    pass the smoother to :func:`telescope.train.fit` as a callback, which does that.
     Kernels and Jacobians are evaluated with the model in eval mode.
     """
 
@@ -224,7 +227,7 @@ class Smoother:
         """Declare the training examples of the batch of the coming ``optimizer.step()``:
         integer indices into ``x_train`` (a 1-D tensor, list or array; repeats allowed), or a
         boolean mask of length ``n`` (its ``True`` positions)."""
-        self._batch = _batch_indices(batch_indices, self.n).to(self.x_train.device)
+        self._batch: Tensor | None = _batch_indices(batch_indices, self.n).to(self.x_train.device)
 
     def weights(self, name: str = TRAIN) -> Tensor:
         """Smoother weights: ``[m, n]`` for a single output, else ``[m, O, n O]``
@@ -244,21 +247,33 @@ class Smoother:
         return f[:, 0] if self.n_out == 1 else f
 
     def kernel_weight_norms(self, name: str = TRAIN) -> Tensor:
-        """``||S(x)||_F / sqrt(O)`` for every point of the set (``||s(x)||_2`` for O = 1)."""
-        s = self._get(name)[:, :, :-1]
-        return s.flatten(1).norm(dim=1) / self.n_out ** 0.5
+        """``||S(x)||_F / sqrt(O)`` for every point of the set (``||s(x)||_2`` for O = 1), by
+        :func:`telescope.kernels.smoothing.kernel_weight_norms`."""
+        return smoothing.kernel_weight_norms(self._label_weights(name))
 
     def effective_parameters(self, name: str = TRAIN) -> float:
-        """``p(I) = n / (|I| O) sum_{j in I} ||S(x_j)||_F^2`` (paper: ``n/|I| sum ||s||^2``)."""
-        w = self.kernel_weight_norms(name)
-        return float(self.n * (w**2).mean())
+        """``p(I) = n / (|I| O) sum_{j in I} ||S(x_j)||_F^2`` (paper: ``n/|I| sum ||s||^2``), by
+        :func:`telescope.kernels.smoothing.effective_parameters`."""
+        return smoothing.effective_parameters(self._label_weights(name))
 
     def max_kernel_weight_norm(self, name: str, *, normalize: bool = True) -> float:
         """Largest kernel weight norm over the set, divided by the largest over the training
         set when ``normalize`` (how much more any one point of the set leans on single training
         labels than the training points themselves do)."""
-        top = float(self.kernel_weight_norms(name).max())
-        return top / float(self.kernel_weight_norms(TRAIN).max()) if normalize else top
+        return smoothing.max_kernel_weight_norm(
+            self._label_weights(name), self._label_weights(TRAIN) if normalize else None,
+            normalize=normalize)
+
+    # ---- as a telescope.train.fit callback -------------------------------------------------
+
+    def before_update(self, state) -> None:
+        """Record the step's batch (``state.batch``) before ``optimizer.step()``."""
+        self.record(state.batch)
+
+    def measure(self, state) -> dict[str, float]:
+        """Effective parameters of the training set and of every probe set, as history
+        columns ``"p_<name>"`` (``p_train``, ``p_test``, ...)."""
+        return {f"p_{name}": self.effective_parameters(name) for name in self.A}
 
     def close(self) -> None:
         """Remove the optimizer hooks (the recorded state stays readable)."""
@@ -339,6 +354,10 @@ class Smoother:
             raise KeyError(f"unknown point set {name!r}; known: {sorted(self.A)}")
         return self.A[name]
 
+    def _label_weights(self, name: str) -> Tensor:
+        """``S(x)`` as ``[m, O, n O]`` (the layout of :mod:`telescope.kernels.smoothing`)."""
+        return self._get(name)[:, :, :-1]
+
     def _residual(self, batch: Tensor) -> Tensor:
         """The loss gradient w.r.t. the batch outputs, as a linear function of [vec(Y); 1]."""
         b, o = batch.numel(), self.n_out
@@ -386,7 +405,7 @@ class Smoother:
             w = self.kernel_weight_norms(name)
             self.history.append({
                 "step": self.step, "probe": name,
-                "effective_parameters": float(self.n * (w**2).mean()),
+                "effective_parameters": self.effective_parameters(name),
                 "mean_kernel_weight_norm": float(w.mean()),
                 "max_kernel_weight_norm": float(w.max()),
             })
@@ -402,9 +421,9 @@ class Smoother:
         with eval_mode(self.model), ad_safe_backends(self.model), \
                 only_params(self.model, self._names):
             res = ntk_to_subset(self.model, self._x_all, batch, output="full", tangent=tangent)
-        k, jt0 = res if decay else (res, None)
+        k, jt0 = res if isinstance(res, tuple) else (res, None)  # a tuple with the tangent
         out = {"kernels": dict(zip(self.sets, k.to(self.dtype).split(self._sizes), strict=True))}
-        if decay:
+        if jt0 is not None:
             out["jt0"] = dict(zip(self.sets, jt0.to(self.dtype).split(self._sizes), strict=True))
         return out
 
@@ -571,7 +590,8 @@ def _optimizer_rule(optimizer: torch.optim.Optimizer, mode: str) -> tuple[str, s
         raise UsageError(f"optimizer must be a torch.optim.Optimizer, got "
                          f"{type(optimizer).__name__}")
     name = type(optimizer).__name__
-    base = next((cls for cls in type(optimizer).__mro__ if cls in _RULES), None)
+    base = cast("type[torch.optim.Optimizer] | None",  # a key of _RULES
+                next((cls for cls in type(optimizer).__mro__ if cls in _RULES), None))
     if base is None or type(optimizer).step is not base.step:
         what = (f"{name} overrides {base.__name__}.step" if base is not None else
                 f"{name} is not one of them")

@@ -34,10 +34,9 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jvp
 
-from telescope.errors import DivergedError, UsageError
-from telescope.kernels._functional import (
+from telescope.errors import DivergedError, UnsupportedModelError, UsageError
+from telescope.kernels.functional import (
     ParamSpec,
-    UnsupportedModelError,
     ad_safe_backends,
     batched_fn,
     check_model,
@@ -368,7 +367,8 @@ class Telescope:
                 continue
             outs, douts = [], []
             for xc in self._chunks(x):
-                out, dout = jvp(lambda th, xc=xc: f(th, xc), (primal,), (tan,))
+                # torch.func.jvp's return type is a union of the 2- and 3-tuple, not overloaded
+                out, dout = jvp(lambda th, xc=xc: f(th, xc), (primal,), (tan,))  # type: ignore[misc]
                 outs.append(out)
                 douts.append(dout)
             out = torch.cat(outs) if len(outs) > 1 else outs[0]
@@ -534,6 +534,25 @@ class Telescope:
                 "Telescope.history_frame() needs pandas (pip install pandas); "
                 "Telescope.history holds the same rows as a list of dicts") from err
         return pd.DataFrame(self.history)
+
+    def measure(self, state) -> dict[str, Any] | None:
+        """The :func:`telescope.train.fit` callback (the Telescope follows the optimizer by
+        itself; this only reads): at a recorded step (a multiple of ``every``), the
+        :attr:`history` rows of that step as columns ``"<column>_<probe>"``
+        (``telescoping_mae_test``, ``linearized_mae_test``, ``output_scale_test``); else
+        ``None``. Reading a row at its own step costs one forward pass per probe set (it is
+        otherwise completed from the next step's JVP, whose primal output is the same network
+        value up to round-off)."""
+        rows: list[dict[str, Any]] = []
+        for r in reversed(self.history):   # newest first: stop at the steps before this one
+            if r["step"] < state.step:
+                break
+            if r["step"] == state.step:
+                rows.insert(0, r)
+        if not rows:
+            return None
+        return {f"{key}_{r['probe']}": value for r in rows for key, value in r.items()
+                if key not in ("step", "probe")}
 
     def _name(self, name: str) -> str:
         if name not in self._x:

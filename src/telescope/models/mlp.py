@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -27,7 +28,15 @@ class NTKLinear(nn.Module):
     ``W`` and ``b`` are initialized i.i.d. ``N(0, 1)`` (Jacot et al., 2018), the convention of
     neural-tangents' ``stax.Dense(out, W_std, b_std)``, so the empirical NTK of a wide network of
     these layers converges to :func:`telescope.infinite_ntk`.
+
+    The layer declares its own structured-NTK rule in :attr:`ntk_rule` (a linear rule with the
+    constant factors ``weight_scale`` and ``bias_std``), which :mod:`telescope.kernels.rules`
+    reads: the kernels import no model class, and a layer of yours can declare its rule the
+    same way (see there).
     """
+
+    ntk_rule: ClassVar[dict[str, str]] = {"kind": "linear", "weight_scale": "weight_scale",
+                                          "bias_scale": "bias_std"}
 
     def __init__(self, in_features: int, out_features: int, *, weight_std: float = 1.0,
                  bias_std: float = 0.0, bias: bool = True) -> None:

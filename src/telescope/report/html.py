@@ -24,6 +24,17 @@ from typing import Any
 
 import pandas as pd
 
+from telescope.runs.store import (
+    RunStore,
+    _reason,
+    atomic_write_text,
+    concat_points,
+    ensure_writable_dir,
+    point_key,
+)
+from telescope.studies import get_study
+from telescope.studies.base import config_from_dict, flatten_config
+
 __all__ = ["write_report", "rebuild_report", "render_guide", "ReportError"]
 
 
@@ -164,9 +175,6 @@ def write_report(run_dir: str | os.PathLike, study: Any, config: Any,
     directory that cannot be written raises
     :class:`~telescope.runs.store.RunDirectoryError`.
     """
-    from telescope.runs.store import RunStore, atomic_write_text
-    from telescope.studies.base import flatten_config
-
     run_dir = Path(run_dir)
     store = RunStore(run_dir)
     meta = dict(store.read_meta() if meta is None else meta)
@@ -298,16 +306,6 @@ def rebuild_report(run_dir: str | os.PathLike, *,
     ``log`` gets one line per thing worth knowing (a missing ``points/``, a run in progress).
     Files that cannot be read raise :class:`ReportError` after the report is written.
     """
-    from telescope.runs.store import (
-        RunStore,
-        _reason,
-        concat_points,
-        ensure_writable_dir,
-        point_key,
-    )
-    from telescope.studies import get_study
-    from telescope.studies.base import config_from_dict
-
     log = log or (lambda msg: print(msg, file=sys.stderr))
     run_dir = Path(run_dir)
     with RunStore(run_dir) as store:

@@ -39,10 +39,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import telescope
 from telescope._threads import available_cpus, configure_threads
 from telescope.errors import TelescopeError, UsageError
 from telescope.runs.plan import check_points, plan_sweep
 from telescope.runs.store import RunDirectoryError, RunStore, point_key
+from telescope.studies import get_study
+from telescope.studies.base import REGISTRY, config_to_dict
 from telescope.train.progress import Progress, TqdmProgress
 
 __all__ = ["Progress", "TqdmProgress", "PointResult", "SweepResult", "LocalExecutor",
@@ -120,8 +123,6 @@ def _study_ref(study: Any) -> Any:
 
 def _resolve_study(ref: Any) -> Any:
     if isinstance(ref, str):
-        from telescope.studies import get_study
-
         return get_study(ref)
     return ref
 
@@ -342,8 +343,6 @@ class RayExecutor:
 def _ray_study_ref(study: Any) -> Any:
     # Ray's serializer handles closures too; registered studies travel by name, which keeps
     # the payload small and the worker's definition authoritative.
-    from telescope.studies.base import REGISTRY
-
     if REGISTRY.get(study.name.lower().replace("_", "-")) is study:
         return study.name
     return study
@@ -397,8 +396,6 @@ def git_commit() -> str | None:
     """The commit of the git checkout telescope is imported from (``-dirty`` appended when
     ``git status --porcelain`` lists changes); ``None`` when it is not imported from a git
     checkout (an installed package), or git is missing. Never raises."""
-    import telescope
-
     try:
         package = Path(telescope.__file__).resolve().parent
     except (TypeError, OSError):  # no file (a frozen or namespace package)
@@ -480,8 +477,6 @@ def run_sweep(study: Any, config: Any, run_dir: str | os.PathLike, *,
     saved.
     """
     from tqdm.auto import tqdm
-
-    from telescope.studies.base import config_to_dict
 
     executor = executor or LocalExecutor(1, progress=progress)
     log = log or (lambda msg: tqdm.write(msg, file=sys.stderr))

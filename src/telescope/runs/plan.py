@@ -1,10 +1,10 @@
 """How big a sweep is, checked before anything runs: its points, and the memory of the largest.
 
 :func:`plan_sweep` counts the points without building the whole list when there are many seeds
-(a sweep is ``points(config with seeds=1) x seeds``), refuses more than :data:`MAX_POINTS`
-points with a message naming the knob to turn, and, when the study has an ``estimate_memory``
-hook, refuses a largest point (times the points running at once) that needs more memory than
-this machine has.
+(a sweep is ``points(config with seeds=1) x seeds``), refuses more than
+:data:`~telescope.studies.base.MAX_POINTS` points with a message naming the knob to turn, and,
+when the study has an ``estimate_memory`` hook, refuses a largest point (times the points
+running at once) that needs more memory than this machine has.
 """
 
 from __future__ import annotations
@@ -18,12 +18,11 @@ from pathlib import Path
 from typing import Any
 
 from telescope.errors import UsageError
+from telescope.runs.store import point_key
+from telescope.studies.base import MAX_POINTS, flatten_config
 
 __all__ = ["MAX_POINTS", "SweepPlan", "SweepTooLargeError", "plan_sweep", "check_points",
            "total_memory", "format_bytes"]
-
-MAX_POINTS = 100_000
-"""The most points a sweep may have (a typo such as ``seeds=100000000`` is refused)."""
 
 
 class SweepTooLargeError(UsageError):
@@ -77,8 +76,6 @@ def total_memory() -> int | None:
 def check_points(study: Any, points: Any) -> list[dict[str, Any]]:
     """``points(config)``'s result as a list of distinct dicts; a clear error otherwise (a bug
     of the study: plain ``ValueError``)."""
-    from telescope.runs.store import point_key
-
     if not isinstance(points, (list, tuple)):
         raise ValueError(f"study {study.name!r}: points(config) must return a list of dicts")
     seen: dict[str, dict] = {}
@@ -96,8 +93,6 @@ def check_points(study: Any, points: Any) -> list[dict[str, Any]]:
 
 
 def _longest_lists(config: Any) -> list[tuple[str, int]]:
-    from telescope.studies.base import flatten_config
-
     lists = [(k, len(v)) for k, v in flatten_config(config).items()
              if isinstance(v, (list, tuple)) and len(v) > 1]
     lists.sort(key=lambda kv: -kv[1])

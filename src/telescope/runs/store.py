@@ -41,27 +41,20 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from telescope._io import FILE_MODE as _FILE_MODE
+from telescope._io import TMP_PREFIX as _TMP_PREFIX
+from telescope._io import atomic_write
 from telescope.errors import TelescopeError, UsageError
+from telescope.studies.base import flatten_config
 
 __all__ = ["RunStore", "ConfigMismatchError", "NotARunError", "RunDirectoryError",
            "RunInUseError", "point_key", "canonical_json", "atomic_write", "atomic_write_text",
            "rows_to_frame", "ensure_writable_dir", "concat_points"]
 
-_TMP_PREFIX = ".tmp-"
 _META_KEY = b"telescope.point"
 LOCK_NAME = ".telescope-lock"
 SET_ASIDE = "set-aside"
 _READ_ERRORS = (OSError, ValueError, pa.ArrowException)
-
-
-def _file_mode() -> int:
-    """The mode a plainly created file gets (0666 less the umask): mkstemp's files are 0600."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
-_FILE_MODE = _file_mode()
 
 
 class ConfigMismatchError(UsageError):
@@ -160,31 +153,9 @@ def point_key(point: Mapping[str, Any]) -> str:
     return hashlib.sha1(canonical_json(dict(point)).encode()).hexdigest()[:16]
 
 
-def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
-    """Call ``write(tmp)`` on a temporary file next to ``path``, then ``os.replace`` it there.
-
-    On any error the temporary file is removed and ``path`` is left as it was.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f"{_TMP_PREFIX}{path.name}.", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, _FILE_MODE)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    return path
-
-
 def atomic_write_text(path: Path, text: str) -> Path:
-    """Write ``text`` (UTF-8) to ``path`` atomically."""
+    """Write ``text`` (UTF-8) to ``path`` atomically (through :func:`atomic_write`, from
+    :mod:`telescope._io`, which the figure helpers share)."""
     return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
@@ -606,8 +577,6 @@ def _normalize(value: Any) -> Any:
 def _describe_diff(saved: Mapping[str, Any], study: str, config: Mapping[str, Any]) -> str:
     if saved.get("study") != study:
         return f"study {saved.get('study')!r}, not {study!r}"
-    from telescope.studies.base import flatten_config
-
     old = flatten_config(_normalize(saved.get("config") or {}))
     new = flatten_config(_normalize(config))
     diffs = [f"{k}: {old.get(k, '<unset>')!r} -> {new.get(k, '<unset>')!r}"

@@ -1,10 +1,14 @@
 """Shared matplotlib helpers for the studies' figures, in the style of the paper.
 
+They sit at the bottom of the layers (they import only :mod:`telescope.errors` and
+:mod:`telescope._io`), so every study can use them without importing the report or run machinery
+above it.
+
 The paper's figures are small multiples: panels side by side with shared axes, widths on a log
 axis, and for every curve the mean over seeds as a line with the spread over seeds (min-max, or
 +-1 std) shaded around it. A study's ``figures`` function typically reads::
 
-    from telescope.report import figures as fg
+    from telescope import plotting as fg
 
     def figures(df, config, out_dir):
         with fg.paper_style():
@@ -37,6 +41,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
+from telescope._io import atomic_write
 from telescope.errors import UsageError
 
 __all__ = ["STYLE", "COLORS", "paper_style", "new_figure", "seed_summary", "plot_mean_spread",
@@ -205,8 +210,6 @@ def panel_label(ax: Axes, text: str) -> None:
 def save_figure(fig: Figure, out_dir: str | os.PathLike, name: str) -> Path:
     """Save ``fig`` as ``out_dir/name.png`` and ``out_dir/name.svg`` (atomically, reproducible
     metadata); returns the PNG path."""
-    from telescope.runs.store import atomic_write
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     stem = Path(name).stem
