@@ -10,8 +10,10 @@ from _first_order import SmootherReference
 
 from telescope.cli import main
 from telescope.data import polynomial_task
+from telescope.models import TwoLayerPolynomialNet
 from telescope.studies import get_study, make_config
-from telescope.studies.grokking import STUDY, TwoLayerPolynomialNet, fit_steps, log_steps
+from telescope.studies.grokking import STUDY, fit_steps
+from telescope.train import log_spaced_steps
 
 TINY = ["--set", "polynomial.epsilons=0.05", "polynomial.n_train=20", "polynomial.n_test=30",
         "polynomial.n_probe=10", "polynomial.d=8", "polynomial.width=16",
@@ -27,7 +29,7 @@ def test_quick_tiny_end_to_end(tmp_path):
     df = pd.read_parquet(out / "results.parquet")
     assert set(df["task"]) == {"polynomial", "digits"}
     assert set(df.loc[df["task"] == "digits", "alpha"]) == {6.0, 1.0}
-    logged = log_steps(12, 5)
+    logged = log_spaced_steps(12, 5, zero=True)
     for _, sub in df.groupby(["task", "alpha"]):
         assert sub["step"].tolist() == logged
     for alpha in (2.0, 0.1):
@@ -75,7 +77,7 @@ def _polynomial_replay(alpha: float) -> dict[str, list[float]]:
         ((model(x) - y) ** 2).mean().backward()
         ref.step(torch.arange(20))
         opt.step()
-        if step in log_steps(12, 5):
+        if step in log_spaced_steps(12, 5, zero=True):
             log()
     return out
 
@@ -110,7 +112,7 @@ def _digits_replay(alpha: float) -> dict[str, list[float]]:
         opt.zero_grad()
         ((model(x[idx]) - y[idx]) ** 2).mean().backward()
         opt.step()
-        if step in log_steps(12, 5):
+        if step in log_spaced_steps(12, 5, zero=True):
             log()
     return out
 
@@ -126,7 +128,7 @@ def test_full_preset_config_builds():
 
 
 def test_log_steps():
-    steps = log_steps(1000, 10)
+    steps = log_spaced_steps(1000, 10, zero=True)
     assert steps[0] == 0 and steps[1] == 1 and steps[-1] == 1000
     assert steps == sorted(set(steps))
 

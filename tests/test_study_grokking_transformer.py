@@ -11,8 +11,10 @@ import torch
 import torch.nn.functional as F
 
 from telescope.cli import main
+from telescope.models.hooks import capture
 from telescope.studies import get_study, make_config
 from telescope.studies import grokking_transformer as gt
+from telescope.train import log_spaced_steps
 
 TINY = {"p": "7", "train_fraction": "0.5", "d_model": "8", "n_heads": "2", "mlp_ratio": "2",
         "steps": "6", "n_log": "3", "n_linear": "2", "n_kernel": "6", "n_probe": "5",
@@ -62,7 +64,7 @@ def _replay(config) -> list[dict]:
     losses, accuracies and norms by hand, the trace NTK of the first ``n_kernel`` training pairs
     from explicit Jacobians, the kernel distance ``1 - <K_t, K_0>_F / (||K_t|| ||K_0||)``, the
     ridge smoother ``S = K_*x (K + lambda I)^-1`` by a linear solve, and the causal attention
-    entropy from the recorded attention probabilities (query ``i`` sees ``i + 1`` keys)."""
+    entropy from the attention probabilities at the hook point (query ``i`` sees ``i + 1`` keys)."""
     from telescope.data import modular_arithmetic
     from telescope.models import TinyTransformer
 
@@ -73,14 +75,13 @@ def _replay(config) -> list[dict]:
     xk, xp = data.x_train[:6], data.x_test[:5]
     k0 = _trace_ntk(model, xk, xk)
     e0 = model.token_embedding.weight.detach().clone()
-    attn = model.blocks[0].attn
     out = []
     for step in range(7):
         if step:
             opt.zero_grad()
             F.cross_entropy(model(data.x_train), data.y_train).backward()
             opt.step()
-        if step not in gt.log_steps(6, 3, 2):
+        if step not in log_spaced_steps(6, 3, linear=2, zero=True):
             continue
         row = {"step": step}
         with torch.no_grad():
@@ -100,11 +101,9 @@ def _replay(config) -> list[dict]:
         inv = torch.linalg.inv(k + lam * torch.eye(6, dtype=torch.float64))
         row["p_train_ntk"] = float(((k @ inv) ** 2).sum())            # n_k / n_k sum ||s||^2
         row["p_test_ntk"] = float(6 * ((_trace_ntk(model, xp, xk) @ inv) ** 2).sum() / 5)
-        attn.record = True
-        with torch.no_grad():
+        with torch.no_grad(), capture(model, "blocks.0.attn.hook_pattern") as cache:
             model(data.x_test)
-        attn.record = False
-        a = attn.last_attention.double()
+        a = cache["blocks.0.attn.hook_pattern"].double()
         ent = -(a * a.clamp_min(1e-300).log()).sum(-1).mean(dim=(0, 2))     # per head
         max_ent = (math.log(1) + math.log(2) + math.log(3)) / 3
         for h in range(2):
@@ -122,7 +121,7 @@ def test_run_point_mechanics():
     rows = study.run_point(config, pts[0], prog)
     assert prog.total == 6 and prog.done == 6
     df = pd.DataFrame(rows)
-    assert list(df["step"]) == gt.log_steps(6, 3, 2) == [0, 1, 2, 3, 6]
+    assert list(df["step"]) == log_spaced_steps(6, 3, linear=2, zero=True) == [0, 1, 2, 3, 6]
     for col in ("kernel_target_alignment", "kernel_effective_rank", "srank_embed", "srank_qk",
                 "srank_vo", "srank_mlp_in", "srank_unembed", "rank_qk_h0", "dnorm_vo_h1",
                 "rank_wq"):
@@ -158,7 +157,7 @@ def test_full_preset_smoke(tmp_path):
     assert main(["study", "grokking-transformer", "--preset", "full", "--out", str(out),
                  *_set({**TINY, "seeds": "1", "device": "cpu"}), "--no-progress"]) == 0
     df = pd.read_parquet(out / "results.parquet")
-    assert len(df) == 2 * len(gt.log_steps(6, 3, 2))
+    assert len(df) == 2 * len(log_spaced_steps(6, 3, linear=2, zero=True))
 
 
 def test_config_validation():
@@ -170,11 +169,11 @@ def test_config_validation():
 
 
 def test_log_steps():
-    s = gt.log_steps(1000, 10, 4)
+    s = log_spaced_steps(1000, 10, linear=4, zero=True)
     assert s[0] == 0 and s[1] == 1 and s[-1] == 1000
     assert s == sorted(set(s))
     assert {250, 500, 750} <= set(s)
-    assert gt.log_steps(5, 3, 0) == [0, 1, 2, 5]
+    assert log_spaced_steps(5, 3, linear=0, zero=True) == [0, 1, 2, 5]
 
 
 def _synthetic(wd: float, seed: int, fit: int, grok: int | None) -> list[dict]:

@@ -3,9 +3,10 @@
 from telescope.models.cnn import ConvNet1d
 from telescope.models.lazy import LazyModel
 from telescope.models.mlp import MLP, NTKLinear
+from telescope.models.polynomial import TwoLayerPolynomialNet
 from telescope.models.resnet import ResNet18
 from telescope.models.sigma_reparam import SigmaReparamLinear
 from telescope.models.transformer import TinyTransformer
 
 __all__ = ["MLP", "NTKLinear", "ConvNet1d", "TinyTransformer", "SigmaReparamLinear", "LazyModel",
-           "ResNet18"]
+           "ResNet18", "TwoLayerPolynomialNet"]

@@ -15,14 +15,13 @@ from :class:`telescope.Telescope`, which observes the optimizer's steps, so the 
 plain SGD, SGD with momentum, SGD with weight decay, AdamW and a network with a sigmoid output.
 
 One sweep point is (optimizer, learning rate, seed): an MLP with three hidden ReLU layers of
-width 200 (as :mod:`telescope.lens_demo`, whose optimizer presets this study reuses) is trained
-with the squared loss ``0.5 * mean (f(x) - y)^2`` on a binary task with targets ``+1`` / ``-1``
-(for ``sigmoid``: the network's output passes through a sigmoid and the targets are ``1`` /
-``0``), on random minibatches. Every ``every`` steps a row records, on the training and the test
-points, the mean absolute error of both models against the network (``*_mae_train``,
-``*_mae_test``), the network's output scale, the minibatch loss, and the test accuracy of the
-network, the telescoping model and the linearized model (the sign of the output, or the output
-against 0.5 for ``sigmoid``).
+width 200 is trained with the squared loss ``0.5 * mean (f(x) - y)^2`` on a binary task with
+targets ``+1`` / ``-1`` (for ``sigmoid``: the network's output passes through a sigmoid and the
+targets are ``1`` / ``0``), on random minibatches. Every ``every`` steps a row records, on the
+training and the test points, the mean absolute error of both models against the network
+(``*_mae_train``, ``*_mae_test``), the network's output scale, the minibatch loss, and the test
+accuracy of the network, the telescoping model and the linearized model (the sign of the
+output, or the output against 0.5 for ``sigmoid``).
 
 The ``quick`` preset uses scikit-learn's bundled 8x8 digits, 3 vs 5 (250 training and 115 test
 points) and 1000 steps; the ``full`` preset the paper's 8x8 MNIST 3 vs 5 read from IDX files
@@ -43,24 +42,56 @@ import torch.nn.functional as F
 from matplotlib.lines import Line2D
 from torch import nn
 
+from telescope import plotting as fg
 from telescope.errors import UsageError
 from telescope.lens import Telescope
-from telescope.lens_demo import HIDDEN, OPTIMIZER_TITLES, OPTIMIZERS, make_optimizer
 from telescope.models import MLP
-from telescope.report import figures as fg
 from telescope.studies._binary import BinaryData, check_data, load_binary_task
 from telescope.studies.base import Progress, Study, check_device
 from telescope.studies.base import resolve_device as _device
+from telescope.train import fit
 
 __all__ = ["VARIANTS", "DigitsData", "ApproximationConfig", "points", "run_point", "figures",
            "headline", "STUDY"]
 
+HIDDEN = (200, 200, 200)
+"""The paper's network: three hidden ReLU layers of width 200."""
+
+OPTIMIZERS = ("sgd", "momentum", "weight_decay", "adamw")
+"""Optimizer presets: plain SGD, SGD with heavy-ball momentum, SGD with weight decay, AdamW."""
+
+MOMENTUM = 0.9
+WEIGHT_DECAY = 0.1
+"""Weight decay of the ``weight_decay`` preset: large enough to visibly change the fit in 1000
+steps (at lr 0.01 the weights shrink by about ``exp(-lr * wd * steps) = 0.37`` from decay alone);
+at 1e-3 it would leave no trace."""
+ADAMW_WEIGHT_DECAY = 1e-2
+
 SIGMOID = "sigmoid"
 VARIANTS = (*OPTIMIZERS, SIGMOID)
-"""The optimizer presets of :mod:`telescope.lens_demo` (``sgd``, ``momentum``,
-``weight_decay``, ``adamw``) and ``sigmoid``: plain SGD on a network with a sigmoid output."""
+"""The optimizer presets (:data:`OPTIMIZERS`) and ``sigmoid``: plain SGD on a network with a
+sigmoid output."""
 
-TITLES = {**OPTIMIZER_TITLES, SIGMOID: "SGD, sigmoid output"}
+TITLES = {
+    "sgd": "SGD",
+    "momentum": f"SGD + momentum {MOMENTUM}",
+    "weight_decay": f"SGD + weight decay {WEIGHT_DECAY:g}",
+    "adamw": f"AdamW (weight decay {ADAMW_WEIGHT_DECAY:g})",
+    SIGMOID: "SGD, sigmoid output",
+}
+
+
+def make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
+    """The optimizer preset ``name`` (one of :data:`OPTIMIZERS`) at learning rate ``lr``."""
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr)
+    if name == "momentum":
+        return torch.optim.SGD(params, lr=lr, momentum=MOMENTUM)
+    if name == "weight_decay":
+        return torch.optim.SGD(params, lr=lr, weight_decay=WEIGHT_DECAY)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=ADAMW_WEIGHT_DECAY)
+    raise UsageError(f"optimizer must be one of {OPTIMIZERS}, got {name!r}")
 
 
 @dataclass
@@ -159,45 +190,43 @@ def run_point(config: ApproximationConfig, point: dict, progress: Progress) -> l
         model = nn.Sequential(model, nn.Sigmoid())
     model = model.to(device=device, dtype=dtype)
     opt = make_optimizer("sgd" if name == SIGMOID else name, model.parameters(), lr)
-    gen = torch.Generator().manual_seed(seed + 1)
 
     def accuracy(pred: torch.Tensor) -> float:
         return float(((pred.reshape(-1) > threshold) == (y_test.reshape(-1) > threshold))
                      .to(torch.float64).mean())
 
-    extra: dict[int, dict] = {}
-    progress.set(config.steps)
-    start = time.perf_counter()
-    with Telescope(model, opt, {"train": x, "test": x_test}, every=config.every) as tel:
-        for step in range(1, config.steps + 1):
-            idx = torch.randperm(n, generator=gen)[:batch].to(device)
-            opt.zero_grad(set_to_none=True)
-            loss = 0.5 * F.mse_loss(model(x[idx]), y[idx])
-            loss.backward()
-            opt.step()
-            progress.update()
-            if step % config.every == 0:
-                extra[step] = {
-                    "train_loss": float(loss.detach()),
+    class Accuracies:
+        """The minibatch loss and the test accuracy of the network, the telescoping model and
+        the linearized model, at every recorded step."""
+
+        COLUMNS = ("train_loss", "acc_network", "acc_telescoping", "acc_linearized")
+
+        def measure(self, state) -> dict:
+            return {"train_loss": state.loss,
                     "acc_network": accuracy(tel.actual("test")),
                     "acc_telescoping": accuracy(tel.telescoping("test")),
-                    "acc_linearized": accuracy(tel.linearized("test")),
-                }
-    seconds = time.perf_counter() - start
+                    "acc_linearized": accuracy(tel.linearized("test"))}
 
-    rows: dict[int, dict] = {}
+    start = time.perf_counter()
+    with Telescope(model, opt, {"train": x, "test": x_test}, every=config.every) as tel:
+        history = fit(model, opt, x, y, steps=config.steps,
+                      loss=lambda out, target: 0.5 * F.mse_loss(out, target), batch_size=batch,
+                      generator=torch.Generator().manual_seed(seed + 1),
+                      eval_at=range(config.every, config.steps + 1, config.every),
+                      callbacks=[Accuracies()], progress=progress)
+    seconds = time.perf_counter() - start
+    # the Telescope's rows of step t are completed at step t + 1 (from that step's JVP), so
+    # they are read at the end rather than through Telescope.measure (a forward pass at t)
+    errors: dict[int, dict] = {}
     for r in tel.history:
-        row = rows.setdefault(r["step"], {"step": r["step"]})
-        probe = r["probe"]
-        row[f"telescoping_mae_{probe}"] = r["telescoping_mae"]
-        row[f"linearized_mae_{probe}"] = r["linearized_mae"]
-        row[f"output_scale_{probe}"] = r["output_scale"]
-    out = []
-    for step in sorted(rows):
-        out.append({**rows[step], **extra.get(step, {}), "n_train": n,
-                    "n_test": int(x_test.shape[0]), "batch_size": batch})
-    out[-1]["seconds"] = seconds
-    return out
+        errors.setdefault(r["step"], {}).update(
+            {f"{key}_{r['probe']}": r[key]
+             for key in ("telescoping_mae", "linearized_mae", "output_scale")})
+    setup = {"n_train": n, "n_test": int(x_test.shape[0]), "batch_size": batch}
+    rows = [{"step": r["step"], **errors[r["step"]], **{k: r[k] for k in Accuracies.COLUMNS},
+             **setup} for r in history.rows]
+    rows[-1]["seconds"] = seconds
+    return rows
 
 
 # --------------------------------------------------------------------------- figures

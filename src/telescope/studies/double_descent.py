@@ -49,14 +49,15 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from telescope import plotting as fg
 from telescope.data import add_label_noise
 from telescope.errors import UsageError
 from telescope.lens import Smoother
 from telescope.models import MLP
-from telescope.report import figures as fg
 from telescope.studies._binary import BinaryData, check_data, load_binary_task
-from telescope.studies.base import Progress, Study, check_device, evenly_spaced_steps
+from telescope.studies.base import Progress, Study, check_device
 from telescope.studies.base import resolve_device as _device
+from telescope.train import evenly_spaced_steps, fit
 
 __all__ = ["BinaryData", "DoubleDescentConfig", "load_binary_task", "check_data", "points",
            "run_point", "figures", "headline", "STUDY"]
@@ -139,54 +140,42 @@ def run_point(config: DoubleDescentConfig, point: dict, progress: Progress) -> l
     opt = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum)
     smoother = Smoother(model, opt, x, y, probes={"test": x_test}, every=config.steps)
     batch = n if config.batch_size is None else min(config.batch_size, n)
-    gen = torch.Generator().manual_seed(seed)
-    evals = set(evenly_spaced_steps(config.steps, config.evals))
     setup = {"n_train": n, "n_test": int(x_test.shape[0]), "n_params": n_params,
              "params_per_example": n_params / n}
 
-    rows: list[dict] = []
-    progress.set(config.steps)
+    def measure(model: torch.nn.Module) -> dict:
+        f, f_test = model(x), model(x_test)
+        return {
+            "train_mse": float(F.mse_loss(f, y)),
+            "test_mse": float(F.mse_loss(f_test, y_test)),
+            "train_error": _error(f, y),
+            "test_error": _error(f_test, y_test),
+            "train_error_clean": _error(f, y_clean),
+            # how closely the smoother (the telescoping model) follows the network on test
+            "smoother_gap_test": float((smoother.predict("test").reshape(-1)
+                                        - f_test.reshape(-1)).abs().mean()),
+        }
+
     start = time.perf_counter()
-    full = torch.arange(n, device=device)
     with smoother:
-        for step in range(1, config.steps + 1):
-            idx = full if batch == n else torch.randperm(n, generator=gen)[:batch].to(device)
-            opt.zero_grad(set_to_none=True)
-            F.mse_loss(model(x[idx]), y[idx]).backward()
-            smoother.record(idx)
-            opt.step()
-            progress.update()
-            if step in evals:
-                rows.append({"step": step, **_measure(model, smoother, x, y, y_clean, x_test,
-                                                      y_test), **setup})
+        history = fit(model, opt, x, y, steps=config.steps,
+                      batch_size=None if batch == n else batch,
+                      generator=torch.Generator().manual_seed(seed),
+                      eval_at=evenly_spaced_steps(config.steps, config.evals),
+                      evaluate=measure, callbacks=[smoother], progress=progress)
+    rows = [{"step": r["step"], **{k: r[k] for k in _MEASURED}, **setup} for r in history.rows]
     rows[-1]["seconds"] = time.perf_counter() - start
     return rows
 
 
-@torch.no_grad()
-def _measure(model, smoother: Smoother, x, y, y_clean, x_test, y_test) -> dict:
-    was_training = model.training
-    model.eval()
-    try:
-        f, f_test = model(x), model(x_test)
-    finally:
-        model.train(was_training)
+#: The measured columns of a row, in the table's order.
+_MEASURED = ("train_mse", "test_mse", "train_error", "test_error", "train_error_clean",
+             "p_train", "p_test", "smoother_gap_test")
 
-    def error(pred, target) -> float:
-        return float(((pred > 0) != (target > 0)).to(torch.float64).mean())
 
-    return {
-        "train_mse": float(F.mse_loss(f, y)),
-        "test_mse": float(F.mse_loss(f_test, y_test)),
-        "train_error": error(f, y),
-        "test_error": error(f_test, y_test),
-        "train_error_clean": error(f, y_clean),
-        "p_train": smoother.effective_parameters("train"),
-        "p_test": smoother.effective_parameters("test"),
-        # how closely the smoother (the telescoping model) follows the network on test points
-        "smoother_gap_test": float((smoother.predict("test").reshape(-1)
-                                    - f_test.reshape(-1)).abs().mean()),
-    }
+def _error(pred: torch.Tensor, target: torch.Tensor) -> float:
+    """Sign error: the share of points where ``pred`` and ``target`` differ in sign."""
+    return float(((pred > 0) != (target > 0)).to(torch.float64).mean())
 
 
 # --------------------------------------------------------------------------- figures

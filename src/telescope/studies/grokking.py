@@ -23,18 +23,18 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import telescope
-from telescope.data import load_digits, polynomial_activation, polynomial_task
+from telescope import plotting as fg
+from telescope.data import load_digits, polynomial_task
 from telescope.errors import UsageError
-from telescope.models import MLP
-from telescope.report import figures as fg
+from telescope.models import MLP, TwoLayerPolynomialNet
 from telescope.studies.base import Progress, Study, check_range
+from telescope.train import fit, log_spaced_steps
 
 
 @dataclass
@@ -132,36 +132,10 @@ def points(config: GrokkingConfig) -> list[dict]:
     return out
 
 
-def log_steps(steps: int, n_log: int) -> list[int]:
-    """Step 0 and about ``n_log`` log-spaced steps up to ``steps`` (included)."""
-    grid = np.unique(np.round(np.geomspace(1, steps, n_log)).astype(int))
-    return [0, *map(int, grid)]
-
-
-class TwoLayerPolynomialNet(nn.Module):
-    """``f(x) = alpha / N sum_i [phi(w_i . x) - phi(w0_i . x)]``, ``phi =
-    polynomial_activation(., epsilon)``, ``w_i ~ N(0, I)`` (inputs ``x ~ N(0, I/d)``, so
-    ``w_i . x`` is about standard normal); centered at its initial function as in Kumar et al."""
-
-    def __init__(self, d: int, width: int, alpha: float, epsilon: float,
-                 generator: torch.Generator) -> None:
-        super().__init__()
-        self.alpha, self.epsilon = float(alpha), float(epsilon)
-        self.hidden = nn.Linear(d, width, bias=False)   # the structured NTK rule applies
-        with torch.no_grad():
-            self.hidden.weight.copy_(torch.randn(width, d, generator=generator))
-        self.register_buffer("w0", self.hidden.weight.detach().clone())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = polynomial_activation(self.hidden(x), self.epsilon)
-        h0 = polynomial_activation(x @ self.w0.T, self.epsilon)
-        return self.alpha * (h - h0).mean(dim=1, keepdim=True)
-
-
-def _row(point: dict, step: int, model: nn.Module, data, x_probe, smoother,
-         classify: bool) -> dict:
-    with torch.no_grad():
-        out_tr, out_te = model(data.x_train), model(data.x_test)
+def _errors(model: nn.Module, data, classify: bool) -> dict:
+    """Train/test MSE (against one-hot targets when classifying) and classification errors
+    (NaN for the regression task)."""
+    out_tr, out_te = model(data.x_train), model(data.x_test)
     if classify:
         y_tr, y_te = data.one_hot(data.y_train), data.one_hot(data.y_test)
         err_tr = float((out_tr.argmax(1) != data.y_train).float().mean())
@@ -169,12 +143,9 @@ def _row(point: dict, step: int, model: nn.Module, data, x_probe, smoother,
     else:
         y_tr, y_te = data.y_train, data.y_test
         err_tr = err_te = math.nan
-    return {**point, "step": int(step),
-            "train_mse": float(F.mse_loss(out_tr, y_tr)),
+    return {"train_mse": float(F.mse_loss(out_tr, y_tr)),
             "test_mse": float(F.mse_loss(out_te, y_te)),
-            "train_error": err_tr, "test_error": err_te,
-            "p_train": smoother.effective_parameters("train"),
-            "p_test": smoother.effective_parameters("test")}
+            "train_error": err_tr, "test_error": err_te}
 
 
 def run_point(config: GrokkingConfig, point: dict, progress: Progress) -> list[dict]:
@@ -196,24 +167,19 @@ def run_point(config: GrokkingConfig, point: dict, progress: Progress) -> list[d
         opt = torch.optim.SGD(model.parameters(), lr=s.lr, momentum=s.momentum,
                               weight_decay=s.weight_decay)
         y_train, batch, classify = data.one_hot(data.y_train), min(s.batch_size, s.n_train), True
-    x_probe = data.x_test[: s.n_probe]
     smoother = telescope.Smoother(model, opt, data.x_train, y_train,
-                                  probes={"test": x_probe}, every=s.steps + 1)
-    logged = set(log_steps(s.steps, config.n_log))
-    progress.set(s.steps)
-    rows = [_row(point, 0, model, data, x_probe, smoother, classify)]
-    n = data.n_train
-    for step in range(1, s.steps + 1):
-        idx = torch.arange(n) if batch is None else torch.randperm(n, generator=gen)[:batch]
-        opt.zero_grad()
-        F.mse_loss(model(data.x_train[idx]), y_train[idx]).backward()
-        smoother.record(idx)
-        opt.step()
-        if step in logged:
-            rows.append(_row(point, step, model, data, x_probe, smoother, classify))
-        progress.update()
-    smoother.close()
-    return rows
+                                  probes={"test": data.x_test[: s.n_probe]}, every=s.steps + 1)
+    with smoother:
+        history = fit(model, opt, data.x_train, y_train, steps=s.steps, batch_size=batch,
+                      generator=gen, eval_at=log_spaced_steps(s.steps, config.n_log, zero=True),
+                      evaluate=lambda m: _errors(m, data, classify), callbacks=[smoother],
+                      progress=progress)
+    return [{**point, "step": int(r["step"]), **{k: r[k] for k in _COLUMNS}}
+            for r in history.rows]
+
+
+#: The measured columns of a row, in the table's order.
+_COLUMNS = ("train_mse", "test_mse", "train_error", "test_error", "p_train", "p_test")
 
 
 def _settings(df: pd.DataFrame):

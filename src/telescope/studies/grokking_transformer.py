@@ -32,9 +32,10 @@ flops per step: out of reach on any machine this study targets, for a window as 
 whole run (the label matrix does not shrink with the window). Instead, at each logged step, the
 study reads the effective parameters of the *kernel smoother of the current empirical NTK*: the
 ridge regressor ``S(x) = K_t(x, X_k) (K_t(X_k, X_k) + lambda I)^{-1}`` on the ``n_kernel`` fixed
-training points (:func:`telescope.kernel_regression` with the identity as targets), with
-``lambda = smoother_ridge * mean diag K_t``, and ``p(I) = n_k / |I| sum_{x in I} ||S(x)||^2`` on
-those training points and on ``n_probe`` test points. It is the effective-parameter count of the
+training points (:func:`telescope.kernels.smoother_weights` with ``ridge_convention=
+"relative_trace"``), with ``lambda = smoother_ridge * mean diag K_t``, and ``p(I) = n_k / |I|
+sum_{x in I} ||S(x)||^2`` (:func:`telescope.kernels.effective_parameters`) on those training
+points and on ``n_probe`` test points. It is the effective-parameter count of the
 linearized model at step ``t`` refit to convergence, not the telescoping ``p`` of the paper; it
 says how many effective parameters the kernel the network has *learned* by step ``t`` would use.
 """
@@ -50,15 +51,16 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from telescope import plotting as fg
 from telescope.data import modular_arithmetic
 from telescope.errors import UsageError
-from telescope.kernels import kernel_regression, ntk
+from telescope.kernels import effective_parameters, ntk, smoother_weights
 from telescope.kernels.empirical import METHODS
-from telescope.lens import KernelEvolution, WeightRank, attention_entropy
+from telescope.lens import AttentionEntropy, KernelEvolution, WeightRank
 from telescope.models import TinyTransformer
-from telescope.report import figures as fg
 from telescope.studies.base import Progress, Study, check_device
 from telescope.studies.base import resolve_device as _device
+from telescope.train import fit, log_spaced_steps
 
 # WeightRank matrix names of a one-layer TinyTransformer -> short column names
 _MATRICES = {
@@ -152,14 +154,6 @@ def points(config: GrokkingTransformerConfig) -> list[dict]:
     return [{"weight_decay": float(w), "seed": s} for w in config.weight_decays for s in seeds]
 
 
-def log_steps(steps: int, n_log: int, n_linear: int) -> list[int]:
-    """Step 0, ``n_log`` log-spaced and ``n_linear`` evenly spaced steps up to ``steps``."""
-    grid = np.round(np.geomspace(1, steps, n_log))
-    if n_linear:
-        grid = np.concatenate([grid, np.round(np.linspace(0, steps, n_linear + 1)[1:])])
-    return [0, *map(int, np.unique(grid[grid >= 1]))]
-
-
 def _param_norm(model: torch.nn.Module) -> float:
     return float(torch.sqrt(sum((p.detach() ** 2).sum() for p in model.parameters())))
 
@@ -170,31 +164,40 @@ def _short(name: str, kind: str, head: int) -> str:
     return f"{kind}_h{head}"
 
 
-def _lens_row(model, data, ke: KernelEvolution, wr: WeightRank, x_probe: torch.Tensor,
-              ridge: float) -> dict:
-    """Everything measured at one logged step (errors, kernels, attention, ranks)."""
+def _errors(model: torch.nn.Module, data) -> dict:
+    """Train/test cross-entropy and accuracy, and the parameter norm."""
     row: dict = {}
-    with torch.no_grad():
-        for split, x, y in (("train", data.x_train, data.y_train),
-                            ("test", data.x_test, data.y_test)):
-            out = model(x)
-            row[f"{split}_loss"] = float(F.cross_entropy(out, y))
-            row[f"{split}_acc"] = float((out.argmax(1) == y).float().mean())
+    for split, x, y in (("train", data.x_train, data.y_train), ("test", data.x_test, data.y_test)):
+        out = model(x)
+        row[f"{split}_loss"] = float(F.cross_entropy(out, y))
+        row[f"{split}_acc"] = float((out.argmax(1) == y).float().mean())
     row["weight_norm"] = _param_norm(model)
-    row.update(ke.measure())
-    # NTK-smoother effective parameters (see the module docstring): S = K_*x (K + lambda I)^-1
-    k_tt = ke.kernel.detach().double()
-    k_pt = ntk(model, x_probe, ke.x, output="trace", method=ke.method).detach().double()
-    n_k = k_tt.shape[0]
-    lam = ridge * float(k_tt.diagonal().mean())
-    eye = torch.eye(n_k, dtype=torch.float64, device=k_tt.device)
-    s_test, s_train = kernel_regression(k_tt, k_pt, eye, ridge=lam, return_train=True)
-    row["p_train_ntk"] = float(n_k * (s_train ** 2).sum(1).mean())
-    row["p_test_ntk"] = float(n_k * (s_test ** 2).sum(1).mean())
-    for r in attention_entropy(model, data.x_test):
+    return row
+
+
+class _NTKSmoother:
+    """NTK-smoother effective parameters (see the module docstring), after ``ke`` measured:
+    ``S = K_*x (K + lambda I)^-1`` with ``lambda = ridge * mean diag K``."""
+
+    def __init__(self, ke: KernelEvolution, x_probe: torch.Tensor, ridge: float) -> None:
+        self.ke, self.x_probe, self.ridge = ke, x_probe, ridge
+
+    def measure(self, state) -> dict:
+        k_tt = self.ke.kernel.detach().double()
+        k_pt = ntk(state.model, self.x_probe, self.ke.x, output="trace",
+                   method=self.ke.method).detach().double()
+        s_test, s_train = smoother_weights(k_tt, k_pt, ridge=self.ridge,
+                                           ridge_convention="relative_trace", return_train=True)
+        return {"p_train_ntk": effective_parameters(s_train),
+                "p_test_ntk": effective_parameters(s_test)}
+
+
+def _wide(entropy: list[dict], ranks: list[dict]) -> dict:
+    """One step's attention entropies and weight-update ranks as columns."""
+    row: dict = {}
+    for r in entropy:
         layer = r["layer"].replace("blocks.", "l").replace(".attn", "")
         row[f"entropy_{layer}_h{r['head']}"] = float(r["normalized"])
-    ranks = wr.measure()
     for r in ranks:
         key = _short(r["matrix"], r["kind"], r["head"])
         row[f"dnorm_{key}"] = float(r["delta_norm"])
@@ -220,33 +223,22 @@ def run_point(config: GrokkingTransformerConfig, point: dict, progress: Progress
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=tuple(config.betas),
                             weight_decay=wd)
     n_k = min(config.n_kernel, data.x_train.shape[0])
-    x_k = data.x_train[:n_k]
     y_k = F.one_hot(data.y_train[:n_k], config.p).to(torch.float32)
-    x_probe = data.x_test[: config.n_probe]
-    ke = KernelEvolution(model, x_k, y_k, output="trace", method=config.kernel_method)
-    wr = WeightRank(model, threshold=config.rank_threshold)
-    logged = log_steps(config.steps, config.n_log, config.n_linear)
-    todo = set(logged)
-    progress.set(config.steps)
-
-    def row(step: int) -> dict:
-        return {**point, "step": int(step),
-                **_lens_row(model, data, ke, wr, x_probe, config.smoother_ridge)}
-
-    rows = [row(0)]
-    chunk = 0
-    for step in range(1, config.steps + 1):
-        opt.zero_grad(set_to_none=True)
-        F.cross_entropy(model(data.x_train), data.y_train).backward()
-        opt.step()
-        chunk += 1
-        if step in todo:
-            rows.append(row(step))
-            progress.update(chunk)
-            chunk = 0
-    if chunk:
-        progress.update(chunk)
-    return rows
+    ke = KernelEvolution(model, data.x_train[:n_k], y_k, output="trace",
+                         method=config.kernel_method)
+    lenses = [ke, _NTKSmoother(ke, data.x_test[: config.n_probe], config.smoother_ridge),
+              AttentionEntropy(data.x_test), WeightRank(model, threshold=config.rank_threshold)]
+    history = fit(model, opt, data.x_train, data.y_train, steps=config.steps,
+                  loss="cross_entropy", evaluate=lambda m: _errors(m, data), callbacks=lenses,
+                  eval_at=log_spaced_steps(config.steps, config.n_log, linear=config.n_linear,
+                                           zero=True),
+                  progress=progress)
+    entropy, ranks = history.tables["entropy"], history.tables["WeightRank"]
+    return [{**point, "step": int(r["step"]),
+             **{k: v for k, v in r.items() if k not in ("step", "loss")},
+             **_wide([e for e in entropy if e["step"] == r["step"]],
+                     [w for w in ranks if w["step"] == r["step"]])}
+            for r in history.rows]
 
 
 # ---- headline and figures ------------------------------------------------------------------

@@ -23,11 +23,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from telescope import plotting as fg
 from telescope.data import load_mnist1d
 from telescope.errors import UsageError
 from telescope.models import ConvNet1d
-from telescope.report import figures as fg
 from telescope.studies.base import Progress, Study, check_range
+from telescope.train import fit
 
 
 @dataclass
@@ -106,13 +107,9 @@ def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 
 def _train(model, opt, data, steps: int, config, gen: torch.Generator,
            progress: Progress) -> None:
-    n = data.n_train
-    for _ in range(steps):
-        idx = torch.randint(0, n, (config.batch_size,), generator=gen)
-        opt.zero_grad()
-        F.cross_entropy(model(data.x_train[idx]), data.y_train[idx]).backward()
-        opt.step()
-        progress.update()
+    """``steps`` SGD steps on minibatches drawn with replacement from ``gen``."""
+    fit(model, opt, data.x_train, data.y_train, steps=steps, loss="cross_entropy",
+        batch_size=config.batch_size, sampler="replacement", generator=gen, progress=progress)
 
 
 def _optimizer(model, config):

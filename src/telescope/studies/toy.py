@@ -21,10 +21,10 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from telescope import plotting as fg
 from telescope.data import teacher_regression
 from telescope.errors import UsageError
 from telescope.kernels import infinite_ntk, kernel_regression
-from telescope.report import figures as fg
 from telescope.studies.base import Progress, Study, check_range
 
 

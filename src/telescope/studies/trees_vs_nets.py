@@ -50,7 +50,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+import torch.nn.functional as F
 
+from telescope import plotting as fg
 from telescope.data import (
     irregularity_split,
     load_bundled_table,
@@ -61,8 +63,8 @@ from telescope.errors import UsageError
 from telescope.lens import Smoother
 from telescope.lens.boosting import boosting_smoother, kernel_weight_norms
 from telescope.models import MLP
-from telescope.report import figures as fg
 from telescope.studies.base import Progress, Study, check_range
+from telescope.train import fit
 
 
 @dataclass
@@ -220,21 +222,12 @@ def _train_net(config: TreesVsNetsConfig, x: torch.Tensor, y: torch.Tensor, prob
     model = MLP(x.shape[1], list(nc.hidden), 1).double()
     opt = torch.optim.SGD(model.parameters(), lr=nc.lr, momentum=nc.momentum)
     sm = Smoother(model, opt, x, y, probes={"test": probe})
-    gen = torch.Generator().manual_seed(seed)
     n, bs = x.shape[0], min(nc.batch_size, x.shape[0])
-    steps_per_epoch = max(1, n // bs)
-    progress.set(nc.epochs * steps_per_epoch)
-    for _ in range(nc.epochs):
-        perm = torch.randperm(n, generator=gen)
-        for b in range(steps_per_epoch):
-            idx = perm[b * bs:(b + 1) * bs]
-            opt.zero_grad()
-            loss = torch.nn.functional.mse_loss(model(x[idx])[:, 0], y[idx])
-            loss.backward()
-            sm.record(idx)
-            opt.step()
-            progress.update()
-    sm.close()
+    with sm:
+        fit(model, opt, x, y, steps=nc.epochs * max(1, n // bs),
+            loss=lambda out, target: F.mse_loss(out[:, 0], target), batch_size=bs,
+            sampler="epochs", generator=torch.Generator().manual_seed(seed), callbacks=[sm],
+            progress=progress)
     with torch.no_grad():
         pred = model(probe)[:, 0].numpy()
     return pred, sm
