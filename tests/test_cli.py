@@ -1,37 +1,23 @@
-"""The `telescope` command line, run in-process, and the thread-count default."""
+"""The `telescope` command line, run in-process, and the thread-count default; the
+``ntk-width`` study (the former `telescope demo`) against numpy / autograd oracles."""
 
 from __future__ import annotations
 
-import csv
 import math
+import re
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from _oracles import np_relu_ntk, oracle_jacobian
 
 from telescope._threads import available_cpus, configure_threads
 from telescope.cli import main
+from telescope.studies import get_study, make_config
+from telescope.studies import ntk_width as nw
 
-TABLE_HEADER = ["width", "n_params", "rel_frobenius", "alignment", "effective_rank",
-                "ntk_seconds", "test_accuracy"]
-
-
-
-def parse_table(text: str) -> list[dict[str, str]]:
-    """The whitespace-separated table that starts at the line holding the header."""
-    lines = text.splitlines()
-    start = next(i for i, line in enumerate(lines) if line.split() == TABLE_HEADER)
-    rows = []
-    for line in lines[start + 1:]:
-        cells = line.split()
-        if len(cells) != len(TABLE_HEADER):
-            break
-        rows.append(dict(zip(TABLE_HEADER, cells, strict=True)))
-    return rows
-
-
-# ------------------------------------------------------------ numpy oracles for the demo's numbers
+# ------------------------------------------------------- numpy oracles for the ntk-width numbers
 
 
 def np_alignment(a: np.ndarray, b: np.ndarray) -> float:
@@ -54,9 +40,10 @@ def np_kr_accuracy(k: np.ndarray, k_st: np.ndarray, y: np.ndarray, y_test: np.nd
     return float(((k_st @ alpha).argmax(1) == y_test).mean())
 
 
-def demo_oracle(n: int, n_test: int, width: int, seed: int = 0) -> dict[str, dict[str, float]]:
-    """The demo's numbers recomputed: the empirical NTK by per-example autograd (float64 copy
-    of the width-``width`` MLP built as the demo builds it), the infinite one by numpy."""
+def width_oracle(n: int, n_test: int, width: int, seed: int = 0) -> dict[float, dict]:
+    """The study's numbers recomputed: the empirical NTK by per-example autograd (float64 copy
+    of the width-``width`` MLP built as the study builds it), the infinite one by numpy; by
+    width (``inf``: the infinite-width NTK), with the eigenvalues, largest first."""
     from telescope.data import load_mnist1d
     from telescope.models import MLP
 
@@ -73,49 +60,93 @@ def demo_oracle(n: int, n_test: int, width: int, seed: int = 0) -> dict[str, dic
     k = np.einsum("aop,bop->ab", j, j) / 10          # [N, O, P] Jacobians: trace over outputs
     k_st = np.einsum("aop,bop->ab", j_test, j) / 10
     return {
-        str(width): {"rel_frobenius": np.linalg.norm(k - k_inf) / np.linalg.norm(k_inf),
-                     "alignment": np_alignment(k, k_inf), "effective_rank": np_effective_rank(k),
-                     "test_accuracy": np_kr_accuracy(k, k_st, y, y_test)},
-        "inf": {"effective_rank": np_effective_rank(k_inf),
-                "test_accuracy": np_kr_accuracy(k_inf, k_inf_st, y, y_test)},
+        float(width): {"rel_frobenius": np.linalg.norm(k - k_inf) / np.linalg.norm(k_inf),
+                       "alignment": np_alignment(k, k_inf),
+                       "effective_rank": np_effective_rank(k),
+                       "test_accuracy": np_kr_accuracy(k, k_st, y, y_test),
+                       "eigenvalues": np.linalg.eigvalsh(k)[::-1]},
+        math.inf: {"rel_frobenius": 0.0, "alignment": 1.0,
+                   "effective_rank": np_effective_rank(k_inf),
+                   "test_accuracy": np_kr_accuracy(k_inf, k_inf_st, y, y_test),
+                   "eigenvalues": np.linalg.eigvalsh(k_inf)[::-1]},
     }
 
 
-def test_demo_writes_table_figure_and_csv(tmp_path, capsys):
-    out = tmp_path / "demo"
-    code = main(["--threads", "1", "demo", "--n", "32", "--n-test", "40", "--width", "64",
-                 "--out", str(out), "--no-progress"])
+def printed_headline(text: str) -> dict[str, str]:
+    """``quantity: value`` lines of the headline the CLI prints after a study."""
+    return dict(m.groups() for m in re.finditer(r"^(.+?): (\S+)$", text, re.MULTILINE))
+
+
+def test_ntk_width_study_writes_results_figures_report(tmp_path, capsys):
+    out = tmp_path / "ntkw"
+    code = main(["--threads", "1", "study", "ntk-width", "--set", "data.n_train=32",
+                 "data.n_test=40", "widths=64", "--out", str(out), "--no-progress"])
     assert code == 0
     printed = capsys.readouterr().out
 
-    rows = parse_table(printed)
-    assert [r["width"] for r in rows] == ["64", "inf"]
-    assert int(rows[0]["n_params"]) == 40 * 64 + 64 + 64 * 64 + 64 + 64 * 10 + 10
+    df = pd.read_parquet(out / "results.parquet")
+    kern = df[df["kind"] == "kernel"].reset_index(drop=True)
+    assert list(kern["width"]) == [64.0, math.inf]
+    assert int(kern["n_params"][0]) == 40 * 64 + 64 + 64 * 64 + 64 + 64 * 10 + 10
+    assert math.isnan(kern["n_params"][1])  # the infinite-width kernel has no parameters
+    assert (df["n_train"] == 32).all() and (df["n_test"] == 40).all()
+    assert (df["seed"] == 0).all()
+    for name in ("ntk_width", "ntk_width_spectra"):
+        assert (out / f"{name}.png").stat().st_size > 0
+        assert (out / f"{name}.svg").stat().st_size > 0
+    assert str((out / "report.html").resolve()) in printed
 
-    assert (out / "kernels.png").stat().st_size > 0
-    assert str((out / "kernels.png").resolve()) in printed
-    with open(out / "results.csv", newline="") as f:
-        table = list(csv.DictReader(f))
-    assert [float(r["width"]) for r in table] == [64.0, math.inf]
-    assert all(r["n_train"] == "32" and r["n_test"] == "40" for r in table)
+    # every number against the autograd / numpy recomputation: results.parquet at full
+    # precision, the printed headline at its rounding (4 significant digits)
+    oracle = width_oracle(n=32, n_test=40, width=64)
+    for _, row in kern.iterrows():
+        want = oracle[row["width"]]
+        for key in ("rel_frobenius", "alignment", "effective_rank", "test_accuracy"):
+            assert row[key] == pytest.approx(want[key], rel=1e-6, abs=1e-6), (row["width"], key)
+        spec = df[(df["kind"] == "spectrum") & (df["width"] == row["width"])]
+        assert list(spec["index"]) == list(range(1, 33))
+        np.testing.assert_allclose(spec["eigenvalue"], want["eigenvalues"], rtol=1e-6,
+                                   atol=1e-6 * want["eigenvalues"][0])
+    shown = printed_headline(printed)
+    for key, want in (("relative distance to the infinite NTK, width 64", "rel_frobenius"),
+                      ("alignment with the infinite NTK, width 64", "alignment"),
+                      ("kernel-regression test accuracy, width 64", "test_accuracy")):
+        assert float(shown[key]) == pytest.approx(oracle[64.0][want], rel=6e-4), key
+    assert float(shown["kernel-regression test accuracy, infinite NTK"]) == pytest.approx(
+        oracle[math.inf]["test_accuracy"], rel=6e-4)
 
-    # every number against the autograd / numpy recomputation: the CSV at full precision, the
-    # printed table at its rounding (4 decimals; effective rank 1 decimal)
-    oracle = demo_oracle(n=32, n_test=40, width=64)
-    for row, saved in zip(rows, table, strict=True):
-        for key, want in oracle[row["width"]].items():
-            assert float(saved[key]) == pytest.approx(want, rel=1e-6, abs=1e-6), \
-                (row["width"], key)
-            shown = 0.051 if key == "effective_rank" else 6e-5
-            assert float(row[key]) == pytest.approx(want, abs=shown), (row["width"], key)
+
+def test_ntk_width_width_list_presets_and_validation(tmp_path):
+    out = tmp_path / "w"
+    assert main(["study", "ntk-width", "--set", "data.n_train=16", "data.n_test=16",
+                 "widths=32,16", "--out", str(out), "--no-progress", "--no-report",
+                 "--threads", "1"]) == 0
+    df = pd.read_parquet(out / "results.parquet")
+    assert list(df[df["kind"] == "kernel"]["width"]) == [16.0, 32.0, math.inf]
+
+    study = get_study("ntk-width")
+    quick = make_config(study, "quick", {})
+    assert quick.widths == (64, 256, 512) and quick.data.n_train == 256
+    assert quick.data.n_test == 1000 and quick.seeds == 1
+    assert [p["width"] for p in nw.points(quick)] == [64.0, 256.0, 512.0, math.inf]
+    full = make_config(study, "full", {})
+    assert len(nw.points(full)) == (len(full.widths) + 1) * full.seeds
+    for bad, needle in ((("widths", "0"), "widths"), (("widths", "8,8"), "repeat"),
+                        (("data.n_train", "1"), "data.n_train"), (("ridge", "0"), "ridge"),
+                        (("ntk_memory_gb", "0"), "ntk_memory_gb")):
+        with pytest.raises(ValueError, match=needle):
+            make_config(study, "quick", dict([bad]))
 
 
-def test_demo_width_list(tmp_path, capsys):
-    code = main(["demo", "--n", "16", "--n-test", "16", "--width", "16", "32",
-                 "--out", str(tmp_path), "--no-progress", "--threads", "1"])
-    assert code == 0
-    rows = parse_table(capsys.readouterr().out)
-    assert [r["width"] for r in rows] == ["16", "32", "inf"]
+def test_ntk_width_too_big_for_memory_is_refused_before_allocating(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["study", "ntk-width", "--set", "data.n_train=100000000", "data.n_test=2",
+              "--out", str(tmp_path / "x")])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("telescope: error:") and "Traceback" not in err
+    assert "study 'ntk-width'" in err and "of memory here" in err
+    assert not (tmp_path / "x").exists()
 
 
 @pytest.mark.parametrize("model", ["mlp", "cnn"])
@@ -148,8 +179,10 @@ def test_ntk_transformer_preset_diagonal_output(tmp_path, capsys):
 
 @pytest.mark.parametrize("argv, needle", [
     (["ntk", "--model", "resnet"], "invalid choice: 'resnet'"),
-    (["demo", "--n", "zero"], "expected a positive integer"),
-    (["--threads", "0", "demo"], "expected a positive integer"),
+    (["ntk", "--model", "mlp", "--n", "zero"], "expected a positive integer"),
+    (["--threads", "0", "ntk", "--model", "mlp"], "expected a positive integer"),
+    (["demo"], "invalid choice: 'demo'"),   # now `telescope study ntk-width`
+    (["lens"], "invalid choice: 'lens'"),   # now `telescope study approximation`
     (["ntk"], "--model"),
     ([], "COMMAND"),
 ])

@@ -274,9 +274,9 @@ def read_only_dir(path: Path):
 
 @pytest.mark.parametrize("command", [
     ["study", "toy", *SMALL, "--no-progress"],
-    ["demo", "--n", "4"],
+    ["study", "ntk-width", "--set", "data.n_train=4", "widths=8", "--no-progress"],
     ["ntk", "--model", "mlp", "--n", "4"],
-    ["lens", "--steps", "1"],
+    ["study", "approximation", "--set", "steps=1", "--no-progress"],
 ])
 def test_out_that_is_a_file_or_under_a_file_or_read_only(tmp_path, capsys, command):
     a_file = tmp_path / "file.txt"

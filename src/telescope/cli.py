@@ -1,16 +1,17 @@
-"""The ``telescope`` command line (thin: the work is in :mod:`telescope.demo` and the library).
+"""The ``telescope`` command line (thin: the work is in the studies and the library).
 
-    telescope [--threads N] demo [--out DIR] [--n N] [--width W [W ...]] [--seed S]
-    telescope [--threads N] ntk --model mlp|cnn|transformer [--data mnist1d|tokens] [--n N]
-              [--method auto|jacobian|vector|structured] [--output trace|full|diagonal]
-              [--out DIR] [--seed S]
-    telescope [--threads N] lens [--out DIR] [--steps N] [--lr LR ...] [--adamw-lr LR ...]
-              [--optimizer sgd|momentum|weight_decay|adamw ...] [--seed S]
     telescope [--threads N] study NAME [--preset quick|full] [--out DIR] [--set key=value ...]
               [--seeds N] [--executor local|ray] [--workers K] [--address ADDR]
               [--cpus-per-point C] [--force] [--no-report] [--no-progress]
     telescope study --list
     telescope report DIR
+    telescope [--threads N] ntk --model mlp|cnn|transformer [--data mnist1d|tokens] [--n N]
+              [--method auto|jacobian|vector|structured] [--output trace|full|diagonal]
+              [--out DIR] [--seed S]
+
+``study`` runs an experiment (a sweep of points into ``results.parquet``, figures and
+``report.html``); ``ntk`` is a utility: the kernel of one built-in model on its data, saved as a
+tensor (``kernel.pt``) with a plot of its spectrum.
 
 Exit codes: 0 success; 1 some points failed, or the report could not be made completely;
 2 a mistake the user can fix (``telescope: error: ...``, no traceback); 130 interrupted
@@ -42,14 +43,12 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not (value > 0 and value < float("inf")):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
+# ``telescope ntk``: built-in models, the data each takes, and their outputs per input (the ``O``
+# of a ``[N, N, O, O]`` kernel)
+NTK_MODELS = ("mlp", "cnn", "transformer")
+NTK_DATA = {"mlp": "mnist1d", "cnn": "mnist1d", "transformer": "tokens"}
+TOKENS = {"vocab": 128, "seq_len": 16}
+NTK_OUTPUTS = {"mlp": 10, "cnn": 10, "transformer": TOKENS["vocab"]}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,27 +69,6 @@ def build_parser() -> argparse.ArgumentParser:
                         help=threads_help)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    demo = sub.add_parser(
-        "demo", parents=[common],
-        help="empirical vs infinite-width NTK of small MLPs on MNIST-1D (table + figure)",
-        description="The empirical NTK of NTK-parametrized ReLU MLPs 40-W-W-10 on MNIST-1D at "
-                    "several widths against the infinite-width NTK, and the kernel-regression "
-                    "test accuracy of both. Writes kernels.png and results.csv into --out.")
-    demo.add_argument("--out", default="out/demo", metavar="DIR",
-                      help="output directory (default: out/demo)")
-    demo.add_argument("--n", type=_positive_int, default=256, metavar="N",
-                      help="training points in the kernel (default: 256)")
-    demo.add_argument("--n-test", type=_positive_int, default=1000, metavar="N",
-                      help="test points for kernel regression (default: 1000)")
-    demo.add_argument("--width", type=_positive_int, nargs="+", default=[512], metavar="W",
-                      help="hidden width; a single W also measures the widths 64 and 256 below "
-                           "it, several values are used as given (default: 512)")
-    demo.add_argument("--seed", type=int, default=0, help="data and initialization seed")
-    demo.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    demo.set_defaults(func=_cmd_demo)
-
-    from telescope.demo import DATA_PRESETS, MODEL_PRESETS
-
     ntk = sub.add_parser(
         "ntk", parents=[common],
         help="the empirical NTK of a built-in model/data preset (kernel.pt + spectrum.png)",
@@ -98,10 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "torch.save'd dict of tensors and plain values: the kernel, inputs, "
                     "eigenvalues and metadata; load it with torch.load(path, "
                     "weights_only=True)) with a plot of its eigen-spectrum (spectrum.png).")
-    ntk.add_argument("--model", choices=MODEL_PRESETS, required=True,
+    ntk.add_argument("--model", choices=NTK_MODELS, required=True,
                      help="mlp: MLP 40-512-512-10 (NTK param.); cnn: ConvNet1d; transformer: "
                           "2 layers, d_model 128, 4 heads, vocab 128, seq 16")
-    ntk.add_argument("--data", choices=DATA_PRESETS, default=None,
+    ntk.add_argument("--data", choices=sorted(set(NTK_DATA.values())), default=None,
                      help="mnist1d (mlp, cnn) or tokens (transformer); default: the model's")
     ntk.add_argument("--n", type=_positive_int, default=256, metavar="N",
                      help="number of points (default: 256)")
@@ -114,46 +92,6 @@ def build_parser() -> argparse.ArgumentParser:
     ntk.add_argument("--seed", type=int, default=0, help="data and initialization seed")
     ntk.add_argument("--progress", action="store_true", help="show a progress bar over blocks")
     ntk.set_defaults(func=_cmd_ntk)
-
-    from telescope import lens_demo
-
-    lens = sub.add_parser(
-        "lens", parents=[common],
-        help="telescoping vs linearized model: approximation error through training (figure)",
-        description="Train an MLP 64-200-200-200-1 (ReLU) on sklearn's 8x8 digits, 3 vs 5, with "
-                    "the squared loss, for several optimizers and learning rates, with a "
-                    "Telescope attached; plot the mean absolute error of the telescoping model "
-                    "(red) and of the model linearized around the initialization (gray) against "
-                    "the actual network by step (Jeffares et al. 2024, Fig. 7). Writes "
-                    "approximation.png and approximation.csv into --out.")
-    lens.add_argument("--out", default="out/lens", metavar="DIR",
-                      help="output directory (default: out/lens)")
-    lens.add_argument("--steps", type=_positive_int, default=1000, metavar="N",
-                      help="optimizer steps per run (default: 1000)")
-    lens.add_argument("--lr", type=_positive_float, nargs="+",
-                      default=list(lens_demo.DEFAULT_LRS), metavar="LR",
-                      help="learning rates of the SGD-family optimizers (default: "
-                           f"{' '.join(f'{v:g}' for v in lens_demo.DEFAULT_LRS)})")
-    lens.add_argument("--adamw-lr", type=_positive_float, nargs="+",
-                      default=list(lens_demo.DEFAULT_ADAMW_LRS), metavar="LR",
-                      help="learning rates of AdamW (default: "
-                           f"{' '.join(f'{v:g}' for v in lens_demo.DEFAULT_ADAMW_LRS)})")
-    lens.add_argument("--optimizer", choices=lens_demo.OPTIMIZERS, nargs="+",
-                      default=list(lens_demo.OPTIMIZERS), metavar="NAME",
-                      help="optimizers: sgd, momentum (0.9), weight_decay "
-                           f"({lens_demo.WEIGHT_DECAY:g}), adamw (default: all)")
-    lens.add_argument("--n-train", type=_positive_int, default=250, metavar="N",
-                      help="training points (default: 250; 3s and 5s hold 365 in all)")
-    lens.add_argument("--n-test", type=_positive_int, default=115, metavar="N",
-                      help="test points (default: 115)")
-    lens.add_argument("--batch-size", type=_positive_int, default=200, metavar="B",
-                      help="minibatch size (default: 200, or all training points if fewer)")
-    lens.add_argument("--every", type=_positive_int, default=10, metavar="K",
-                      help="record the errors every K steps (default: 10)")
-    lens.add_argument("--float64", action="store_true", help="train in float64")
-    lens.add_argument("--seed", type=int, default=0, help="data split and initialization seed")
-    lens.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    lens.set_defaults(func=_cmd_lens)
 
     study = sub.add_parser(
         "study", parents=[common],
@@ -221,81 +159,126 @@ def _out_dir(path: str | Path) -> Path:
     return ensure_writable_dir(Path(path).resolve())
 
 
-def _cmd_demo(args: argparse.Namespace) -> int:
-    from telescope.demo import check_demo_memory, demo_widths, format_table, run_demo
+# --------------------------------------------------------------------------- telescope ntk
 
-    widths = demo_widths(args.width[0] if len(args.width) == 1 else args.width)
-    check_demo_memory(args.n, args.n_test)
-    _out_dir(args.out)
-    print(f"telescope demo: MNIST-1D, {args.n} training / {args.n_test} test points, "
-          f"MLP 40-W-W-10 (ReLU, NTK parametrization), widths {widths}, seed {args.seed}, "
-          f"{_n_threads(args.threads_used)}", flush=True)
-    rows = run_demo(args.out, n=args.n, widths=widths, seed=args.seed, n_test=args.n_test,
-                    progress=not args.no_progress)
-    print()
-    print("empirical NTK (trace / outputs) vs infinite-width NTK on the training points;")
-    print("test_accuracy: converged kernel regression on one-hot labels (ridge 1e-4 mean diag)")
-    print(format_table(rows))
-    widest, inf = rows[-2], rows[-1]
-    print()
-    print(f"kernel-regression test accuracy: infinite NTK {inf['test_accuracy']:.3f}, "
-          f"width-{widest['width']} empirical NTK {widest['test_accuracy']:.3f}")
-    out = Path(args.out).resolve()
-    print(f"figure:  {out / 'kernels.png'}")
-    print(f"results: {out / 'results.csv'}")
-    return 0
+
+def _check_ntk_memory(model_name: str, n: int, output: str) -> None:
+    """Refuse a kernel that cannot fit in memory, before anything is built: the float32 kernel
+    (``[N, N]``, ``[N, N, O]`` or ``[N, N, O, O]``) and float64 copies of its trace for the
+    spectrum."""
+    from telescope.runs.plan import format_bytes, total_memory
+
+    per_pair = {"trace": 1, "diagonal": NTK_OUTPUTS[model_name],
+                "full": NTK_OUTPUTS[model_name] ** 2}[output]
+    shape = {"trace": "[N, N]", "diagonal": "[N, N, O]", "full": "[N, N, O, O]"}[output]
+    need, limit = n * n * (4 * per_pair + 8 * 3), total_memory()
+    if limit is not None and need > limit:
+        fix = "lower --n" + ("" if output == "trace" else " (or use --output trace)")
+        raise UsageError(f"the {shape} kernel of --n {n} points needs about "
+                         f"{format_bytes(need)}, more than the {format_bytes(limit)} of memory "
+                         f"here: {fix}")
+
+
+def _ntk_preset(model_name: str, n: int, seed: int):
+    """A built-in model (in eval mode) and ``n`` inputs for it: ``(model, x, labels)``.
+
+    ``mlp``: MLP 40-512-512-10 (ReLU, NTK parametrization) on MNIST-1D; ``cnn``:
+    :class:`~telescope.models.ConvNet1d` on MNIST-1D as ``[N, 1, 40]``; ``transformer``: a
+    2-layer :class:`~telescope.models.TinyTransformer` (d_model 128, 4 heads, vocab 128, seq 16,
+    last-token logits) on random tokens (no labels).
+    """
+    import torch
+
+    from telescope.models import MLP, ConvNet1d, TinyTransformer
+
+    labels = None
+    if NTK_DATA[model_name] == "mnist1d":
+        from telescope.data import load_mnist1d
+
+        data = load_mnist1d(n_train=n, seed=seed)
+        x, labels = data.x_train[:n], data.y_train[:n]
+    else:
+        from telescope.data.synthetic import random_tokens
+
+        x = random_tokens(n, TOKENS["seq_len"], TOKENS["vocab"], seed=seed)
+    torch.manual_seed(seed)
+    if model_name == "mlp":
+        model = MLP(x.shape[1], [512, 512], 10, activation="relu", parametrization="ntk")
+    elif model_name == "cnn":
+        model, x = ConvNet1d(), x.reshape(x.shape[0], 1, -1)
+    else:
+        model = TinyTransformer(vocab=TOKENS["vocab"], d_model=128, n_heads=4, n_layers=2,
+                                seq_len=TOKENS["seq_len"])
+    return model.eval(), x, labels
 
 
 def _cmd_ntk(args: argparse.Namespace) -> int:
-    from telescope.demo import check_ntk_memory, check_preset, run_ntk_preset
-
-    check_preset(args.model, args.data, args.n)
-    check_ntk_memory(args.model, args.n, args.output)
-    out = _out_dir(args.out or f"out/ntk-{args.model}")
-    s = run_ntk_preset(args.model, args.data, n=args.n, method=args.method, output=args.output,
-                       out=out, seed=args.seed, progress=args.progress)
-    top = ", ".join(f"{v:.4g}" for v in s["eigenvalues"][:5].tolist())
-    print(f"telescope ntk: {s['model']} on {s['data']}, N={s['n']}, "
-          f"{s['n_params']:,} parameters, method {s['method']}, output {s['output']}, "
-          f"{_n_threads(s['threads'])}")
-    print(f"kernel {list(s['shape'])} in {s['seconds']:.3f} s")
-    print(f"top eigenvalues (trace kernel): {top}")
-    print(f"effective rank: {s['effective_rank']:.2f}")
-    print(f"kernel:   {s['kernel_path']}")
-    print(f"spectrum: {s['figure_path']}")
-    return 0
-
-
-def _cmd_lens(args: argparse.Namespace) -> int:
+    """The kernel of a built-in model with :func:`telescope.ntk`, saved as ``kernel.pt`` (tensors
+    and plain Python values only: ``torch.load(path, weights_only=True)`` reads it) with a plot
+    of the trace kernel's eigenvalues (``spectrum.png``)."""
     import time
 
     import torch
 
-    from telescope.lens_demo import format_table, run_lens_demo, summarize
+    import telescope
+    from telescope import kernels
 
-    _out_dir(args.out)
-    print(f"telescope lens: digits 3 vs 5, {args.n_train} training / {args.n_test} test points, "
-          f"MLP 64-200-200-200-1 (ReLU), {args.steps} steps, optimizers "
-          f"{', '.join(args.optimizer)}, seed {args.seed}, {_n_threads(args.threads_used)}",
-          flush=True)
+    data_name = args.data or NTK_DATA[args.model]
+    if data_name != NTK_DATA[args.model]:
+        raise UsageError(f"the {args.model} preset takes --data {NTK_DATA[args.model]}, "
+                         f"not {data_name}")
+    _check_ntk_memory(args.model, args.n, args.output)
+    out = _out_dir(args.out or f"out/ntk-{args.model}")
+    model, x, labels = _ntk_preset(args.model, args.n, args.seed)
     start = time.perf_counter()
-    rows = run_lens_demo(args.out, steps=args.steps, lrs=args.lr, adamw_lrs=args.adamw_lr,
-                         optimizers=args.optimizer, n_train=args.n_train, n_test=args.n_test,
-                         batch_size=args.batch_size, seed=args.seed, every=args.every,
-                         dtype=torch.float64 if args.float64 else torch.float32,
-                         progress=not args.no_progress)
+    k = telescope.ntk(model, x, method=args.method, output=args.output, progress=args.progress)
     seconds = time.perf_counter() - start
-    print()
-    print("mean absolute error against the actual network on the test points at the last "
-          "recorded step;")
-    print("ratio: linearized / telescoping error; test_acc: the actual network")
-    print(format_table(summarize(rows, "test")))
-    out = Path(args.out).resolve()
-    print()
-    print(f"total {seconds:.1f} s")
-    print(f"figure:  {out / 'approximation.png'}")
-    print(f"results: {out / 'approximation.csv'}")
+    k_trace = (k.diagonal(dim1=2, dim2=3).sum(-1) if args.output == "full" else
+               k.sum(-1) if args.output == "diagonal" else k)
+    eig = kernels.spectrum(k_trace)
+    # plain Python types and tensors only, so that torch.load(path, weights_only=True) works
+    # (torch.__version__ is a TorchVersion, which the safe unpickler refuses)
+    summary = {
+        "model": str(args.model), "data": str(data_name), "n": int(x.shape[0]),
+        "method": str(args.method), "output": str(args.output), "seed": int(args.seed),
+        "seconds": float(seconds), "shape": tuple(int(d) for d in k.shape),
+        "n_params": int(sum(p.numel() for p in model.parameters() if p.requires_grad)),
+        "effective_rank": float(kernels.effective_rank(k_trace)),
+        "threads": int(torch.get_num_threads()), "torch_version": str(torch.__version__),
+        "telescope_version": str(telescope.__version__),
+    }
+    torch.save({**summary, "kernel": k.detach().cpu(), "eigenvalues": eig.detach().cpu(),
+                "x": x.detach().cpu(), "labels": None if labels is None else labels.cpu()},
+               out / "kernel.pt")
+    _plot_spectrum(eig, f"{args.model} on {data_name}, N={x.shape[0]}, trace NTK",
+                   out / "spectrum.png")
+
+    top = ", ".join(f"{v:.4g}" for v in eig[:5].tolist())
+    print(f"telescope ntk: {args.model} on {data_name}, N={summary['n']}, "
+          f"{summary['n_params']:,} parameters, method {args.method}, output {args.output}, "
+          f"{_n_threads(summary['threads'])}")
+    print(f"kernel {list(summary['shape'])} in {seconds:.3f} s")
+    print(f"top eigenvalues (trace kernel): {top}")
+    print(f"effective rank: {summary['effective_rank']:.2f}")
+    print(f"kernel:   {out / 'kernel.pt'}")
+    print(f"spectrum: {out / 'spectrum.png'}")
     return 0
+
+
+def _plot_spectrum(eig, title: str, path: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5.5, 4), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    pos = eig[eig > 0].numpy()
+    ax.semilogy(range(1, len(pos) + 1), pos, lw=1.4)
+    ax.set_xlabel("index")
+    ax.set_ylabel("eigenvalue")
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.savefig(path, dpi=120)
 
 
 def _cmd_study(args: argparse.Namespace) -> int:
