@@ -1,0 +1,233 @@
+"""The built-in per-layer rules of the structured NTK: :class:`LinearRule` (``y = W a + b`` at
+every token; also Hugging Face's ``Conv1D``), :class:`AffineRule` (``y = w * u(x) + b``: the norm
+layers), :class:`EmbeddingRule` and :class:`ConvRule`, and the dense factor the linear-like rules
+(and the attention rule's projections, ``_attention_rule.py``) are built from.
+
+The math, and which layer types get which rule, are in :mod:`telescope.kernels.rules`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, cast
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from telescope.kernels._rule_protocol import GradFactor, RuleMismatch, TokenFactor
+
+# --------------------------------------------------------------------------------------------
+# Rules: module -> factors, from the captured inputs and output deltas of every call
+# --------------------------------------------------------------------------------------------
+
+
+def _dense_factor(prefix: str, a: Tensor, d: Tensor, weight: Tensor, bias: Tensor | None,
+                  weight_scale: float = 1.0, bias_scale: float = 1.0, *,
+                  weight_name: str = "weight", bias_name: str | None = "bias",
+                  transposed: bool = False, rows: slice | None = None) -> TokenFactor:
+    """Factor of ``y_s = weight_scale * W a_s + bias_scale * b`` with ``W`` viewed as ``[p, q]``
+    (``weight`` itself is ``[p, ...]``, or ``[q, p]`` when ``transposed``: ``y = a @ weight``;
+    with ``rows``, ``W`` and ``b`` are those rows of ``weight`` and ``bias``, e.g. one of the
+    q/k/v blocks of a packed projection, and parameter-shaped gradients are zero elsewhere).
+
+    ``a`` is ``[B, S, q]`` and ``d`` is ``[O, B, S, p]``; a constant column ``bias_scale`` is
+    appended to ``a`` for the bias, so the bias gradient is the last column of ``sum_s d_s a_s^T``.
+    """
+    has_w = weight.requires_grad
+    has_b = bias is not None and bias.requires_grad
+    n_in = a.shape[-1]
+    cols = [a * weight_scale] if has_w else []
+    if has_b:
+        cols.append(torch.full_like(a[..., :1], bias_scale))
+    a_aug = torch.cat(cols, dim=-1)
+    w_shape = tuple(weight.shape)
+    b_shape = () if bias is None else tuple(bias.shape)
+    w_key, b_key = f"{prefix}{weight_name}", f"{prefix}{bias_name}"
+
+    def padded(g: Tensor, shape: tuple[int, ...]) -> Tensor:
+        if rows is None:
+            return g
+        full = g.new_zeros(*g.shape[:2], *shape)
+        full[:, :, rows] = g
+        return full
+
+    def to_params(g: Tensor) -> dict[str, Tensor]:
+        o, b = g.shape[:2]
+        out = {}
+        if has_w:
+            gw = g[..., :n_in]
+            gw = gw.transpose(2, 3) if transposed else gw.reshape(o, b, -1, *w_shape[1:])
+            out[w_key] = padded(gw, w_shape)
+        if has_b:
+            out[b_key] = padded(g[..., -1], b_shape)
+        return out
+
+    def from_params(theta: dict[str, Tensor]) -> Tensor:
+        cols = []
+        if has_w:
+            w = theta[w_key] if rows is None else theta[w_key][rows]
+            cols.append(w.T if transposed else w.reshape(w.shape[0], -1))
+        if has_b:
+            b = theta[b_key] if rows is None else theta[b_key][rows]
+            cols.append(b.reshape(-1, 1))
+        return torch.cat(cols, dim=1)
+
+    return TokenFactor.create(d, a_aug, None, a_aug.shape[-1], to_params, from_params)
+
+
+def _tokens(ts: list[Tensor], width: int, lead: int = 1) -> Tensor:
+    """Concatenate the calls' tensors as ``[..., tokens, width]`` (``lead`` leading dims kept)."""
+    parts = [t.reshape(*t.shape[:lead], -1, width) for t in ts]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=lead)
+
+
+def _scale(module: nn.Module, value: float | str) -> float:
+    return float(getattr(module, value)) if isinstance(value, str) else float(value)
+
+
+@dataclass(frozen=True)
+class LinearRule:
+    """``y_s = weight_scale * W a_s + bias_scale * b`` at every token ``s`` of the input's
+    leading axes (``a_s`` the last axis of the module's first positional input).
+
+    ``weight``/``bias`` name the parameters (``bias=None``: none); ``transposed=True`` for a
+    weight stored ``[in, out]`` (``y = a @ W + b``, Hugging Face's ``Conv1D``);
+    ``weight_scale``/``bias_scale`` are numbers or names of the module's attributes.
+    """
+
+    weight: str = "weight"
+    bias: str | None = "bias"
+    transposed: bool = False
+    weight_scale: float | str = 1.0
+    bias_scale: float | str = 1.0
+    name: str = "linear"
+
+    def __call__(self, module: nn.Module, prefix: str, inputs: list[Tensor],
+                 deltas: list[Tensor]) -> list:
+        w = getattr(module, self.weight)
+        b = getattr(module, self.bias) if self.bias else None
+        if w.ndim != 2:
+            raise RuleMismatch(f"{self.weight} is not a matrix")
+        n_in, n_out = (w.shape[0], w.shape[1]) if self.transposed else (w.shape[1], w.shape[0])
+        if any(x.shape[-1] != n_in for x in inputs) or any(d.shape[-1] != n_out for d in deltas):
+            raise RuleMismatch("the input's last axis does not match the weight")
+        a, d = _tokens(inputs, n_in), _tokens(deltas, n_out, lead=2)
+        return [_dense_factor(prefix, a, d, w, b, _scale(module, self.weight_scale),
+                              _scale(module, self.bias_scale), weight_name=self.weight,
+                              bias_name=self.bias, transposed=self.transposed)]
+
+
+@dataclass(frozen=True)
+class AffineRule:
+    """``y = w * u(x) + b`` elementwise, ``u`` free of parameters (a normalization).
+
+    ``u`` is read off the module's own forward with ``w = 1`` and ``b = 0`` (so its precision
+    and casts are the module's); ``axis="last"``: ``w`` has the shape of the input's trailing
+    axes (LayerNorm, RMSNorm); ``"channel"``: ``w`` is ``[C]`` on axis 1 of ``[N, C, ...]``
+    (BatchNorm in eval mode, GroupNorm, InstanceNorm); ``"auto"``: whichever fits the input.
+    """
+
+    weight: str = "weight"
+    bias: str | None = "bias"
+    axis: Literal["last", "channel", "auto"] = "last"
+    name: str = "affine"
+
+    def __call__(self, module: nn.Module, prefix: str, inputs: list[Tensor],
+                 deltas: list[Tensor]) -> list:
+        w = getattr(module, self.weight, None)
+        b = getattr(module, self.bias, None) if self.bias else None
+        unit: dict[str, Tensor] = {}
+        if isinstance(w, Tensor):
+            unit[self.weight] = torch.ones_like(w)
+        if self.bias and isinstance(b, Tensor):
+            unit[self.bias] = torch.zeros_like(b)
+        ref = w if isinstance(w, Tensor) else b
+        if not isinstance(ref, Tensor):
+            raise RuleMismatch(f"the module has no tensor {self.weight!r} or {self.bias!r}")
+        shape = ref.shape
+        grads, names = [], []
+        for x, dl in zip(inputs, deltas, strict=True):
+            with torch.no_grad():
+                u = functional_call(module, unit, (x,), strict=False)
+            if not isinstance(u, Tensor) or tuple(u.shape) != tuple(dl.shape[1:]):
+                raise RuleMismatch("the module's output does not match its deltas")
+            axis = self.axis
+            if axis == "auto":
+                axis = "last" if tuple(u.shape[-len(shape):]) == tuple(shape) else "channel"
+            if axis == "last":
+                if tuple(u.shape[-len(shape):]) != tuple(shape):
+                    raise RuleMismatch("the weight is not the input's trailing shape")
+
+                def reduce(t: Tensor) -> Tensor:  # [O, B, ...] -> [O, B, *shape]
+                    return t.reshape(t.shape[0], t.shape[1], -1, *shape).sum(2)
+            else:
+                if u.ndim < 2 or u.shape[1] != shape.numel():
+                    raise RuleMismatch("the weight is not the input's channel axis")
+
+                def reduce(t: Tensor) -> Tensor:  # [O, B, C, ...] -> [O, B, C]
+                    return t.reshape(t.shape[0], t.shape[1], t.shape[2], -1).sum(3)
+            parts = []
+            if isinstance(w, Tensor) and w.requires_grad:
+                parts.append(reduce(dl * u.unsqueeze(0)).flatten(2))
+            if isinstance(b, Tensor) and b.requires_grad:
+                parts.append(reduce(dl).flatten(2))
+            grads.append(torch.cat(parts, dim=2))
+        if isinstance(w, Tensor) and w.requires_grad:
+            names.append(f"{prefix}{self.weight}")
+        if isinstance(b, Tensor) and b.requires_grad:
+            names.append(f"{prefix}{self.bias}")
+        # sum() of tensors is typed Tensor | Literal[0]; grads holds one tensor per call
+        g = cast(Tensor, sum(grads)).transpose(0, 1)  # [B, O, P]
+        numel = [int(shape.numel())] * len(names)
+
+        def to_params(gr: Tensor) -> dict[str, Tensor]:
+            return {n: c.reshape(*c.shape[:2], *shape)
+                    for n, c in zip(names, gr.split(numel, dim=2), strict=True)}
+
+        return [GradFactor(g, to_params, names)]
+
+
+class EmbeddingRule:
+    """An embedding is a linear layer on one-hot inputs: ``<a_s, a'_s'>`` becomes the indicator
+    ``[idx_s == idx'_s']`` (the padding row receives no gradient)."""
+
+    name = "embedding"
+
+    def __call__(self, module: nn.Embedding, prefix: str, inputs: list[Tensor],
+                 deltas: list[Tensor]) -> list:
+        idx = torch.cat([x.reshape(x.shape[0], -1) for x in inputs], dim=1).long()
+        if module.padding_idx is not None:  # the padding row receives no gradient
+            idx = idx.masked_fill(idx == module.padding_idx, -1)
+        d = _tokens(deltas, module.embedding_dim, lead=2)
+        key = f"{prefix}weight"
+        return [TokenFactor.create(d, None, idx, module.num_embeddings,
+                                   lambda g: {key: g.transpose(2, 3)}, lambda t: t[key])]
+
+
+class ConvRule:
+    """A convolution (``nn.Conv1d``/``nn.Conv2d``, any stride, padding, padding mode and dilation;
+    ``groups = 1``) is a linear layer on its input patches (tokens = output positions)."""
+
+    name = "convolution"
+
+    def __call__(self, module: nn.Conv1d | nn.Conv2d, prefix: str, inputs: list[Tensor],
+                 deltas: list[Tensor]) -> list:
+        two_d = isinstance(module, nn.Conv2d)
+        pads = module._reversed_padding_repeated_twice
+        mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+        patches = []
+        for x in inputs:
+            x = F.pad(x, pads, mode=mode) if any(pads) else x
+            if two_d:
+                ks, dil, st = module.kernel_size, module.dilation, module.stride
+            else:
+                x = x.unsqueeze(2)
+                ks, dil, st = (1, *module.kernel_size), (1, *module.dilation), (1, *module.stride)
+            # [B, L, C*k]
+            patches.append(F.unfold(x, ks, dilation=dil, stride=st).transpose(1, 2))
+        c_out = module.out_channels
+        d = torch.cat([dl.reshape(*dl.shape[:2], c_out, -1).transpose(2, 3) for dl in deltas],
+                      dim=2)
+        return [_dense_factor(prefix, torch.cat(patches, dim=1), d, module.weight, module.bias)]
