@@ -67,27 +67,19 @@ the squared loss, ``c`` depends on the labels through the observed ``p``.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
-from typing import cast
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from telescope.errors import (
-    DivergedError,
-    UnsupportedModelError,
-    UnsupportedOptimizerError,
-    UsageError,
-)
+from telescope.errors import DivergedError, UsageError
 from telescope.kernels import smoothing
 from telescope.kernels.functional import (
     ParamSpec,
     ad_safe_backends,
     check_batch_independence,
     check_input,
-    check_model,
     check_parameters,
     eval_mode,
     flatten_output,
@@ -97,6 +89,14 @@ from telescope.kernels.functional import (
     only_params,
     per_example_jacobian,
     select_params,
+)
+from telescope.lens._smoother_checks import (
+    as_batch_indices,
+    check_training_mode,
+    check_uniform_groups,
+    optimizer_rule,
+    target_matrix,
+    trained_param_names,
 )
 from telescope.lens._tracked import optimizer_param_ids, parameter_changes
 
@@ -171,13 +171,13 @@ class Smoother:
                 raise UsageError(f"probe {name!r} has per-example shape {tuple(x.shape[1:])} "
                                  f"({x.dtype}), the training inputs {tuple(x_train.shape[1:])} "
                                  f"({x_train.dtype})")
-        kind, self.mode = _optimizer_rule(optimizer, mode)  # before anything reads its state
-        _check_training_mode(model)
+        kind, self.mode = optimizer_rule(optimizer, mode)  # before anything reads its state
+        check_training_mode(model)
         check_parameters(model)
         self.model, self.optimizer, self.loss, self.every = model, optimizer, loss, every
         self.check_gradient = check_gradient
         self._spec = params
-        self._names = _param_names(model, optimizer, select_params(model, params))
+        self._names = trained_param_names(model, optimizer, select_params(model, params))
         self.params = [dict(model.named_parameters())[n] for n in self._names]
         dtype = self.params[0].dtype
         device = self.params[0].device
@@ -190,7 +190,7 @@ class Smoother:
             check_batch_independence(model, self.x_train, "x_train")
             f0_train = forward_checked(model, self.x_train, "x_train").to(dtype)
         self.n_out = o = f0_train.shape[1]
-        self.y = _targets(y_train, n, o, loss).to(device=device, dtype=dtype)  # [n, O]
+        self.y = target_matrix(y_train, n, o, loss).to(device=device, dtype=dtype)  # [n, O]
         self.sets = {TRAIN: self.x_train, **{k: v.to(device) for k, v in probes.items()}}
         self.kind = kind  # "sgd" or "adam" (Adam and AdamW)
         # A(x) = [S(x) | c(x)]: [m, O, nO + 1]; f~(x) = A(x) @ [vec(Y); 1]
@@ -227,7 +227,8 @@ class Smoother:
         """Declare the training examples of the batch of the coming ``optimizer.step()``:
         integer indices into ``x_train`` (a 1-D tensor, list or array; repeats allowed), or a
         boolean mask of length ``n`` (its ``True`` positions)."""
-        self._batch: Tensor | None = _batch_indices(batch_indices, self.n).to(self.x_train.device)
+        self._batch: Tensor | None = as_batch_indices(batch_indices, self.n).to(
+            self.x_train.device)
 
     def weights(self, name: str = TRAIN) -> Tensor:
         """Smoother weights: ``[m, n]`` for a single output, else ``[m, O, n O]``
@@ -297,7 +298,7 @@ class Smoother:
         self._batch = None
         self._check_unchanged()
         if self.mode == "function":
-            _check_uniform_groups(optimizer)  # a schedule may have made the groups differ
+            check_uniform_groups(optimizer)  # a schedule may have made the groups differ
         if self.check_gradient and self.step == 0:
             self._check_gradient(batch)
         resid = self._residual(batch)  # [|B|, O, nO+1]
@@ -339,7 +340,7 @@ class Smoother:
                 "smoother follows the parameters it started with only (a replaced layer, "
                 "add_param_group, requires_grad toggled). Create a new Smoother (and optimizer) "
                 "after changing the model")
-        _check_training_mode(self.model)
+        check_training_mode(self.model)
         changed = [n for n, p, q in zip(self._names, self.params, self._seen, strict=True)
                    if not torch.equal(p.detach(), q)]
         if changed:
@@ -523,192 +524,6 @@ class Smoother:
         self._D = self._D + delta
         for name in self.A:
             self.A[name].add_(torch.einsum("mop,pk->mok", jac[name], delta))
-
-
-def _param_names(model: nn.Module, optimizer: torch.optim.Optimizer,
-                 chosen: list[str] | None) -> list[str]:
-    named = {id(p): n for n, p in model.named_parameters()
-             if p.requires_grad and (chosen is None or n in chosen)}
-    in_opt = {id(p) for g in optimizer.param_groups for p in g["params"]}
-    missing = [n for i, n in named.items() if i not in in_opt]
-    if missing:
-        raise UsageError(f"Smoother: trainable parameters not in the optimizer: {missing}; "
-                         "freeze them (requires_grad_(False)) or add them to the optimizer")
-    left_out = [n for n, p in model.named_parameters()
-                if p.requires_grad and id(p) in in_opt and id(p) not in named]
-    if left_out:
-        raise UsageError(f"Smoother: the optimizer also trains parameters that params= leaves "
-                         f"out ({', '.join(left_out[:5])}); select every parameter it trains")
-    extra = [i for i in in_opt if i not in named and i not in {id(p) for p in model.parameters()}]
-    if extra:
-        raise UsageError(f"Smoother: the optimizer holds {len(extra)} parameters that are not "
-                         "trainable parameters of the model")
-    if any(len(st) for st in optimizer.state.values()):
-        raise UsageError("Smoother: the optimizer already has state (momentum or moments from "
-                         "earlier steps); attach the Smoother to a freshly created optimizer")
-    return list(named.values())
-
-
-# Every option of the optimizers the smoother reproduces, with the values it reproduces (a
-# predicate). An optimizer's step reads exactly the keys of its ``defaults``; any other key of
-# a param group (a scheduler's ``initial_lr``, a user's ``name``) does not change the step.
-def _number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _anything(v) -> bool:
-    return True
-
-
-def _false(v) -> bool:
-    return not v
-
-
-_SGD_OPTIONS = {
-    "lr": _number, "momentum": _number, "dampening": _number, "weight_decay": _number,
-    "nesterov": _anything, "maximize": _anything, "foreach": _anything, "fused": _anything,
-    "differentiable": _false,
-}
-_ADAM_OPTIONS = {
-    "lr": _number, "eps": _number, "weight_decay": _number,
-    "betas": lambda v: len(v) == 2 and all(_number(float(b)) for b in v),
-    "amsgrad": _anything, "maximize": _anything, "foreach": _anything, "fused": _anything,
-    "capturable": _anything, "decoupled_weight_decay": _anything, "differentiable": _false,
-}
-_RULES = {torch.optim.SGD: ("sgd", _SGD_OPTIONS), torch.optim.Adam: ("adam", _ADAM_OPTIONS),
-          torch.optim.AdamW: ("adam", _ADAM_OPTIONS)}
-_SGD_UNIFORM = ("lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize")
-
-
-def _optimizer_rule(optimizer: torch.optim.Optimizer, mode: str) -> tuple[str, str]:
-    """``(kind, mode)`` for an optimizer the smoother reproduces exactly, from what it does:
-    its class (``torch.optim.SGD``, ``Adam`` or ``AdamW``, or a subclass that keeps their
-    ``step``) and every option of every param group, read against an allow-list; anything else
-    raises :class:`UnsupportedOptimizerError` naming the option. ``Adam(...,
-    decoupled_weight_decay=True)`` is AdamW (as in PyTorch >= 2.6), per param group."""
-    if not isinstance(optimizer, torch.optim.Optimizer):
-        raise UsageError(f"optimizer must be a torch.optim.Optimizer, got "
-                         f"{type(optimizer).__name__}")
-    name = type(optimizer).__name__
-    base = cast("type[torch.optim.Optimizer] | None",  # a key of _RULES
-                next((cls for cls in type(optimizer).__mro__ if cls in _RULES), None))
-    if base is None or type(optimizer).step is not base.step:
-        what = (f"{name} overrides {base.__name__}.step" if base is not None else
-                f"{name} is not one of them")
-        raise UnsupportedOptimizerError(
-            f"Smoother reproduces the updates of torch.optim.SGD, Adam and AdamW exactly; "
-            f"{what}. (telescope.Telescope follows any optimizer.)")
-    kind, allowed = _RULES[base]
-    for key in optimizer.defaults:
-        if key not in allowed:
-            raise UnsupportedOptimizerError(
-                f"Smoother: {name} option {key!r} is not reproduced (known options: "
-                f"{', '.join(allowed)}); use telescope.Telescope, or a torch version whose "
-                f"{name} has no such option")
-    for i, group in enumerate(optimizer.param_groups):
-        for key, ok in allowed.items():
-            if key not in group:
-                continue
-            value = group[key]
-            if isinstance(value, Tensor):
-                raise UnsupportedOptimizerError(
-                    f"Smoother: param group {i} has a tensor {key} ({value!r}); pass a Python "
-                    f"number")
-            try:
-                good = ok(value)
-            except (TypeError, ValueError):
-                good = False
-            if not good:
-                raise UnsupportedOptimizerError(
-                    f"Smoother: {name} with {key}={value!r} (param group {i}) is not "
-                    f"reproduced; "
-                    + ("differentiable optimizers are not supported" if key == "differentiable"
-                       else f"{key} must be a finite number"))
-    if kind == "sgd":
-        uniform = _uniform_groups(optimizer)
-        if mode == "auto":
-            return kind, "function" if uniform else "weight"
-        if mode == "function" and not uniform:
-            raise UsageError("Smoother(mode='function') needs the same SGD hyperparameters in "
-                             "every param group; use mode='weight' (or 'auto')")
-        return kind, mode
-    if mode == "function":
-        raise UsageError(f"Smoother(mode='function') supports SGD only; {name} needs "
-                         "mode='weight' (the default 'auto' picks it)")
-    return kind, "weight"
-
-
-def _uniform_groups(optimizer: torch.optim.Optimizer) -> bool:
-    first = optimizer.param_groups[0]
-    return all(all(g.get(k) == first.get(k) for k in _SGD_UNIFORM)
-               for g in optimizer.param_groups)
-
-
-def _check_uniform_groups(optimizer: torch.optim.Optimizer) -> None:
-    if not _uniform_groups(optimizer):
-        raise UsageError(
-            "Smoother: the SGD param groups no longer share their hyperparameters (a schedule "
-            "with one rule per group?), which the function-space recursion needs; create the "
-            "Smoother with mode='weight'")
-
-
-def _check_training_mode(model: nn.Module) -> None:
-    """The training step must be a deterministic function of each example."""
-    try:
-        check_model(model)
-    except UnsupportedModelError as err:
-        raise UnsupportedModelError(
-            f"Smoother: the model trains in a mode whose steps the smoother cannot reproduce: "
-            f"{err} (The smoother follows deterministic, per-example training steps: train "
-            "with the model in eval mode, or without such layers.)") from None
-
-
-def _batch_indices(batch: object, n: int) -> Tensor:
-    """Integer indices ``[B]`` from integer indices or a boolean mask of length ``n``."""
-    if isinstance(batch, Tensor):
-        idx = batch.detach()
-    else:
-        try:
-            idx = torch.as_tensor(batch)
-        except (TypeError, ValueError, RuntimeError) as err:
-            raise UsageError(f"batch indices must be integers or a boolean mask, got "
-                             f"{type(batch).__name__} ({err})") from None
-    if idx.numel() == 0:
-        raise UsageError("the batch is empty")
-    if idx.dtype == torch.bool:
-        if idx.ndim != 1 or idx.shape[0] != n:
-            raise UsageError(f"a boolean batch mask must have length n = {n}, got shape "
-                             f"{tuple(idx.shape)}")
-        idx = idx.nonzero()[:, 0]
-    elif idx.is_floating_point() or idx.is_complex():
-        raise UsageError(f"batch indices must be integers (or a boolean mask of length {n}), "
-                         f"got {idx.dtype} values")
-    elif idx.ndim > 1:
-        raise UsageError(f"batch indices must be 1-D, got shape {tuple(idx.shape)}")
-    idx = idx.reshape(-1).long()
-    if int(idx.min()) < 0 or int(idx.max()) >= n:
-        raise UsageError(f"batch indices must lie in [0, {n}), got [{int(idx.min())}, "
-                         f"{int(idx.max())}]")
-    return idx
-
-
-def _targets(y: Tensor, n: int, o: int, loss: str) -> Tensor:
-    if not isinstance(y, Tensor):
-        raise UsageError(f"y_train must be a tensor, got {type(y).__name__}")
-    if y.shape[0] != n:
-        raise UsageError(f"y_train has {y.shape[0]} rows, x_train {n}")
-    if loss == "cross_entropy" and y.ndim == 1:
-        if y.is_floating_point():
-            raise UsageError("cross-entropy targets must be integer classes or one-hot rows")
-        if int(y.min()) < 0 or int(y.max()) >= o:
-            raise UsageError(f"class labels must lie in [0, {o}), the model has {o} outputs")
-        return torch.nn.functional.one_hot(y.long(), o)
-    y2 = y.reshape(n, -1)
-    if y2.shape[1] != o:
-        raise UsageError(f"y_train has {y2.shape[1]} targets per example, the model {o} outputs")
-    if y2.is_floating_point() and not torch.isfinite(y2).all():
-        raise UsageError("y_train contains NaN or infinite values")
-    return y2
 
 
 __all__ = ["Smoother"]
