@@ -184,6 +184,7 @@ class Dataset:
 
 # The loaders import Dataset from this module, so they are imported after it is defined.
 from telescope.data._util import MissingDataError  # noqa: E402
+from telescope.data.arff import read_arff  # noqa: E402
 from telescope.data.digits import load_digits  # noqa: E402
 from telescope.data.images import (  # noqa: E402
     CIFAR10_CLASSES,
@@ -198,6 +199,7 @@ from telescope.data.irregular import (  # noqa: E402
     irregularity_split,
 )
 from telescope.data.mnist1d import load_mnist1d  # noqa: E402
+from telescope.data.openml import load_openml_cache  # noqa: E402
 from telescope.data.registry import DATASETS, load_dataset  # noqa: E402
 from telescope.data.synthetic import (  # noqa: E402
     SEQUENCE_TASKS,
@@ -209,11 +211,5 @@ from telescope.data.synthetic import (  # noqa: E402
     sequence_task,
     teacher_regression,
 )
-from telescope.data.tables import (  # noqa: E402
-    load_bundled_table,
-    load_openml_cache,
-    load_table,
-    read_arff,
-    table_dataset,
-)
+from telescope.data.tables import load_bundled_table, load_table, table_dataset  # noqa: E402
 from telescope.data.transforms import add_label_noise, binary_subset, subsample  # noqa: E402

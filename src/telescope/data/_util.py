@@ -42,6 +42,11 @@ def check_optional_int(name: str, value: object, low: int) -> int | None:
     return None if value is None else check_int(name, value, low)
 
 
+def check_nonnegative(name: str, value: object) -> None:
+    if not float(value) >= 0.0 or not np.isfinite(value):
+        raise UsageError(f"{name} must be a finite number >= 0, got {value!r}")
+
+
 def check_dtype(dtype: object) -> torch.dtype:
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise UsageError(f"dtype must be a floating torch dtype, got {dtype!r}")

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from telescope.data import Dataset
+from telescope.data._util import check_dtype
 from telescope.errors import UsageError
 
 __all__ = ["load_mnist1d", "default_cache_dir"]
@@ -197,8 +198,7 @@ def load_mnist1d(
     for name, value, low in (("n_train", n_train, 1), ("n_test", n_test, 0), ("seed", seed, 0)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise UsageError(f"{name} must be an int >= {low}, got {value!r}")
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise UsageError(f"dtype must be a floating torch dtype, got {dtype!r}")
+    check_dtype(dtype)
 
     num_samples = k * math.ceil((n_train + n_test) / k)
     tag = "all" if classes is None else "-".join(map(str, cls))

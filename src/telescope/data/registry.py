@@ -17,7 +17,7 @@ __all__ = ["DATASETS", "load_dataset"]
 
 
 def _registry() -> dict[str, tuple[Callable[..., Dataset], bool, str]]:
-    from telescope.data import digits, images, mnist1d, synthetic, tables
+    from telescope.data import digits, images, mnist1d, openml, synthetic, tables
 
     return {
         "mnist1d": (mnist1d.load_mnist1d, False, "MNIST-1D, generated offline"),
@@ -25,7 +25,7 @@ def _registry() -> dict[str, tuple[Callable[..., Dataset], bool, str]]:
         "mnist": (images.load_mnist_idx, True, "MNIST IDX files in a directory"),
         "cifar10": (images.load_cifar10, True, "CIFAR-10 python batches (cats vs dogs, 8x8)"),
         "table": (tables.load_table, True, "a CSV or Parquet table"),
-        "openml": (tables.load_openml_cache, True, "a data set in an OpenML cache directory"),
+        "openml": (openml.load_openml_cache, True, "a data set in an OpenML cache directory"),
         "bundled-table": (tables.load_bundled_table, False, "a table bundled with scikit-learn"),
         "teacher": (synthetic.teacher_regression, False, "random-features ReLU teacher"),
         "polynomial": (synthetic.polynomial_task, False, "Kumar et al.'s polynomial task"),

@@ -27,8 +27,11 @@ import torch
 from torch import Tensor
 
 from telescope.data import Dataset
+from telescope.data._util import check_dtype as _dtype
 from telescope.data._util import check_int as _int
+from telescope.data._util import check_nonnegative as _nonnegative
 from telescope.data._util import rng as _rng
+from telescope.data._util import tensor as _tensor
 from telescope.errors import UsageError
 
 __all__ = [
@@ -97,10 +100,8 @@ def teacher_regression(
     width = _int("width", width, 1)
     n_outputs = _int("n_outputs", n_outputs, 1)
     seed = _int("seed", seed, 0)
-    if not float(noise) >= 0.0 or not np.isfinite(noise):
-        raise UsageError(f"noise must be a finite number >= 0, got {noise!r}")
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise UsageError(f"dtype must be a floating torch dtype, got {dtype!r}")
+    _nonnegative("noise", noise)
+    _dtype(dtype)
 
     teacher = _rng(seed, _TEACHER)
     w = teacher.standard_normal((width, d))
@@ -115,15 +116,11 @@ def teacher_regression(
         (n_train, n_outputs)
     )
     y_test = target(x_test)
-
-    def tensor(v: np.ndarray) -> Tensor:
-        return torch.from_numpy(np.ascontiguousarray(v)).to(dtype)
-
     return Dataset(
-        x_train=tensor(x_train),
-        y_train=tensor(y_train),
-        x_test=tensor(x_test),
-        y_test=tensor(y_test),
+        x_train=_tensor(x_train, dtype),
+        y_train=_tensor(y_train, dtype),
+        x_test=_tensor(x_test, dtype),
+        y_test=_tensor(y_test, dtype),
         n_classes=None,
         name=f"teacher(d={d},m={width},noise={noise:g})",
         meta={"seed": seed, "noise": float(noise), "width": width,
@@ -238,10 +235,8 @@ def polynomial_task(
         epsilon
     ):
         raise UsageError(f"epsilon must be a finite number, got {epsilon!r}")
-    if not float(noise) >= 0.0 or not np.isfinite(noise):
-        raise UsageError(f"noise must be a finite number >= 0, got {noise!r}")
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise UsageError(f"dtype must be a floating torch dtype, got {dtype!r}")
+    _nonnegative("noise", noise)
+    _dtype(dtype)
 
     beta = _rng(seed, _TEACHER).standard_normal((r, d))
 
@@ -252,13 +247,9 @@ def polynomial_task(
     x_test = _rng(seed, _TEST).standard_normal((n_test, d)) / math.sqrt(d)
     x_train = _rng(seed, _TRAIN).standard_normal((n_train, d)) / math.sqrt(d)
     y_train = target(x_train) + float(noise) * _rng(seed, _NOISE).standard_normal((n_train, 1))
-
-    def tensor(v: np.ndarray) -> Tensor:
-        return torch.from_numpy(np.ascontiguousarray(v)).to(dtype)
-
     return Dataset(
-        x_train=tensor(x_train), y_train=tensor(y_train),
-        x_test=tensor(x_test), y_test=tensor(target(x_test)),
+        x_train=_tensor(x_train, dtype), y_train=_tensor(y_train, dtype),
+        x_test=_tensor(x_test, dtype), y_test=_tensor(target(x_test), dtype),
         n_classes=None,
         name=f"polynomial(d={d},k={degree},eps={epsilon:g})",
         meta={"seed": seed, "beta": torch.from_numpy(beta), "epsilon": float(epsilon),

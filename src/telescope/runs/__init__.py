@@ -13,16 +13,13 @@ from telescope.runs.executors import (
     PointResult,
     Progress,
     RayExecutor,
-    SweepResult,
     TqdmProgress,
     execute_point,
-    git_commit,
-    machine,
     make_executor,
-    run_sweep,
-    versions,
 )
 from telescope.runs.plan import MAX_POINTS, SweepPlan, SweepTooLargeError, plan_sweep
+from telescope.runs.points import point_key, rows_to_frame
+from telescope.runs.provenance import git_commit, machine, versions
 from telescope.runs.store import (
     ConfigMismatchError,
     NotARunError,
@@ -32,9 +29,8 @@ from telescope.runs.store import (
     atomic_write,
     atomic_write_text,
     ensure_writable_dir,
-    point_key,
-    rows_to_frame,
 )
+from telescope.runs.sweep import SweepResult, run_sweep
 
 __all__ = ["run_sweep", "RunStore", "ConfigMismatchError", "NotARunError", "RunDirectoryError",
            "RunInUseError", "LocalExecutor", "RayExecutor", "make_executor",

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from telescope.errors import UsageError
-from telescope.runs.store import point_key
+from telescope.runs.points import point_key
 from telescope.studies.base import MAX_POINTS, flatten_config
 
 __all__ = ["MAX_POINTS", "SweepPlan", "SweepTooLargeError", "plan_sweep", "check_points",

@@ -13,8 +13,9 @@ Layout of ``DIR``::
 
 Every file is written to a temporary file in its own directory and then ``os.replace``d into
 place, so a reader (or a run killed at any moment) sees either the old file or the new one,
-never a partial file. A point's key is the SHA-1 of its JSON with sorted keys: the same point
-has the same file in every run, which is how re-running a command resumes.
+never a partial file. A point's key is the SHA-1 of its JSON with sorted keys
+(:func:`~telescope.runs.points.point_key`): the same point has the same file in every run, which
+is how re-running a command resumes.
 
 Nothing here deletes data it was not asked to: a damaged point file is moved to ``set-aside/``
 (:meth:`RunStore.set_aside`) before its point is computed again, ``results.parquet`` is only
@@ -26,11 +27,9 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import json
 import math
 import os
-import tempfile
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime, timezone
@@ -45,6 +44,13 @@ from telescope._io import FILE_MODE as _FILE_MODE
 from telescope._io import TMP_PREFIX as _TMP_PREFIX
 from telescope._io import atomic_write
 from telescope.errors import TelescopeError, UsageError
+from telescope.runs.directories import (
+    RunDirectoryError,
+    _file_ancestor,
+    _reason,
+    ensure_writable_dir,
+)
+from telescope.runs.points import canonical_json, concat_points, point_key, rows_to_frame
 from telescope.studies.base import flatten_config
 
 __all__ = ["RunStore", "ConfigMismatchError", "NotARunError", "RunDirectoryError",
@@ -70,56 +76,6 @@ class RunInUseError(UsageError):
     """Another telescope run is writing the directory (it holds the lock)."""
 
 
-class RunDirectoryError(TelescopeError, OSError):
-    """A run directory (or another output directory) cannot be created, read or written: it is
-    a file, lies under a file, is read-only, or the disk is full. The message says which file,
-    what was saved and what to do."""
-
-
-def _reason(err: BaseException) -> str:
-    """``err`` in a few words: the OS's text for an OSError (``Permission denied``)."""
-    if isinstance(err, OSError) and err.strerror:
-        return err.strerror
-    return f"{type(err).__name__}: {err}"
-
-
-def _file_ancestor(path: Path) -> Path | None:
-    """The nearest existing ancestor of ``path`` that is not a directory (``None``: none is)."""
-    for parent in [path, *path.parents]:
-        if parent.exists() or parent.is_symlink():
-            return None if parent.is_dir() else parent
-    return None
-
-
-def ensure_writable_dir(path: str | os.PathLike, what: str = "--out",
-                        fix: str | None = None) -> Path:
-    """Create the directory ``path`` if needed and check, with a real write, that files can be
-    created in it; returns it. Every problem raises :class:`RunDirectoryError` with one line
-    naming the directory and the fix (``what`` names the option that gave it; ``fix``
-    replaces the default advice, "choose another / a writable --out")."""
-    path = Path(path)
-    if (path.exists() or path.is_symlink()) and not path.is_dir():
-        raise RunDirectoryError(f"{what} {path} is a file, not a directory: "
-                                f"{fix or f'choose another {what}'}")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        blocker = _file_ancestor(path)
-        if blocker is not None:
-            raise RunDirectoryError(f"cannot create {what} {path}: {blocker} is a file, not a "
-                                    f"directory; {fix or f'choose another {what}'}") from None
-        raise RunDirectoryError(f"cannot create {what} {path} ({_reason(err)}); "
-                                f"{fix or f'choose a writable {what}'}") from None
-    try:
-        fd, probe = tempfile.mkstemp(prefix=f"{_TMP_PREFIX}probe.", dir=path)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as err:
-        raise RunDirectoryError(f"cannot write to {what} {path} ({_reason(err)}); "
-                                f"{fix or f'choose a writable {what}'}") from None
-    return path
-
-
 def _config_problem(data: Any) -> str | None:
     """Why ``data`` (a parsed ``config.json``) is not a telescope run's config, or ``None``."""
     if not isinstance(data, Mapping):
@@ -138,68 +94,10 @@ def _config_problem(data: Any) -> str | None:
     return None
 
 
-def canonical_json(value: Any) -> str:
-    """JSON with sorted keys and no whitespace: the same value always gives the same text."""
-    try:
-        return json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=True)
-    except TypeError as err:
-        raise ValueError(f"not JSON-serializable: {value!r} ({err})") from None
-
-
-def point_key(point: Mapping[str, Any]) -> str:
-    """The stable key of a sweep point: the first 16 hex digits of SHA-1 of its sorted JSON."""
-    if not isinstance(point, Mapping):
-        raise ValueError(f"a sweep point must be a dict, got {type(point).__name__}")
-    return hashlib.sha1(canonical_json(dict(point)).encode()).hexdigest()[:16]
-
-
 def atomic_write_text(path: Path, text: str) -> Path:
     """Write ``text`` (UTF-8) to ``path`` atomically (through :func:`atomic_write`, from
     :mod:`telescope._io`, which the figure helpers share)."""
     return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
-
-
-def _scalar(value: Any) -> Any:
-    """0-d tensors and numpy scalars -> Python numbers; everything else unchanged."""
-    if hasattr(value, "item") and hasattr(value, "shape") and tuple(value.shape) in ((), (1,)):
-        try:
-            return value.item()
-        except (TypeError, ValueError):  # pragma: no cover - exotic array types
-            return value
-    return value
-
-
-def rows_to_frame(point: Mapping[str, Any], rows: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
-    """Tidy rows of one point as a DataFrame: the point's keys first (filled in where a row
-    lacks them), then the other columns in the order they first appear."""
-    if isinstance(rows, Mapping):
-        raise ValueError("run_point must return a list of dicts (one per measurement step), "
-                         "got a single dict")
-    records: list[dict[str, Any]] = []
-    for row in rows:
-        if not isinstance(row, Mapping):
-            raise ValueError(f"run_point must return dicts, got {type(row).__name__}")
-        record = {k: _scalar(v) for k, v in point.items()}
-        record.update({str(k): _scalar(v) for k, v in row.items()})
-        records.append(record)
-    columns = list(point)
-    for record in records:
-        columns.extend(k for k in record if k not in columns)
-    return pd.DataFrame.from_records(records, columns=columns)
-
-
-def concat_points(points: list[Mapping[str, Any]],
-                  frames: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
-    """The rows of the points in ``frames`` (by key), in the order of ``points``: the table
-    ``results.parquet`` holds."""
-    parts = [frames[k] for k in (point_key(p) for p in points) if k in frames]
-    parts = [p for p in parts if len(p.columns)]
-    if not parts:
-        return pd.DataFrame()
-    with warnings.catch_warnings():
-        # concatenating a point without rows (all-NA columns) is fine here
-        warnings.simplefilter("ignore", FutureWarning)
-        return pd.concat(parts, ignore_index=True, sort=False)
 
 
 class RunStore:
