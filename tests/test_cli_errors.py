@@ -18,7 +18,7 @@ from telescope.cli import main
 from telescope.runs import executors
 from telescope.runs.plan import MAX_POINTS, SweepTooLargeError, plan_sweep
 from telescope.studies import REGISTRY, make_config, toy
-from telescope.studies.base import check_generic
+from telescope.studies.config import check_generic
 
 SMALL = ["--set", "data.n_train=40", "data.n_test=40", "ridges=0.1,1", "times=1,inf"]
 
@@ -142,9 +142,9 @@ def test_a_bug_inside_a_point_is_a_failed_point(monkeypatch, tmp_path, capsys):
     ("grokking-transformer", "smoother_ridge=nan", "smoother_ridge must be a number"),
     ("mode-connectivity", "channels=0", "channels must be >= 1"),
     ("mode-connectivity", "lr=0", "lr must be > 0, got 0"),
-    ("transformer-dynamics", "entropy.n_heads=3", "entropy.d_model (64) must be a multiple"),
-    ("transformer-dynamics", "slingshot.train_fraction=1", "slingshot.train_fraction must be"),
-    ("transformer-dynamics", "lazy.n_probe=0", "lazy.n_probe must be >= 1"),
+    ("entropy-collapse", "n_heads=3", "d_model (64) must be a multiple"),
+    ("slingshot", "train_fraction=1", "train_fraction must be"),
+    ("lazy-regime", "n_probe=0", "n_probe must be >= 1"),
     ("trees-vs-nets", "net.epochs=0", "net.epochs must be >= 1"),
     ("trees-vs-nets", "trees.learning_rate=0", "trees.learning_rate must be > 0"),
     ("trees-vs-nets", "data.synthetic_n=50", "data.synthetic_n must be >= 102"),
@@ -152,7 +152,7 @@ def test_a_bug_inside_a_point_is_a_failed_point(monkeypatch, tmp_path, capsys):
     ("double-descent", "device=gpu9", "device=gpu9: not a device"),
     ("approximation", "data.path=/data", "data.name=digits does not read files"),
     ("grokking-transformer", "kernel_method=fast", "kernel_method must be one of auto"),
-    ("transformer-dynamics", "data.name=words", "data.name must be one of mnist1d-patches"),
+    ("entropy-collapse", "data.name=words", "data.name must be one of mnist1d-patches"),
     ("ntk-double-descent", "ridge=nan", "ridge must be a number, not NaN"),
     ("ntk-double-descent", "data.patch=-4", "data.patch must"),
     ("ntk-double-descent", "data.patch=3", "data.patch must divide MNIST-1D's 40 samples"),
@@ -298,7 +298,6 @@ def test_run_json_has_git_commit_and_machine(tmp_path):
 
 
 @pytest.mark.parametrize("argv, needle", [
-    (["demo", "--n", "100000000", "--n-test", "2"], "the demo with --n 100000000 --n-test 2"),
     (["ntk", "--model", "cnn", "--n", "100000000"], "the [N, N] kernel of --n 100000000 points"),
     (["ntk", "--model", "transformer", "--n", "100000", "--output", "full"],
      "(or use --output trace)"),

@@ -32,7 +32,7 @@ from telescope.cli import main
 from telescope.runs import RunStore, atomic_write, make_executor, point_key
 from telescope.runs.executors import ExecutorUnavailableError
 from telescope.studies import REGISTRY, Study, get_study, make_config, toy
-from telescope.studies.base import config_from_dict, config_to_dict, parse_overrides
+from telescope.studies.config import config_from_dict, config_to_dict, parse_overrides
 
 SMALL = ["--set", "data.n_train=40", "data.n_test=40", "ridges=0.1,1", "times=1,inf"]
 N_POINTS = 4   # 2 ridges x 2 seeds

@@ -286,7 +286,7 @@ def _cmd_study(args: argparse.Namespace) -> int:
     from telescope.runs import RunStore, make_executor, run_sweep
     from telescope.runs.plan import plan_sweep
     from telescope.studies import get_study, list_studies, make_config
-    from telescope.studies.base import config_to_dict, parse_overrides
+    from telescope.studies.config import config_to_dict, parse_overrides
 
     if args.list:
         studies = list_studies()

@@ -33,7 +33,7 @@ from telescope.runs.store import (
     point_key,
 )
 from telescope.studies import get_study
-from telescope.studies.base import config_from_dict, flatten_config
+from telescope.studies.config import config_from_dict, flatten_config
 
 __all__ = ["write_report", "rebuild_report", "render_guide", "ReportError"]
 

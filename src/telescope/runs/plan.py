@@ -2,7 +2,7 @@
 
 :func:`plan_sweep` counts the points without building the whole list when there are many seeds
 (a sweep is ``points(config with seeds=1) x seeds``), refuses more than
-:data:`~telescope.studies.base.MAX_POINTS` points with a message naming the knob to turn, and,
+:data:`~telescope.studies.config.MAX_POINTS` points with a message naming the knob to turn, and,
 when the study has an ``estimate_memory`` hook, refuses a largest point (times the points
 running at once) that needs more memory than this machine has.
 """
@@ -19,7 +19,7 @@ from typing import Any
 
 from telescope.errors import UsageError
 from telescope.runs.points import point_key
-from telescope.studies.base import MAX_POINTS, flatten_config
+from telescope.studies.config import MAX_POINTS, flatten_config
 
 __all__ = ["MAX_POINTS", "SweepPlan", "SweepTooLargeError", "plan_sweep", "check_points",
            "total_memory", "format_bytes"]

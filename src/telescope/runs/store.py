@@ -51,7 +51,7 @@ from telescope.runs.directories import (
     ensure_writable_dir,
 )
 from telescope.runs.points import canonical_json, concat_points, point_key, rows_to_frame
-from telescope.studies.base import flatten_config
+from telescope.studies.config import flatten_config
 
 __all__ = ["RunStore", "ConfigMismatchError", "NotARunError", "RunDirectoryError",
            "RunInUseError", "point_key", "canonical_json", "atomic_write", "atomic_write_text",

@@ -33,7 +33,7 @@ from telescope.runs.executors import (
 from telescope.runs.plan import plan_sweep
 from telescope.runs.provenance import versions
 from telescope.runs.store import RunDirectoryError, RunStore, point_key
-from telescope.studies.base import config_to_dict
+from telescope.studies.config import config_to_dict
 
 __all__ = ["SweepResult", "run_sweep"]
 

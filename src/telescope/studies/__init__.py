@@ -7,17 +7,8 @@ studies of every imported ``telescope.studies.*`` module; :func:`get_study` look
 """
 # ruff: noqa: I001, F401  (the study imports below register studies; one line per module)
 
-from telescope.studies.base import (
-    REGISTRY,
-    Progress,
-    Study,
-    config_from_dict,
-    config_to_dict,
-    get_study,
-    list_studies,
-    make_config,
-    register,
-)
+from telescope.studies.base import REGISTRY, Progress, Study, get_study, list_studies, register
+from telescope.studies.config import config_from_dict, config_to_dict, make_config
 
 # The study modules: add one import line per study.
 from telescope.studies import toy
@@ -28,7 +19,11 @@ from telescope.studies import approximation
 from telescope.studies import trees_vs_nets
 from telescope.studies import ntk_double_descent
 from telescope.studies import grokking_transformer
-from telescope.studies import transformer_dynamics
+from telescope.studies import entropy_collapse
+from telescope.studies import rank_growth
+from telescope.studies import slingshot
+from telescope.studies import lazy_regime
+from telescope.studies import ntk_width
 
 __all__ = ["REGISTRY", "Study", "Progress", "get_study", "list_studies", "make_config",
            "register", "config_from_dict", "config_to_dict"]
