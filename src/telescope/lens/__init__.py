@@ -6,21 +6,22 @@ training does to a network's kernel, weights and attention.
   linearized around the initialization, and their errors against the actual network.
 - :class:`Smoother` -- the model as a linear smoother of the training labels,
   ``f~(x) = S(x) vec(Y) + c(x)``, and its effective parameters.
-- :func:`attention_entropy` -- mean attention entropy per layer and head (Zhai et al., 2023).
+- :func:`attention_entropy` -- mean attention entropy per layer and head (Zhai et al., 2023);
+  :class:`AttentionEntropy`, the same as a training callback.
 - :class:`WeightRank` -- spectra and ranks of the weight updates ``W_t - W_0``, and of the
   per-head ``W_Q^T W_K`` and ``W_O W_V`` updates of attention layers.
 - :class:`NormCycles`, :func:`detect_cycles` -- norm-growth cycles of the last layer (the
-  Slingshot Mechanism, Thilak et al., 2022).
+  Slingshot Mechanism, Thilak et al., 2022); :func:`loss_spikes`, the loss spikes beside them.
 - :class:`KernelEvolution` -- distance of the empirical NTK from its initial value, target
   alignment, trace and effective rank (Fort et al., 2020).
 """
 
-from telescope.lens.attention import attention_entropy
+from telescope.lens.attention import AttentionEntropy, attention_entropy
 from telescope.lens.kernel_evolution import KernelEvolution
-from telescope.lens.norm_cycles import NormCycles, detect_cycles
+from telescope.lens.norm_cycles import NormCycles, detect_cycles, loss_spikes
 from telescope.lens.smoother import Smoother
 from telescope.lens.telescope import Telescope
 from telescope.lens.weight_rank import WeightRank
 
-__all__ = ["Telescope", "Smoother", "attention_entropy", "WeightRank", "NormCycles",
-           "detect_cycles", "KernelEvolution"]
+__all__ = ["Telescope", "Smoother", "attention_entropy", "AttentionEntropy", "WeightRank",
+           "NormCycles", "detect_cycles", "loss_spikes", "KernelEvolution"]

@@ -6,7 +6,7 @@ the norm of the last layer's weights grows in bursts: a phase of fast growth, ac
 spike of the training loss, ends at a local maximum and is followed by a plateau (or a drop)
 before the next burst; these cycles repeat. :class:`NormCycles` records ``||theta_last||_2``
 through training and :func:`detect_cycles` finds the cycles in such a history with the explicit
-rule documented there.
+rule documented there; :func:`loss_spikes` finds the spikes of the loss curve that accompany them.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from telescope.errors import UsageError
 
-__all__ = ["NormCycles", "detect_cycles"]
+__all__ = ["NormCycles", "detect_cycles", "loss_spikes"]
 
 
 def _smooth(values: list[float], window: int) -> list[float]:
@@ -119,6 +119,41 @@ def _num(x: float) -> int | float:
     return int(x) if float(x).is_integer() else x
 
 
+def loss_spikes(steps, losses, factor: float = 10.0) -> list[dict]:
+    """Spikes of a loss curve: episodes where the loss exceeds ``factor`` times its running
+    minimum.
+
+    The running minimum ``m`` starts at the first loss. A spike starts at the first point with
+    ``loss > factor * m`` and ends at the first later point with ``loss <= factor * m`` (or at the
+    last point); its ``peak`` is the step of its largest loss. After a spike, ``m`` restarts from
+    the loss at its end. Non-finite losses count as above any threshold.
+
+    Returns ``[{"start", "peak", "end", "height"}]`` with ``height = max loss / m``.
+    """
+    steps, losses = list(steps), [float(v) for v in losses]
+    out: list[dict] = []
+    if not losses:
+        return out
+    m = losses[0] if math.isfinite(losses[0]) else math.inf
+    k = 1
+    while k < len(losses):
+        v = losses[k]
+        if not math.isfinite(v) or v > factor * m:
+            start, peak, high = k, k, v
+            while k < len(losses) and (not math.isfinite(losses[k]) or losses[k] > factor * m):
+                if not math.isfinite(losses[k]) or losses[k] > high:
+                    peak, high = k, losses[k]
+                k += 1
+            end = min(k, len(losses) - 1)
+            out.append({"start": steps[start], "peak": steps[peak], "end": steps[end],
+                        "height": high / m if m > 0 else math.inf})
+            m = losses[end] if math.isfinite(losses[end]) else math.inf
+        else:
+            m = min(m, v)
+        k += 1
+    return out
+
+
 class NormCycles:
     """Record the global L2 norm of some parameters through training and find its cycles.
 
@@ -130,7 +165,9 @@ class NormCycles:
     name
         A label for the tracked parameters (kept as :attr:`name`).
 
-    Usage: call ``update(step)`` every few steps, then read :meth:`rows` and :meth:`cycles`.
+    Usage: call ``update(step)`` every few steps, then read :meth:`rows` and :meth:`cycles`;
+    or pass it to :func:`telescope.train.fit` as a callback, which records the norm at every
+    step of ``eval_at`` (:meth:`measure`).
     """
 
     def __init__(self, params: nn.Module | Iterable[Tensor], *, name: str = "params") -> None:
@@ -153,6 +190,12 @@ class NormCycles:
         self.steps.append(step)
         self.norms.append(math.sqrt(sq))
 
+    def measure(self, state) -> dict:
+        """The :func:`telescope.train.fit` callback: :meth:`update` at ``state.step``; the norm
+        is the history row's column ``"<name>_norm"``."""
+        self.update(state.step)
+        return {f"{self.name}_norm": self.norms[-1]}
+
     def rows(self) -> list[dict]:
         """``[{"step", "norm", "growth"}]`` with ``growth = (log n_k - log n_{k-1}) /
         (step_k - step_{k-1})`` (a backward finite difference of ``d log norm / d step``; NaN
@@ -165,6 +208,6 @@ class NormCycles:
             out.append({"step": step, "norm": norm, "growth": growth})
         return out
 
-    def cycles(self, **kw: object) -> list[dict]:
-        """:func:`detect_cycles` on the recorded history (keywords ``min_rise``, ``smooth``)."""
-        return detect_cycles(self.steps, self.norms, **kw)
+    def cycles(self, *, min_rise: float = 0.05, smooth: int = 1) -> list[dict]:
+        """:func:`detect_cycles` on the recorded history."""
+        return detect_cycles(self.steps, self.norms, min_rise=min_rise, smooth=smooth)
