@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from telescope.errors import UsageError
+from telescope.kernels.functional import eval_mode
 from telescope.models.hooks import HookPoint, capture
 
 __all__ = ["attention_entropy", "AttentionEntropy"]
@@ -100,10 +101,8 @@ def attention_entropy(model: nn.Module, x: Tensor) -> list[dict]:
             f"self.hook_pattern(scores.softmax(-1)) in forward (and self.hook_scores for the "
             f"masked scores, -inf where a key is masked).")
     names = [n for _, pattern, scores in layers for n in (pattern, scores) if n is not None]
-    modes = [(m, m.training) for m in model.modules()]
     rows: list[dict] = []
-    try:
-        model.eval()
+    with eval_mode(model):
         with torch.no_grad(), capture(model, names) as cache:
             model(x)
         for layer, pattern, scores in layers:
@@ -124,9 +123,6 @@ def attention_entropy(model: nn.Module, x: Tensor) -> list[dict]:
                 e, m = float(per_head[h]), max_ent[h]
                 rows.append({"layer": layer, "head": h, "entropy": e, "max_entropy": m,
                              "normalized": e / m if m > 0 else math.nan})
-    finally:
-        for module, training in modes:
-            module.training = training
     return rows
 
 

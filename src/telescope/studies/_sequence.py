@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from telescope.data import sequence_task
 from telescope.data.synthetic import SEQUENCE_TASKS
 from telescope.errors import UsageError
+from telescope.kernels.functional import eval_mode
 from telescope.models import TinyTransformer
 from telescope.studies.base import check_device, check_range, resolve_device
 
@@ -73,12 +74,8 @@ def encoder(ds, d_model: int, n_heads: int, n_layers: int, **kw: Any) -> TinyTra
 @torch.no_grad()
 def loss_acc(model, x, y) -> tuple[float, float]:
     """Cross-entropy and accuracy of ``model`` on ``(x, y)``, in eval mode (restored after)."""
-    was = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         out = model(x)
-    finally:
-        model.train(was)
     return float(F.cross_entropy(out, y)), float((out.argmax(-1) == y).double().mean())
 
 
