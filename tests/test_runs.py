@@ -29,6 +29,7 @@ import torch
 from _oracles import np_relu_ntk
 
 from telescope.cli import main
+from telescope.errors import UsageError
 from telescope.runs import RunStore, atomic_write, make_executor, point_key
 from telescope.runs.executors import ExecutorUnavailableError
 from telescope.studies import REGISTRY, Study, get_study, make_config, toy
@@ -507,3 +508,16 @@ def test_report_html_is_self_contained_and_renders(tmp_path):
     # the page itself is grey-scale: strongly coloured pixels come from the embedded figure
     saturation = img.max(axis=2) - img.min(axis=2)
     assert (saturation > 0.3).sum() > 2000
+
+
+def test_config_classes_check_their_declared_ranges_when_called_directly():
+    """A config class called in Python (not built by make_config) refuses a value out of its
+    declared range with the same one-line message, before its own __post_init__ runs."""
+    from telescope.studies.double_descent import DoubleDescentConfig
+    from telescope.studies.slingshot import SlingshotConfig
+
+    with pytest.raises(UsageError, match=r"^n_heads must be >= 1, got 0$"):
+        SlingshotConfig(n_heads=0)      # before __post_init__'s d_model % n_heads
+    with pytest.raises(UsageError, match=r"^every value of widths must be >= 1, got 4,0$"):
+        DoubleDescentConfig(widths=(4, 0))
+    assert SlingshotConfig().n_heads == 4

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from dataclasses import dataclass
+from typing import Annotated
 
 import torch
+from annotated_types import Ge
 
 from telescope.data import Dataset, binary_subset, load_dataset
 from telescope.errors import UsageError
+from telescope.studies.config import PositiveInt, config_dataclass
 
 __all__ = ["FILE_DATASETS", "BinaryData", "load_binary_task", "check_data"]
 
@@ -23,7 +25,7 @@ FILE_DATASETS = ("mnist", "cifar10")
 """Data sets read from files the user provides (``data.path``)."""
 
 
-@dataclass
+@config_dataclass
 class BinaryData:
     """A binary classification task with ``+1`` / ``-1`` targets, built from a named data set
     (:func:`telescope.data.load_dataset`) restricted to two classes."""
@@ -31,9 +33,9 @@ class BinaryData:
     name: str = "mnist1d"            # mnist1d | digits | mnist | cifar10
     path: str = ""                   # directory or archive, for mnist and cifar10
     classes: tuple[int, int] = (3, 5)  # the first becomes +1 (CIFAR-10: 3 cat, 5 dog)
-    n_train: int = 200
-    n_test: int = 300
-    size: int | None = None          # mnist / cifar10: downsample to size x size (None: the
+    n_train: Annotated[int, Ge(2)] = 200
+    n_test: PositiveInt = 300
+    size: PositiveInt | None = None  # mnist / cifar10: downsample to size x size (None: the
                                      # loader's default); the bundled sets ignore it
     seed: int = 0                    # the train/test split
 
@@ -46,12 +48,6 @@ class BinaryData:
                              f"({self.path!r}), or use one of {', '.join(FILE_DATASETS)}")
         if len(self.classes) != 2 or self.classes[0] == self.classes[1]:
             raise UsageError(f"data.classes must be two different classes, got {self.classes}")
-        if self.n_train < 2 or self.n_test < 1:
-            raise UsageError(f"need data.n_train >= 2 and data.n_test >= 1, got "
-                             f"{self.n_train} and {self.n_test}")
-        if self.size is not None and self.size < 1:
-            raise UsageError(f"data.size must be >= 1 (or none: the loader's default), got "
-                             f"{self.size}")
 
 
 def load_binary_task(data: BinaryData, *, dtype: torch.dtype = torch.float32) -> Dataset:

@@ -22,11 +22,11 @@ from telescope.data.synthetic import SEQUENCE_TASKS
 from telescope.errors import UsageError
 from telescope.kernels.functional import eval_mode
 from telescope.models import TinyTransformer
-from telescope.studies.base import check_device, check_range, resolve_device
+from telescope.studies.base import check_device, resolve_device
+from telescope.studies.config import PositiveInt, config_dataclass
 
-__all__ = ["SequenceData", "Columns", "check_task", "check_training", "check_positive",
-           "load_sequence", "encoder", "loss_acc", "sweep", "settings", "per_seed_mean",
-           "final_step"]
+__all__ = ["SequenceData", "Columns", "check_task", "check_training", "load_sequence", "encoder",
+           "loss_acc", "sweep", "settings", "per_seed_mean", "final_step"]
 
 
 # --------------------------------------------------------------------------- the task
@@ -38,20 +38,18 @@ def check_task(key: str, name: str) -> None:
         raise UsageError(f"{key} must be one of {', '.join(SEQUENCE_TASKS)}, got {name!r}")
 
 
-@dataclass
+@config_dataclass
 class SequenceData:
     """The sequence classification task (:func:`telescope.data.sequence_task`): scikit-learn's
     bundled 8x8 digits as 8 tokens of 8 pixels (``"digits-rows"``, 10 classes) or MNIST-1D in
     patches (``"mnist1d-patches"``)."""
 
     name: str = "digits-rows"          # or "mnist1d-patches"
-    n_train: int = 512
-    n_test: int = 256
+    n_train: PositiveInt = 512
+    n_test: PositiveInt = 256
 
     def __post_init__(self) -> None:
         check_task("data.name", self.name)
-        check_range("data.n_train", self.n_train, 1)
-        check_range("data.n_test", self.n_test, 1)
 
 
 def load_sequence(name: str, n_train: int, n_test: int, seed: int, device: str, dtype: str):
@@ -83,28 +81,13 @@ def loss_acc(model, x, y) -> tuple[float, float]:
 
 
 def check_training(config: Any) -> None:
-    """The checks every one of these configs shares: ``seeds``, ``steps`` and ``lr``, the
-    transformer's sizes (``n_layers`` and ``evals`` where the config has them) and ``device``."""
-    if config.seeds < 1:
-        raise UsageError(f"seeds must be >= 1, got {config.seeds}")
-    if config.steps < 1 or not (config.lr > 0 and math.isfinite(config.lr)):
-        raise UsageError(f"steps must be >= 1 and lr positive, got {config.steps} and "
-                         f"{config.lr}")
+    """What every one of these configs checks beyond its fields' ranges (``steps``, ``lr``,
+    the sizes: annotated on the fields): ``device``, and ``d_model`` a multiple of
+    ``n_heads``."""
     check_device("device", config.device)
-    check_range("d_model", config.d_model, 1)
-    check_range("n_heads", config.n_heads, 1)
     if config.d_model % config.n_heads:
         raise UsageError(f"d_model ({config.d_model}) must be a multiple of n_heads "
                          f"({config.n_heads})")
-    for key in ("n_layers", "evals"):
-        if hasattr(config, key):
-            check_range(key, getattr(config, key), 1)
-
-
-def check_positive(key: str, values: tuple[float, ...]) -> None:
-    """A non-empty list of positive finite numbers (alphas, eps)."""
-    if not values or any(not (v > 0 and math.isfinite(v)) for v in values):
-        raise UsageError(f"{key} must be positive numbers, got {values}")
 
 
 # --------------------------------------------------------------------------- tidy rows

@@ -32,13 +32,14 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from annotated_types import Ge
 from matplotlib.lines import Line2D
 from torch import nn
 
@@ -49,6 +50,7 @@ from telescope.models import MLP
 from telescope.studies._binary import BinaryData, check_data, load_binary_task
 from telescope.studies.base import Progress, Study, check_device
 from telescope.studies.base import resolve_device as _device
+from telescope.studies.config import PositiveInt, config_dataclass
 from telescope.train import fit
 
 __all__ = ["VARIANTS", "DigitsData", "ApproximationConfig", "points", "run_point", "figures",
@@ -94,17 +96,17 @@ def make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
     raise UsageError(f"optimizer must be one of {OPTIMIZERS}, got {name!r}")
 
 
-@dataclass
+@config_dataclass
 class DigitsData(BinaryData):
     """The binary task of this study: by default the bundled 8x8 digits, 3 (+1) vs 5 (-1), which
     hold 183 threes and 182 fives."""
 
     name: str = "digits"
-    n_train: int = 250
-    n_test: int = 115
+    n_train: Annotated[int, Ge(2)] = 250    # an override restates BinaryData's range
+    n_test: PositiveInt = 115
 
 
-@dataclass
+@config_dataclass
 class ApproximationConfig:
     """Config of ``approximation``; e.g. ``--set optimizers=sgd,adamw lrs=0.01 steps=200``."""
 
@@ -115,7 +117,7 @@ class ApproximationConfig:
     adamw_lrs: tuple[float, ...] = (1e-5, 3e-5, 1e-4, 3e-4)  # adamw (steps of about lr per weight)
     sigmoid_lrs: tuple[float, ...] = (1e-2, 3e-2, 1e-1, 3e-1)  # sigmoid (its slope is <= 1/4)
     steps: int = 1000
-    batch_size: int | None = 200     # None: full batch
+    batch_size: PositiveInt | None = 200   # None: full batch
     every: int = 10                  # a row every `every` steps
     dtype: Literal["float32", "float64"] = "float32"
     device: str = "cpu"              # "cpu", "cuda", ... or "auto"
@@ -132,9 +134,6 @@ class ApproximationConfig:
                 raise UsageError(f"learning rates must be positive numbers, got {lr}")
         if self.steps < 1 or self.every < 1:
             raise UsageError(f"steps and every must be >= 1, got {self.steps} and {self.every}")
-        if self.batch_size is not None and self.batch_size < 1:
-            raise UsageError(f"batch_size must be >= 1 or None, got {self.batch_size}")
-
         check_device("device", self.device)
         if any(h < 1 for h in self.hidden):
             raise UsageError(f"hidden must be layer widths >= 1, got {self.hidden}")

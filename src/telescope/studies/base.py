@@ -4,8 +4,9 @@ A study (see ``docs/studies-api.md``) is a config dataclass with presets plus fo
 the sweep (:attr:`Study.points`), one point's measurement (:attr:`Study.run_point`), its
 figures and its headline numbers. The machinery in :mod:`telescope.runs` and
 :mod:`telescope.report` runs it; this module only describes it. Configs are built from presets
-and ``--set`` by :mod:`telescope.studies.config`; a config class's ``__post_init__`` checks its
-own values with :func:`check_range` and :func:`check_device`.
+and ``--set`` by :mod:`telescope.studies.config`, which checks the ranges declared on the
+fields' annotations; a config class's ``__post_init__`` checks the rest, with
+:func:`check_range` (a bound that depends on another field) and :func:`check_device`.
 """
 
 from __future__ import annotations
@@ -209,9 +210,11 @@ def check_range(key: str, value: Any, low: float | None = None, high: float | No
                 low_open: bool = False, high_open: bool = False, nonempty: bool = False,
                 allow_none: bool = False) -> None:
     """Check that the number ``value`` (or every number of a list) lies in ``[low, high]``
-    (``low_open`` / ``high_open``: excluded), for a config's ``__post_init__``; ``nonempty``:
-    a list must have items; ``allow_none``: ``None`` passes. Raises
-    :class:`~telescope.errors.UsageError` ``"key must be ..., got value"``.
+    (``low_open`` / ``high_open``: excluded); ``nonempty``: a list must have items;
+    ``allow_none``: ``None`` passes. Raises :class:`~telescope.errors.UsageError` ``"key must
+    be ..., got value"``: the message of a field's declared range too
+    (:mod:`telescope.studies.config`), and of a config's ``__post_init__`` for a bound that
+    depends on another field.
 
     >>> check_range("data.n_train", 0, 1)
     Traceback (most recent call last):

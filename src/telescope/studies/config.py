@@ -14,12 +14,25 @@ Values are converted and checked against the annotations (``int``, ``float``, ``
 dataclasses (running their ``__post_init__``); unknown keys raise a :class:`ValueError` that
 lists the valid ones.
 
-Every value given by a preset or ``--set`` is then checked generically, before the config
-class's own ``__post_init__`` (:func:`check_generic`): no NaN, no infinity unless the field's
-default holds one, no negative integer unless the default holds one (a field's
-``metadata={"allow_negative": True}`` or ``{"allow_nonfinite": True}`` opts out), and
-``1 <= seeds <= MAX_POINTS``. The study's ``__post_init__`` checks the rest (ranges, sizes >= 1,
-combinations), with :func:`check_range` for one-line messages that name the key.
+A field's range is declared on its annotation, scikit-learn style, with ``typing.Annotated`` and
+the ``annotated_types`` constraints pydantic checks (``Ge``, ``Gt``, ``Le``, ``Lt``, ``MinLen``)
+or the aliases below: ``n_train: PositiveInt = 512``, ``momentum: Annotated[float, Ge(0),
+Lt(1)] = 0.9``, ``widths: NonEmpty[PositiveInt] = (8, 16)`` (a non-empty tuple of integers
+>= 1). A value out of range is refused with :func:`~telescope.studies.base.check_range`'s
+one-line message (``data.n_train must be >= 1, got 0``, ``every value of widths must be >= 1,
+got 4,0``). The config class's ``__post_init__`` checks what is not one field's range
+(combinations such as ``d_model % n_heads``, names, devices), with :func:`check_range` where a
+bound depends on another field. Config classes are declared with :func:`config_dataclass`
+(a ``@dataclass`` that also checks the declared ranges when the class is called directly, with
+the same messages); pydantic checks them when it builds a config (:func:`make_config`,
+:func:`config_from_dict`).
+
+Every value given by a preset or ``--set`` is also checked generically (:func:`check_generic`):
+no NaN, no infinity unless the field's default holds one, no negative integer unless the default
+holds one (a field's ``metadata={"allow_negative": True}`` or ``{"allow_nonfinite": True}``
+opts out), and ``1 <= seeds <= MAX_POINTS``: NaN and infinity before the constraints and
+``__post_init__`` (which then never compare NaN), signs after them (so that a field's own range,
+``data.n_train must be >= 1``, is the message rather than ``must be >= 0``).
 """
 
 from __future__ import annotations
@@ -34,27 +47,113 @@ import types
 import typing
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, TypeVar
 
 import pydantic
+from annotated_types import Ge, GroupedMetadata, Gt, Le, Lt, MinLen
 
 from telescope.errors import UsageError
-from telescope.studies.base import Study, short_value
+from telescope.studies.base import Study, check_range, short_value
 
-__all__ = ["make_config", "config_from_dict", "config_to_dict", "config_keys", "flatten_config",
-           "parse_value", "parse_overrides", "check_generic", "MAX_POINTS"]
+__all__ = ["config_dataclass", "make_config", "config_from_dict", "config_to_dict", "config_keys",
+           "flatten_config", "parse_value", "parse_overrides", "check_generic", "MAX_POINTS",
+           "PositiveInt", "NonNegativeInt", "PositiveFloat", "NonNegativeFloat", "NonEmpty"]
 
 MAX_POINTS = 100_000
 """The most points a sweep may have (a typo such as ``seeds=100000000`` is refused): checked
 on ``seeds`` here and on the whole sweep by :func:`telescope.runs.plan_sweep`."""
 
 
+# --------------------------------------------------------------------------- field constraints
+
+_T = TypeVar("_T")
+
+PositiveInt = Annotated[int, Ge(1)]
+"""An integer >= 1 (a size, a number of steps): ``n_train: PositiveInt = 512``."""
+NonNegativeInt = Annotated[int, Ge(0)]
+"""An integer >= 0."""
+PositiveFloat = Annotated[float, Gt(0)]
+"""A number > 0 (a learning rate, a ridge)."""
+NonNegativeFloat = Annotated[float, Ge(0)]
+"""A number >= 0 (a weight decay, a noise level)."""
+NonEmpty = Annotated[tuple[_T, ...], MinLen(1)]
+"""A tuple of at least one ``X``: ``widths: NonEmpty[PositiveInt] = (8, 16)``."""
+
+_RANGE_ERRORS = frozenset({"greater_than", "greater_than_equal", "less_than", "less_than_equal",
+                           "too_short"})
+"""pydantic's error types of the range constraints (``annotated_types.Ge``, ..., ``MinLen``)."""
+
+
+def _constraints(tp: Any) -> tuple[Any, list[Any]]:
+    """``tp`` without its ``Annotated`` layers (and ``X | None`` as ``X``), and their
+    constraints (``Interval(ge=0, lt=1)`` as ``Ge(0), Lt(1)``)."""
+    found: list[Any] = []
+    while True:
+        args = typing.get_args(tp)
+        if typing.get_origin(tp) is Annotated:
+            tp = args[0]
+            for m in args[1:]:
+                found.extend(m if isinstance(m, GroupedMetadata) else [m])   # Interval(...)
+        elif (typing.get_origin(tp) in (typing.Union, types.UnionType) and len(args) == 2
+              and type(None) in args):
+            tp = next(a for a in args if a is not type(None))
+        else:
+            return tp, found
+
+
+def _check_constraints(key: str, value: Any, tp: Any) -> None:
+    """Raise :func:`check_range`'s message when ``value`` (a number, or a tuple or list of
+    them) breaks the range declared on the annotation ``tp``."""
+    tp, outer = _constraints(tp)
+    if typing.get_origin(tp) in (tuple, list) and typing.get_args(tp):
+        tp, bounds = _constraints(typing.get_args(tp)[0])
+    else:
+        bounds = outer
+    kw: dict[str, Any] = {}
+    for m in bounds:
+        if isinstance(m, (Ge, Gt)):
+            kw.update(low=m.ge if isinstance(m, Ge) else m.gt, low_open=isinstance(m, Gt))
+        elif isinstance(m, (Le, Lt)):
+            kw.update(high=m.le if isinstance(m, Le) else m.lt, high_open=isinstance(m, Lt))
+    nonempty = any(isinstance(m, MinLen) and m.min_length == 1 for m in outer)
+    check_range(key, value, **kw, nonempty=nonempty, allow_none=True)
+
+
+def _has_range(tp: Any) -> bool:
+    tp, outer = _constraints(tp)
+    if typing.get_origin(tp) in (tuple, list) and typing.get_args(tp):
+        outer = [*outer, *_constraints(typing.get_args(tp)[0])[1]]
+    return any(isinstance(m, (Ge, Gt, Le, Lt, MinLen)) for m in outer)
+
+
+def config_dataclass(cls: type) -> type:
+    """``@dataclass`` for a study's config classes: an instance checks the ranges declared on
+    its fields' annotations (:func:`check_range`'s messages) before the class's own
+    ``__post_init__`` runs, also when the class is called directly rather than built by
+    :func:`make_config`."""
+    own = getattr(cls, "__post_init__", None)
+
+    def __post_init__(self) -> None:
+        hints = _hints(type(self), extras=True)
+        for f in dataclasses.fields(self):
+            if _has_range(hints[f.name]):
+                _check_constraints(f.name, getattr(self, f.name), hints[f.name])
+        if own is not None:
+            own(self)
+
+    __post_init__.__doc__ = getattr(own, "__doc__", None)
+    cls.__post_init__ = __post_init__  # type: ignore[attr-defined]
+    return dataclasses.dataclass(cls)
+
+
 # --------------------------------------------------------------------------- config fields
 
 
-def _hints(cls: type) -> dict[str, Any]:
+def _hints(cls: type, extras: bool = False) -> dict[str, Any]:
+    """The field annotations of ``cls``; ``extras``: with their ``Annotated`` constraints
+    (pydantic checks those; parsing a value reads the plain type)."""
     try:
-        return typing.get_type_hints(cls)
+        return typing.get_type_hints(cls, include_extras=extras)
     except Exception as err:  # pragma: no cover - broken annotations are a study bug
         raise TypeError(f"cannot resolve the type annotations of {cls.__name__}: {err}") from err
 
@@ -267,9 +366,9 @@ def check_generic(key: str, value: Any, default: Any = None,
     - ``signs``: no negative integer unless ``default`` holds one or
       ``metadata["allow_negative"]``.
 
-    Config building runs the ``finite`` part before the config class's ``__post_init__`` (which
-    then never compares NaN) and the ``signs`` part after it (so that a study's own, more
-    precise message, e.g. ``data.n_train must be >= 1``, comes first).
+    Config building runs the ``finite`` part before pydantic checks the fields' constraints and
+    runs ``__post_init__`` (which then never compare NaN) and the ``signs`` part after them (so
+    that a field's own, more precise range, e.g. ``data.n_train must be >= 1``, comes first).
 
     Raises :class:`~telescope.errors.UsageError` naming the key and the value.
     """
@@ -306,7 +405,8 @@ def _build(config_cls: type, flat: Mapping[str, Any], study_name: str,
     """The config from dotted keys -> values (``cli``: the ``--set`` strings, which win): every
     value converted to its field's type (strings as :func:`parse_value` reads them) and given
     the ``finite`` part of :func:`check_generic`, the nested dataclasses built by pydantic
-    (which runs their ``__post_init__``), then every value given the ``signs`` part."""
+    (which checks the fields' constraints and runs their ``__post_init__``), then every value
+    given the ``signs`` part."""
     fields = _fields(config_cls)
     nested: dict[str, Any] = {}
     checks = []
@@ -330,8 +430,9 @@ def _build(config_cls: type, flat: Mapping[str, Any], study_name: str,
 
 
 def _construct(config_cls: type, nested: dict[str, Any]) -> Any:
-    """``config_cls`` built by pydantic from the nested dict of converted values (running every
-    dataclass's ``__post_init__``); what a ``__post_init__`` raises comes out as it was raised."""
+    """``config_cls`` built by pydantic from the nested dict of converted values: it checks the
+    constraints of the annotations (a value out of range: :func:`check_range`'s message) and
+    runs every dataclass's ``__post_init__`` (what that raises comes out as it was raised)."""
     try:
         return _adapter(config_cls).validate_python(nested)
     except pydantic.ValidationError as err:
@@ -339,9 +440,26 @@ def _construct(config_cls: type, nested: dict[str, Any]) -> Any:
     cause = error.get("ctx", {}).get("error")
     if isinstance(cause, BaseException):
         raise cause                      # the class's own validation: its message is the message
+    key, tp, value = _field_at(config_cls, nested, error["loc"])
+    if key and error["type"] in _RANGE_ERRORS:
+        _check_constraints(key, value, tp)         # raises check_range's message
     where = ".".join(map(str, error["loc"]))
-    raise UsageError(f"cannot build {config_cls.__name__}: {where}: {error['msg']} (every config "
-                     f"field needs a default, or a value in the preset)")
+    hint = (" (every config field needs a default, or a value in the preset)"
+            if error["type"] == "missing" else "")
+    raise UsageError(f"cannot build {config_cls.__name__}: {where}: {error['msg']}{hint}")
+
+
+def _field_at(config_cls: type, nested: Mapping[str, Any], loc: tuple) -> tuple[str, Any, Any]:
+    """The dotted key, the annotation (constraints included) and the given value of the field
+    that a pydantic error's ``loc`` points to (for a tuple's item: the tuple)."""
+    tp, value, names = config_cls, nested, []
+    for part in loc:
+        hints = _hints(tp, extras=True) if _is_dataclass_type(tp) else {}
+        if part not in hints or not isinstance(value, Mapping):
+            break
+        tp, value = hints[part], value.get(part)
+        names.append(part)
+    return ".".join(names), tp, value
 
 
 def parse_overrides(pairs: list[str] | None) -> dict[str, str]:

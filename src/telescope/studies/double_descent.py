@@ -39,15 +39,15 @@ dogs, grayscale 8x8, is ``--set data.name=cifar10`` (its classes 3 and 5 are cat
 
 from __future__ import annotations
 
-import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from annotated_types import Ge, Le
 
 from telescope import plotting as fg
 from telescope.data import add_label_noise
@@ -57,41 +57,32 @@ from telescope.models import MLP
 from telescope.studies._binary import BinaryData, check_data, load_binary_task
 from telescope.studies.base import Progress, Study, check_device
 from telescope.studies.base import resolve_device as _device
+from telescope.studies.config import NonEmpty, PositiveFloat, PositiveInt, config_dataclass
 from telescope.train import evenly_spaced_steps, fit
 
 __all__ = ["BinaryData", "DoubleDescentConfig", "load_binary_task", "check_data", "points",
            "run_point", "figures", "headline", "STUDY"]
 
-@dataclass
+@config_dataclass
 class DoubleDescentConfig:
     """Config of ``double-descent``; e.g. ``--set widths=1,4,16,64 steps=500 data.n_train=100``."""
 
     data: BinaryData = field(default_factory=BinaryData)
-    widths: tuple[int, ...] = (1, 2, 4, 6, 8, 10, 12, 16, 24, 32, 64, 128, 512)
-    label_noise: tuple[float, ...] = (0.2, 0.0)   # fractions of flipped training targets
+    widths: NonEmpty[PositiveInt] = (1, 2, 4, 6, 8, 10, 12, 16, 24, 32, 64, 128, 512)
+    # fractions of flipped training targets
+    label_noise: NonEmpty[Annotated[float, Ge(0), Le(1)]] = (0.2, 0.0)
     parametrization: Literal["ntk", "standard"] = "ntk"
-    lr: float = 0.2
+    lr: PositiveFloat = 0.2
     momentum: float = 0.9
-    steps: int = 1500
-    batch_size: int | None = None    # None: full-batch gradient descent
-    evals: int = 4                   # measurements at evals evenly spaced steps (the last: end)
+    steps: PositiveInt = 1500
+    batch_size: PositiveInt | None = None  # None: full-batch gradient descent
+    evals: PositiveInt = 4           # measurements at evals evenly spaced steps (the last: end)
     dtype: Literal["float32", "float64"] = "float32"
     device: str = "cpu"              # "cpu", "cuda", ... or "auto" (cuda when available)
     seeds: int = 2
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if not self.widths or min(self.widths) < 1:
-            raise UsageError(f"widths must be positive integers, got {self.widths}")
-        if not self.label_noise or any(not 0.0 <= p <= 1.0 for p in self.label_noise):
-            raise UsageError(f"label_noise must be fractions in [0, 1], got {self.label_noise}")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise UsageError(f"lr must be a positive number, got {self.lr}")
-        if self.steps < 1 or self.evals < 1:
-            raise UsageError(f"steps and evals must be >= 1, got {self.steps} and {self.evals}")
-        if self.batch_size is not None and self.batch_size < 1:
-            raise UsageError(f"batch_size must be >= 1 or None, got {self.batch_size}")
-
         check_device("device", self.device)
         if not 0.0 <= self.momentum < 1.0:
             raise UsageError(f"momentum must lie in [0, 1), got {self.momentum}")

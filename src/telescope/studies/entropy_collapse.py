@@ -26,7 +26,7 @@ wider encoder longer on MNIST-1D patches and is meant for a GPU (``device="auto"
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
 from typing import Literal
 
@@ -48,7 +48,8 @@ from telescope.studies._sequence import (
     settings,
     sweep,
 )
-from telescope.studies.base import Progress, Study, check_range
+from telescope.studies.base import Progress, Study
+from telescope.studies.config import PositiveFloat, PositiveInt, config_dataclass
 from telescope.train import fit, log_spaced_steps
 
 __all__ = ["EntropyCollapseConfig", "COLUMNS", "points", "run_point", "figures", "headline",
@@ -58,20 +59,20 @@ __all__ = ["EntropyCollapseConfig", "COLUMNS", "points", "run_point", "figures",
 # --------------------------------------------------------------------------- config
 
 
-@dataclass
+@config_dataclass
 class EntropyCollapseConfig:
     """High-lr Adam, no warmup, with and without sigma-reparametrization; e.g. ``--set
     sigma_reparam=false lr=0.1``."""
 
     sigma_reparam: tuple[bool, ...] = (False, True)
     data: SequenceData = field(default_factory=SequenceData)
-    d_model: int = 64
-    n_heads: int = 4
-    n_layers: int = 2
-    lr: float = 3e-2
-    steps: int = 300
-    batch_size: int = 128
-    evals: int = 12                    # log-spaced measurement steps (the last: the end)
+    d_model: PositiveInt = 64
+    n_heads: PositiveInt = 4
+    n_layers: PositiveInt = 2
+    lr: PositiveFloat = 3e-2
+    steps: PositiveInt = 300
+    batch_size: PositiveInt = 128
+    evals: PositiveInt = 12            # log-spaced measurement steps (the last: the end)
     dtype: Literal["float32", "float64"] = "float32"
     device: str = "cpu"                # "cpu", "cuda", ... or "auto" (cuda when available)
     seeds: int = 2
@@ -81,7 +82,6 @@ class EntropyCollapseConfig:
         check_training(self)
         if not self.sigma_reparam:
             raise UsageError("sigma_reparam must list at least one of true/false")
-        check_range("batch_size", self.batch_size, 1)
 
 
 PRESETS = {

@@ -20,12 +20,14 @@ every step, read at the logged steps) on the training set and a probe subset of 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
+from typing import Annotated
 
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from annotated_types import Ge, Lt
 from torch import nn
 
 import telescope
@@ -33,51 +35,53 @@ from telescope import plotting as fg
 from telescope.data import load_digits, polynomial_task
 from telescope.errors import UsageError
 from telescope.models import MLP, TwoLayerPolynomialNet
-from telescope.studies.base import Progress, Study, check_range
+from telescope.studies.base import Progress, Study
+from telescope.studies.config import NonNegativeFloat, PositiveFloat, PositiveInt, config_dataclass
 from telescope.train import fit, log_spaced_steps
 
 
-@dataclass
+@config_dataclass
 class PolynomialSetting:
     """Kumar et al.'s polynomial task and two-layer network (``epsilons=`` empty: skip it)."""
 
     epsilons: tuple[float, ...] = (0.02, 0.2)
-    alphas: tuple[float, ...] = (10.0,)  # output scales, f = alpha/N sum phi(w.x) (large: lazy)
-    n_train: int = 550
-    n_test: int = 1000
-    n_probe: int = 300            # test points tracked by the smoother
-    d: int = 100
-    width: int = 500              # N hidden units
-    lr: float = 4.0               # times N / alpha^2 (the mean-field scaling of the step)
-    weight_decay: float = 0.0
-    steps: int = 20000
+    # output scales, f = alpha/N sum phi(w.x) (large: lazy)
+    alphas: tuple[PositiveFloat, ...] = (10.0,)
+    n_train: PositiveInt = 550
+    n_test: PositiveInt = 1000
+    n_probe: PositiveInt = 300    # test points tracked by the smoother
+    d: PositiveInt = 100
+    width: PositiveInt = 500      # N hidden units
+    lr: PositiveFloat = 4.0       # times N / alpha^2 (the mean-field scaling of the step)
+    weight_decay: NonNegativeFloat = 0.0
+    steps: PositiveInt = 20000
 
 
-@dataclass
+@config_dataclass
 class DigitsSetting:
     """Omnigrok's large-initialization MLP on the bundled digits (``alphas=`` empty: skip)."""
 
-    alphas: tuple[float, ...] = (6.0, 1.0)
+    alphas: tuple[PositiveFloat, ...] = (6.0, 1.0)
     classes: tuple[int, ...] = ()  # empty: all ten digits
-    n_train: int = 200
-    n_test: int = 500
-    n_probe: int = 300
-    hidden: tuple[int, ...] = (128, 128)
-    lr: float = 1e-3
-    momentum: float = 0.9
-    weight_decay: float = 0.1
-    batch_size: int = 50
-    steps: int = 100000
+    n_train: PositiveInt = 200
+    n_test: PositiveInt = 500
+    n_probe: PositiveInt = 300
+    hidden: tuple[PositiveInt, ...] = (128, 128)
+    lr: PositiveFloat = 1e-3
+    momentum: Annotated[float, Ge(0), Lt(1)] = 0.9
+    weight_decay: NonNegativeFloat = 0.1
+    batch_size: PositiveInt = 50
+    steps: PositiveInt = 100000
 
 
-@dataclass
+@config_dataclass
 class GrokkingConfig:
     """Config of the ``grokking`` study; ``--set digits.steps=2000``, ``--set
     polynomial.epsilons=0.02,0.2``."""
 
     polynomial: PolynomialSetting = field(default_factory=PolynomialSetting)
     digits: DigitsSetting = field(default_factory=DigitsSetting)
-    n_log: int = 40               # logged steps, log-spaced over training (plus step 0)
+    n_log: Annotated[int, Ge(2)] = 40   # logged steps, log-spaced over training (plus step 0)
     seeds: int = 3
     seed: int = 0
 
@@ -85,25 +89,7 @@ class GrokkingConfig:
         if not (self.polynomial.epsilons and self.polynomial.alphas) and not self.digits.alphas:
             raise UsageError("nothing to run: polynomial.epsilons (or polynomial.alphas) and "
                              "digits.alphas are empty")
-        if any(a <= 0 for a in (*self.polynomial.alphas, *self.digits.alphas)):
-            raise UsageError("alphas must be positive")
-        for name, s in (("polynomial", self.polynomial), ("digits", self.digits)):
-            if s.steps < 1 or s.n_train < 1 or s.n_test < 1 or s.n_probe < 1:
-                raise UsageError(f"{name}: steps, n_train, n_test and n_probe must be >= 1")
-        if self.digits.batch_size < 1:
-            raise UsageError("digits.batch_size must be >= 1")
-        if self.n_log < 2:
-            raise UsageError(f"n_log must be >= 2, got {self.n_log}")
-
-        p, g = self.polynomial, self.digits
-        check_range("polynomial.d", p.d, 1)
-        check_range("polynomial.width", p.width, 1)
-        check_range("polynomial.lr", p.lr, 0, low_open=True)
-        check_range("polynomial.weight_decay", p.weight_decay, 0)
-        check_range("digits.hidden", g.hidden, 1)
-        check_range("digits.lr", g.lr, 0, low_open=True)
-        check_range("digits.momentum", g.momentum, 0, 1, high_open=True)
-        check_range("digits.weight_decay", g.weight_decay, 0)
+        g = self.digits
         if g.classes and (len(g.classes) < 2 or len(set(g.classes)) != len(g.classes)
                           or not all(0 <= c <= 9 for c in g.classes)):
             raise UsageError(f"digits.classes must be empty (all ten digits) or at least two "

@@ -43,13 +43,14 @@ says how many effective parameters the kernel the network has *learned* by step 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from annotated_types import Ge, Gt, Le, Lt
 
 from telescope import plotting as fg
 from telescope.data import modular_arithmetic
@@ -60,6 +61,14 @@ from telescope.lens import AttentionEntropy, KernelEvolution, WeightRank
 from telescope.models import TinyTransformer
 from telescope.studies.base import Progress, Study, check_device
 from telescope.studies.base import resolve_device as _device
+from telescope.studies.config import (
+    NonEmpty,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    config_dataclass,
+)
 from telescope.train import fit, log_spaced_steps
 
 # WeightRank matrix names of a one-layer TinyTransformer -> short column names
@@ -76,58 +85,39 @@ _MATRICES = {
 }
 
 
-@dataclass
+@config_dataclass
 class GrokkingTransformerConfig:
     """Config of the ``grokking-transformer`` study; ``--set steps=3000``,
     ``--set weight_decays=1,0``."""
 
-    p: int = 113                        # modulus (Nanda et al.: 113)
-    train_fraction: float = 0.3         # fraction of the p^2 pairs used for training
-    d_model: int = 128
-    n_heads: int = 4
-    mlp_ratio: int = 4                  # MLP width = mlp_ratio * d_model (Nanda et al.: 512)
-    lr: float = 1e-3
+    p: Annotated[int, Ge(3)] = 113      # modulus (Nanda et al.: 113)
+    # fraction of the p^2 pairs used for training
+    train_fraction: Annotated[float, Gt(0), Lt(1)] = 0.3
+    d_model: PositiveInt = 128
+    n_heads: PositiveInt = 4
+    mlp_ratio: PositiveInt = 4          # MLP width = mlp_ratio * d_model (Nanda et al.: 512)
+    lr: PositiveFloat = 1e-3
     betas: tuple[float, float] = (0.9, 0.98)
-    weight_decays: tuple[float, ...] = (1.0, 0.0)   # swept; 0 is the no-grokking control
-    steps: int = 40000                  # full-batch AdamW steps
-    n_log: int = 40                     # log-spaced logged steps (plus step 0) ...
-    n_linear: int = 40                  # ... and this many evenly spaced ones (union)
-    n_kernel: int = 256                 # fixed training points of the NTK lenses
-    n_probe: int = 256                  # test points of the NTK-smoother effective parameters
-    smoother_ridge: float = 1e-2        # ridge of the NTK smoother, relative to mean diag K
-    rank_threshold: float = 0.01        # numerical rank: singular values > threshold * s_1
-    accuracy: float = 0.99              # "fit" / "grokked" threshold of the headline
+    # swept; 0 is the no-grokking control
+    weight_decays: NonEmpty[NonNegativeFloat] = (1.0, 0.0)
+    steps: PositiveInt = 40000          # full-batch AdamW steps
+    n_log: Annotated[int, Ge(2)] = 40   # log-spaced logged steps (plus step 0) ...
+    n_linear: NonNegativeInt = 40       # ... and this many evenly spaced ones (union)
+    n_kernel: Annotated[int, Ge(2)] = 256   # fixed training points of the NTK lenses
+    n_probe: PositiveInt = 256          # test points of the NTK-smoother effective parameters
+    smoother_ridge: PositiveFloat = 1e-2    # ridge of the NTK smoother, relative to mean diag K
+    # numerical rank: singular values > threshold * s_1
+    rank_threshold: Annotated[float, Ge(0), Lt(1)] = 0.01
+    accuracy: Annotated[float, Gt(0), Le(1)] = 0.99   # "fit" / "grokked" threshold (headline)
     kernel_method: str = "structured"   # telescope.ntk method of the kernel lenses
     device: str = "cpu"                 # "cpu", "cuda", ... or "auto"
     seeds: int = 3
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.p < 3:
-            raise UsageError(f"p must be >= 3, got {self.p}")
-        if not 0.0 < self.train_fraction < 1.0:
-            raise UsageError(f"train_fraction must lie in (0, 1), got {self.train_fraction}")
-        if self.d_model < 1 or self.n_heads < 1 or self.d_model % self.n_heads:
+        if self.d_model % self.n_heads:
             raise UsageError(f"d_model ({self.d_model}) must be a positive multiple of "
                              f"n_heads ({self.n_heads})")
-        if self.steps < 1 or self.lr <= 0:
-            raise UsageError("steps must be >= 1 and lr > 0")
-        if not self.weight_decays or any(w < 0 for w in self.weight_decays):
-            raise UsageError(f"weight_decays must be a non-empty list of numbers >= 0, got "
-                             f"{self.weight_decays}")
-        if self.n_log < 2 or self.n_linear < 0:
-            raise UsageError("n_log must be >= 2 and n_linear >= 0")
-        if self.n_kernel < 2 or self.n_probe < 1:
-            raise UsageError("n_kernel must be >= 2 and n_probe >= 1")
-        if self.smoother_ridge <= 0:
-            raise UsageError(f"smoother_ridge must be > 0, got {self.smoother_ridge}")
-        if not 0.0 < self.accuracy <= 1.0:
-            raise UsageError(f"accuracy must lie in (0, 1], got {self.accuracy}")
-        if self.mlp_ratio < 1:
-            raise UsageError(f"mlp_ratio must be >= 1, got {self.mlp_ratio}")
-        if not 0.0 <= self.rank_threshold < 1.0:
-            raise UsageError(f"rank_threshold must lie in [0, 1), got {self.rank_threshold}")
-
         if self.kernel_method not in METHODS:
             raise UsageError(f"kernel_method must be one of {', '.join(METHODS)}, got "
                              f"{self.kernel_method!r}")

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -45,7 +44,6 @@ from telescope.lens import Telescope
 from telescope.models import LazyModel
 from telescope.studies._sequence import (
     Columns,
-    check_positive,
     check_task,
     check_training,
     encoder,
@@ -53,7 +51,8 @@ from telescope.studies._sequence import (
     settings,
     sweep,
 )
-from telescope.studies.base import Progress, Study, check_range
+from telescope.studies.base import Progress, Study
+from telescope.studies.config import NonEmpty, PositiveFloat, PositiveInt, config_dataclass
 from telescope.train import fit, log_spaced_steps
 
 __all__ = ["LazyRegimeConfig", "COLUMNS", "points", "run_point", "figures", "headline", "STUDY"]
@@ -62,21 +61,21 @@ __all__ = ["LazyRegimeConfig", "COLUMNS", "points", "run_point", "figures", "hea
 # --------------------------------------------------------------------------- config
 
 
-@dataclass
+@config_dataclass
 class LazyRegimeConfig:
     """``LazyModel(TinyTransformer, alpha)``, GD on ``MSE / alpha^2``; e.g. ``--set
     alphas=1,8,64 steps=1000``."""
 
-    alphas: tuple[float, ...] = (1.0, 4.0, 16.0, 64.0)
+    alphas: NonEmpty[PositiveFloat] = (1.0, 4.0, 16.0, 64.0)
     task: str = "digits-rows"          # the sequence task, or "mnist1d-patches"
-    n_train: int = 128
-    n_probe: int = 64                  # held-out points the gap is measured on
-    d_model: int = 32
-    n_heads: int = 2
-    n_layers: int = 1
-    lr: float = 0.5
-    steps: int = 300
-    evals: int = 12                    # log-spaced measurement steps (the last: the end)
+    n_train: PositiveInt = 128
+    n_probe: PositiveInt = 64          # held-out points the gap is measured on
+    d_model: PositiveInt = 32
+    n_heads: PositiveInt = 2
+    n_layers: PositiveInt = 1
+    lr: PositiveFloat = 0.5
+    steps: PositiveInt = 300
+    evals: PositiveInt = 12            # log-spaced measurement steps (the last: the end)
     dtype: Literal["float32", "float64"] = "float32"
     device: str = "cpu"                # "cpu", "cuda", ... or "auto" (cuda when available)
     seeds: int = 2
@@ -84,10 +83,7 @@ class LazyRegimeConfig:
 
     def __post_init__(self) -> None:
         check_training(self)
-        check_positive("alphas", self.alphas)
         check_task("task", self.task)
-        check_range("n_train", self.n_train, 1)
-        check_range("n_probe", self.n_probe, 1)
 
 
 PRESETS = {

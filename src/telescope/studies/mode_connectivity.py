@@ -14,61 +14,54 @@ paper links the spawn step from which averaging works to the step from which gra
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from annotated_types import Ge, Lt
 from torch import nn
 
 from telescope import plotting as fg
 from telescope.data import load_mnist1d
-from telescope.errors import UsageError
 from telescope.models import ConvNet1d
-from telescope.studies.base import Progress, Study, check_range
+from telescope.studies.base import Progress, Study
+from telescope.studies.config import (
+    NonEmpty,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    config_dataclass,
+)
 from telescope.train import fit
 
 
-@dataclass
+@config_dataclass
 class Mnist1dData:
     """MNIST-1D (:func:`telescope.data.load_mnist1d`)."""
 
-    n_train: int = 4000
-    n_test: int = 1000
+    n_train: PositiveInt = 4000
+    n_test: PositiveInt = 1000
     seed: int = 0                 # the data set's seed (the same for every point)
 
 
-@dataclass
+@config_dataclass
 class ModeConnectivityConfig:
     """Config of ``mode-connectivity``; ``--set spawn_steps=0,10,100``, ``--set k=500``."""
 
     data: Mnist1dData = field(default_factory=Mnist1dData)
-    channels: int = 32
-    spawn_steps: tuple[int, ...] = (0, 10, 30, 100, 300, 1000, 3000)
-    k: int = 3000                 # steps each child trains after the spawn
-    lr: float = 0.05
-    momentum: float = 0.9
-    batch_size: int = 64
-    n_alpha: int = 11             # points on the path, endpoints included
+    channels: PositiveInt = 32
+    spawn_steps: NonEmpty[NonNegativeInt] = (0, 10, 30, 100, 300, 1000, 3000)
+    k: PositiveInt = 3000         # steps each child trains after the spawn
+    lr: PositiveFloat = 0.05
+    momentum: Annotated[float, Ge(0), Lt(1)] = 0.9
+    batch_size: PositiveInt = 64
+    n_alpha: Annotated[int, Ge(3)] = 11   # points on the path, endpoints included
     seeds: int = 3
     seed: int = 0
-
-    def __post_init__(self) -> None:
-        if not self.spawn_steps or any(t < 0 for t in self.spawn_steps):
-            raise UsageError(f"spawn_steps must be a non-empty list of steps >= 0, "
-                             f"got {self.spawn_steps}")
-        if self.k < 1 or self.batch_size < 1:
-            raise UsageError("k and batch_size must be >= 1")
-        if self.n_alpha < 3:
-            raise UsageError(f"n_alpha must be >= 3, got {self.n_alpha}")
-
-        check_range("data.n_train", self.data.n_train, 1)
-        check_range("data.n_test", self.data.n_test, 1)
-        check_range("channels", self.channels, 1)
-        check_range("lr", self.lr, 0, low_open=True)
-        check_range("momentum", self.momentum, 0, 1, high_open=True)
 
 
 PRESETS = {

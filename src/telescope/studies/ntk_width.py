@@ -29,12 +29,14 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 import pandas as pd
 import torch
+from annotated_types import Ge
 from torch import Tensor, nn
 
 from telescope import plotting as fg
@@ -43,44 +45,40 @@ from telescope.errors import UsageError
 from telescope.kernels import alignment, effective_rank, infinite_ntk, kernel_regression, spectrum
 from telescope.kernels import ntk as empirical_ntk
 from telescope.models import MLP
-from telescope.studies.base import Progress, Study, check_device, check_range
+from telescope.studies.base import Progress, Study, check_device
 from telescope.studies.base import resolve_device as _device
+from telescope.studies.config import NonEmpty, PositiveFloat, PositiveInt, config_dataclass
 
 __all__ = ["MNIST1DData", "NTKWidthConfig", "points", "run_point", "figures", "headline", "STUDY"]
 
 
-@dataclass
+@config_dataclass
 class MNIST1DData:
     """MNIST-1D (:func:`telescope.data.load_mnist1d`, 40 inputs, 10 classes): the first
     ``n_train`` points of the training split make the kernel, the first ``n_test`` of the test
     split are predicted."""
 
-    n_train: int = 256
-    n_test: int = 1000
+    n_train: Annotated[int, Ge(2)] = 256
+    n_test: PositiveInt = 1000
 
 
-@dataclass
+@config_dataclass
 class NTKWidthConfig:
     """Config of ``ntk-width``; e.g. ``--set widths=16,32,64 data.n_train=64``."""
 
     data: MNIST1DData = field(default_factory=MNIST1DData)
-    widths: tuple[int, ...] = (64, 256, 512)   # finite widths; the infinite one is always added
-    depth: int = 2                             # hidden layers
-    ridge: float = 1e-4                        # kernel regression: ridge / mean diagonal
-    ntk_memory_gb: float = 2.0                 # telescope.ntk's max_memory_gb (its blocks)
+    # finite widths; the infinite one is always added
+    widths: NonEmpty[PositiveInt] = (64, 256, 512)
+    depth: PositiveInt = 2                     # hidden layers
+    ridge: PositiveFloat = 1e-4                # kernel regression: ridge / mean diagonal
+    ntk_memory_gb: PositiveFloat = 2.0         # telescope.ntk's max_memory_gb (its blocks)
     device: str = "cpu"                        # "cpu", "cuda", ... or "auto"
     seeds: int = 1
     seed: int = 0
 
     def __post_init__(self) -> None:
-        check_range("widths", self.widths, 1, nonempty=True)
         if len(set(self.widths)) != len(self.widths):
             raise UsageError(f"widths must not repeat, got {self.widths}")
-        check_range("depth", self.depth, 1)
-        check_range("ridge", self.ridge, 0, low_open=True)
-        check_range("ntk_memory_gb", self.ntk_memory_gb, 0, low_open=True)
-        check_range("data.n_train", self.data.n_train, 2)
-        check_range("data.n_test", self.data.n_test, 1)
         check_device("device", self.device)
 
 

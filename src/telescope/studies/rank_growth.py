@@ -27,20 +27,19 @@ over longer training of a larger model on MNIST-1D patches and is meant for a GP
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import pandas as pd
 import torch
+from annotated_types import Ge, Lt
 
 from telescope import plotting as fg
-from telescope.errors import UsageError
 from telescope.lens import WeightRank
 from telescope.studies._sequence import (
     Columns,
     SequenceData,
-    check_positive,
     check_training,
     encoder,
     final_step,
@@ -51,6 +50,7 @@ from telescope.studies._sequence import (
     sweep,
 )
 from telescope.studies.base import Progress, Study
+from telescope.studies.config import NonEmpty, PositiveFloat, PositiveInt, config_dataclass
 from telescope.train import fit, log_spaced_steps
 
 __all__ = ["RankGrowthConfig", "COLUMNS", "points", "run_point", "figures", "headline", "STUDY"]
@@ -59,21 +59,22 @@ __all__ = ["RankGrowthConfig", "COLUMNS", "points", "run_point", "figures", "hea
 # --------------------------------------------------------------------------- config
 
 
-@dataclass
+@config_dataclass
 class RankGrowthConfig:
     """Initialization scale ``alpha`` (small vs 1), full-batch Adam; e.g. ``--set
     alphas=0.001,1 optimizer=sgd lr=0.1``."""
 
-    alphas: tuple[float, ...] = (0.01, 1.0)
+    alphas: NonEmpty[PositiveFloat] = (0.01, 1.0)
     data: SequenceData = field(default_factory=SequenceData)
-    d_model: int = 32
-    n_heads: int = 2
-    n_layers: int = 1
+    d_model: PositiveInt = 32
+    n_heads: PositiveInt = 2
+    n_layers: PositiveInt = 1
     optimizer: Literal["adam", "sgd"] = "adam"
-    lr: float = 1e-3
-    steps: int = 400
-    threshold: float = 0.05            # numerical rank: s_k > threshold * s_1
-    evals: int = 14                    # log-spaced measurement steps (the last: the end)
+    lr: PositiveFloat = 1e-3
+    steps: PositiveInt = 400
+    # numerical rank: s_k > threshold * s_1
+    threshold: Annotated[float, Ge(0), Lt(1)] = 0.05
+    evals: PositiveInt = 14            # log-spaced measurement steps (the last: the end)
     dtype: Literal["float32", "float64"] = "float32"
     device: str = "cpu"                # "cpu", "cuda", ... or "auto" (cuda when available)
     seeds: int = 2
@@ -81,9 +82,6 @@ class RankGrowthConfig:
 
     def __post_init__(self) -> None:
         check_training(self)
-        check_positive("alphas", self.alphas)
-        if not 0.0 <= self.threshold < 1.0:
-            raise UsageError(f"threshold must lie in [0, 1), got {self.threshold}")
 
 
 PRESETS = {

@@ -31,29 +31,34 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 import pandas as pd
 import torch
+from annotated_types import Ge, Gt, Lt
 
 from telescope import plotting as fg
 from telescope.data import modular_arithmetic
-from telescope.errors import UsageError
 from telescope.lens import NormCycles, loss_spikes
 from telescope.models import TinyTransformer
 from telescope.studies._sequence import (
     Columns,
-    check_positive,
     check_training,
     final_step,
     loss_acc,
     settings,
     sweep,
 )
-from telescope.studies.base import Progress, Study, check_range, resolve_device
+from telescope.studies.base import Progress, Study, resolve_device
+from telescope.studies.config import (
+    NonEmpty,
+    NonNegativeFloat,
+    PositiveFloat,
+    PositiveInt,
+    config_dataclass,
+)
 from telescope.train import fit
 
 __all__ = ["SlingshotConfig", "COLUMNS", "points", "run_point", "figures", "headline", "STUDY"]
@@ -62,23 +67,25 @@ __all__ = ["SlingshotConfig", "COLUMNS", "points", "run_point", "figures", "head
 # --------------------------------------------------------------------------- config
 
 
-@dataclass
+@config_dataclass
 class SlingshotConfig:
     """Adam's ``eps`` on modular addition, full batch, no weight decay; e.g. ``--set
     eps=1e-8,1e-6 steps=5000``."""
 
-    eps: tuple[float, ...] = (1e-8, 1e-4)
-    p: int = 23
-    train_fraction: float = 0.5
-    d_model: int = 32
-    n_heads: int = 4
-    lr: float = 1e-2
-    beta2: float = 0.99                # shorter second-moment memory: earlier first slingshot
-    steps: int = 3000
-    every: int = 10                    # log norm and loss every `every` steps
-    min_rise: float = 0.05             # detect_cycles: minimal relative rise of a growth phase
-    smooth: int = 1                    # detect_cycles: moving-average window (log points)
-    spike_factor: float = 10.0         # loss_spikes: loss > factor * running minimum
+    eps: NonEmpty[PositiveFloat] = (1e-8, 1e-4)
+    p: Annotated[int, Ge(3)] = 23
+    train_fraction: Annotated[float, Gt(0), Lt(1)] = 0.5
+    d_model: PositiveInt = 32
+    n_heads: PositiveInt = 4
+    lr: PositiveFloat = 1e-2
+    # shorter second-moment memory: earlier first slingshot
+    beta2: Annotated[float, Ge(0), Lt(1)] = 0.99
+    steps: PositiveInt = 3000
+    every: PositiveInt = 10            # log norm and loss every `every` steps
+    min_rise: NonNegativeFloat = 0.05  # detect_cycles: minimal relative rise of a growth phase
+    smooth: PositiveInt = 1            # detect_cycles: moving-average window (log points)
+    # loss_spikes: loss > factor * running minimum
+    spike_factor: Annotated[float, Gt(1)] = 10.0
     dtype: Literal["float32", "float64"] = "float32"
     device: str = "cpu"                # "cpu", "cuda", ... or "auto" (cuda when available)
     seeds: int = 2
@@ -86,14 +93,6 @@ class SlingshotConfig:
 
     def __post_init__(self) -> None:
         check_training(self)
-        check_positive("eps", self.eps)
-        if self.every < 1 or self.spike_factor <= 1.0:
-            raise UsageError("every must be >= 1 and spike_factor > 1")
-        check_range("p", self.p, 3)
-        check_range("train_fraction", self.train_fraction, 0, 1, low_open=True, high_open=True)
-        check_range("beta2", self.beta2, 0, 1, high_open=True)
-        check_range("min_rise", self.min_rise, 0)
-        check_range("smooth", self.smooth, 1)
 
 
 PRESETS = {

@@ -15,7 +15,7 @@ row per (point, time).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
 
 import pandas as pd
@@ -25,41 +25,42 @@ from telescope import plotting as fg
 from telescope.data import teacher_regression
 from telescope.errors import UsageError
 from telescope.kernels import infinite_ntk, kernel_regression
-from telescope.studies.base import Progress, Study, check_range
+from telescope.studies.base import Progress, Study
+from telescope.studies.config import (
+    NonEmpty,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveInt,
+    config_dataclass,
+)
 
 
-@dataclass
+@config_dataclass
 class TeacherData:
     """The synthetic task (:func:`telescope.data.teacher_regression`)."""
 
-    n_train: int = 800
-    n_test: int = 800
-    d: int = 16
-    noise: float = 0.5
-    teacher_width: int = 64
+    n_train: PositiveInt = 800
+    n_test: PositiveInt = 800
+    d: PositiveInt = 16
+    noise: NonNegativeFloat = 0.5
+    teacher_width: PositiveInt = 64
 
 
-@dataclass
+@config_dataclass
 class ToyConfig:
     """Config of the ``toy`` study; ``--set data.n_train=64``, ``--set ridges=0.1,1,10``."""
 
     data: TeacherData = field(default_factory=TeacherData)
-    depth: int = 1                                   # hidden layers of the NTK's ReLU network
+    depth: NonNegativeInt = 1                        # hidden layers of the NTK's ReLU network
     ridges: tuple[float, ...] = (1e-2, 1e-1, 1.0, 10.0, 100.0)
-    times: tuple[float, ...] = (1.0, 10.0, 100.0, 1e3, 1e4, math.inf)   # lr * t; inf: converged
+    # lr * t; inf: converged
+    times: NonEmpty[NonNegativeFloat] = (1.0, 10.0, 100.0, 1e3, 1e4, math.inf)
     seeds: int = 2
     seed: int = 0
 
     def __post_init__(self) -> None:
-
         if not self.ridges or any(not r >= 0 for r in self.ridges):
             raise UsageError(f"ridges must be a non-empty list of numbers >= 0, got {self.ridges}")
-        if not self.times or any(not t >= 0 for t in self.times):
-            raise UsageError(f"times must be a non-empty list of numbers >= 0, got {self.times}")
-        for key in ("n_train", "n_test", "d", "teacher_width"):
-            check_range(f"data.{key}", getattr(self.data, key), 1)
-        check_range("data.noise", self.data.noise, 0)
-        check_range("depth", self.depth, 0)
 
 
 PRESETS = {

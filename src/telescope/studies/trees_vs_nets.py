@@ -44,13 +44,15 @@ faster than the trees' in our runs, so it is not the default.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from annotated_types import Ge, Le, Lt
 
 from telescope import plotting as fg
 from telescope.data import (
@@ -64,10 +66,18 @@ from telescope.lens import Smoother
 from telescope.lens.boosting import boosting_smoother, kernel_weight_norms
 from telescope.models import MLP
 from telescope.studies.base import Progress, Study, check_range
+from telescope.studies.config import (
+    NonEmpty,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    config_dataclass,
+)
 from telescope.train import fit
 
 
-@dataclass
+@config_dataclass
 class TabularData:
     """The data pool. ``name``: ``synthetic`` (generated here), ``bundled-table`` (scikit-learn's
     ``diabetes``, offline), ``table`` (CSV/Parquet; ``path`` and ``target``) or ``openml`` (an
@@ -78,38 +88,37 @@ class TabularData:
     path: str = ""
     dataset: str = "diabetes"          # bundled table name, or the OpenML name / id
     target: str = ""                   # target column (tables; OpenML default if empty)
-    n_pool: int = 0                    # rows used (0: all; else a seeded random subset)
-    n_test: int = 80                   # size of every test set
-    n_train: int = 0                   # 0: all rows not used for testing
-    synthetic_n: int = 2000            # rows of the synthetic set
-    synthetic_d: int = 8
-    synthetic_noise: float = 0.3
+    n_pool: NonNegativeInt = 0         # rows used (0: all; else a seeded random subset)
+    n_test: Annotated[int, Ge(2)] = 80   # size of every test set
+    n_train: NonNegativeInt = 0        # 0: all rows not used for testing
+    synthetic_n: int = 2000            # rows of the synthetic set (>= n_test + 2)
+    synthetic_d: PositiveInt = 8
+    synthetic_noise: NonNegativeFloat = 0.3
 
     def __post_init__(self) -> None:
         if self.name not in ("synthetic", "bundled-table", "table", "openml"):
             raise UsageError("data.name must be synthetic, bundled-table, table or openml, got "
                              f"{self.name!r}")
-        if self.n_test < 2 or self.n_pool < 0 or self.n_train < 0:
-            raise UsageError("data.n_test must be >= 2 and data.n_pool, data.n_train >= 0")
+        check_range("data.synthetic_n", self.synthetic_n, self.n_test + 2)
 
 
-@dataclass
+@config_dataclass
 class NetConfig:
-    hidden: tuple[int, ...] = (128, 128)
-    lr: float = 0.003
-    momentum: float = 0.9
-    batch_size: int = 64
-    epochs: int = 100
+    hidden: tuple[PositiveInt, ...] = (128, 128)
+    lr: PositiveFloat = 0.003
+    momentum: Annotated[float, Ge(0), Lt(1)] = 0.9
+    batch_size: PositiveInt = 64
+    epochs: PositiveInt = 100
 
 
-@dataclass
+@config_dataclass
 class TreesConfig:
-    n_estimators: int = 100
-    max_depth: int = 3
-    learning_rate: float = 0.1
+    n_estimators: PositiveInt = 100
+    max_depth: PositiveInt = 3
+    learning_rate: PositiveFloat = 0.1
 
 
-@dataclass
+@config_dataclass
 class TreesVsNetsConfig:
     """Config of ``trees-vs-nets``; e.g. ``--set data.name=openml --set data.path=DIR
     --set data.dataset=houses``."""
@@ -117,28 +126,13 @@ class TreesVsNetsConfig:
     data: TabularData = field(default_factory=TabularData)
     net: NetConfig = field(default_factory=NetConfig)
     trees: TreesConfig = field(default_factory=TreesConfig)
-    fractions: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)
+    fractions: NonEmpty[Annotated[float, Ge(0), Le(1)]] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)
     seeds: int = 3
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if not self.fractions or any(not 0.0 <= f <= 1.0 for f in self.fractions):
-            raise UsageError(f"fractions must be numbers in [0, 1], got {self.fractions}")
         if 0.0 not in self.fractions:
             raise UsageError("fractions must include 0 (the reference of rel_increase)")
-
-        d, n, t = self.data, self.net, self.trees
-        check_range("data.synthetic_n", d.synthetic_n, d.n_test + 2)
-        check_range("data.synthetic_d", d.synthetic_d, 1)
-        check_range("data.synthetic_noise", d.synthetic_noise, 0)
-        check_range("net.hidden", n.hidden, 1)
-        check_range("net.lr", n.lr, 0, low_open=True)
-        check_range("net.momentum", n.momentum, 0, 1, high_open=True)
-        check_range("net.batch_size", n.batch_size, 1)
-        check_range("net.epochs", n.epochs, 1)
-        check_range("trees.n_estimators", t.n_estimators, 1)
-        check_range("trees.max_depth", t.max_depth, 1)
-        check_range("trees.learning_rate", t.learning_rate, 0, low_open=True)
 
 
 PRESETS = {
