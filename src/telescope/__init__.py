@@ -1,6 +1,6 @@
 """telescope: see how a neural network learns through its tangent kernels.
 
-Public API (see README.md and DESIGN.md):
+Public API (see README.md; docs/architecture.md maps the code):
 
 - :func:`ntk` -- empirical neural tangent kernel of any ``torch.nn.Module``
 - :func:`lowrank_ntk` -- matrix-free low-rank factorization ``K ~= U diag(s) U^T``
@@ -10,6 +10,8 @@ Public API (see README.md and DESIGN.md):
 - :class:`Telescope` -- the telescoping model of a network in training, on probe points
 - :class:`Smoother` -- smoother weights and effective parameters through training
 - :func:`configure_threads` -- a sane torch thread count for shared machines
+- :mod:`telescope.train` -- one training loop (:func:`telescope.train.fit`) with the lenses as
+  callbacks
 """
 
 from telescope._threads import configure_threads
