@@ -11,8 +11,10 @@ import pandas as pd
 import pytest
 
 from telescope.studies import get_study, make_config
-from telescope.studies import ntk_double_descent as ndd
-from telescope.studies.base import config_to_dict
+from telescope.studies.config import config_to_dict
+from telescope.studies.ntk_double_descent.analysis import compare, final_rows, verdict_details
+from telescope.studies.ntk_double_descent.formatting import fmt_peak, fmt_stat
+from telescope.studies.ntk_double_descent.words import answer_for
 
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("readme_results",
@@ -102,16 +104,16 @@ def test_rewrites_the_section_from_the_results_and_check_passes(tmp_path, capsys
     assert "typed by hand" not in text
     assert before == README.split(rr.BEGIN)[0].replace("(~3 min", "(~10 min")  # 600 s
     assert after == README.split(rr.END)[1]
-    final = ndd.final_rows(_results())
+    final = final_rows(_results())
     # the numbers come from the study's own functions on these results
-    net = ndd.compare(final, "transformer")["network"]
+    net = compare(final, "transformer")["network"]
     assert net["peak_width"] == 6
-    assert f"| trained network: test-MSE peak width | {ndd.fmt_peak(net, WIDTHS['transformer'])}"\
+    assert f"| trained network: test-MSE peak width | {fmt_peak(net, WIDTHS['transformer'])}"\
         in inside
-    assert ndd.fmt_stat(net, "peak") in inside
-    details = ndd.verdict_details(final, "mlp")
+    assert fmt_stat(net, "peak") in inside
+    details = verdict_details(final, "mlp")
     assert f"**{details['category']}**" in inside
-    assert ndd.answer_for(final, "transformer")[:60] in inside.replace("\n  ", " ")
+    assert answer_for(final, "transformer")[:60] in inside.replace("\n  ", " ")
     assert "| verdict on seeds 0-1 / 2-3 |" in inside
     assert "![ntk-double-descent](docs/figures/ntk_double_descent.png)" in inside
     assert "machine box-7, commit abc1234, 2031-02-03" in inside.replace("\n", " ")
@@ -131,8 +133,8 @@ def test_check_fails_on_a_tampered_readme_or_figure(tmp_path, capsys):
     assert rr.main(args) == 0
     text = readme.read_text()
     assert "machine Linux-x86_64, unknown commit, 2031-02-03." in text.replace("\n", " ")
-    net = ndd.compare(ndd.final_rows(_results()), "transformer")["network"]
-    shown = ndd.fmt_stat(net, "peak")
+    net = compare(final_rows(_results()), "transformer")["network"]
+    shown = fmt_stat(net, "peak")
     readme.write_text(text.replace(shown, shown.replace(shown[0], "9", 1), 1))
     capsys.readouterr()
     assert rr.main([*args, "--check"]) == 1

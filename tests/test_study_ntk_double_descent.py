@@ -14,6 +14,13 @@ import telescope
 from telescope.runs import Progress
 from telescope.studies import get_study, make_config
 from telescope.studies import ntk_double_descent as ndd
+from telescope.studies.ntk_double_descent import (
+    analysis,
+    bootstrap,
+    formatting,
+    predictions,
+    words,
+)
 
 STUDY = get_study("ntk-double-descent")
 TINY = {"widths": "2,4", "mlp_widths": "2,8", "steps": "6", "evals": "2", "seeds": "1",
@@ -30,7 +37,7 @@ def test_kernel_prediction_of_a_linear_model_is_least_squares():
     model = torch.nn.Linear(d, 1).double()
     with torch.no_grad():
         f0, f0t = model(x), model(xt)
-    out = ndd.kernel_prediction(model, x, y, xt, f0, f0t, ridge=0.0)
+    out = predictions.kernel_prediction(model, x, y, xt, f0, f0t, ridge=0.0)
     a = np.c_[x.numpy(), np.ones(n)]
     at = np.c_[xt.numpy(), np.ones(m)]
     beta = np.linalg.lstsq(a, y.numpy(), rcond=None)[0]
@@ -51,7 +58,7 @@ def test_kernel_prediction_interpolates_when_overparametrized():
     model = torch.nn.Sequential(torch.nn.Linear(3, 64), torch.nn.Tanh(), torch.nn.Linear(64, 1))
     with torch.no_grad():
         f0, f0t = model(x), model(xt)
-    out = ndd.kernel_prediction(model, x, y, xt, f0, f0t, ridge=0.0)
+    out = predictions.kernel_prediction(model, x, y, xt, f0, f0t, ridge=0.0)
     np.testing.assert_allclose(out["train"].numpy(), y.double().ravel().numpy(), atol=1e-7)
     assert out["p_train"] == pytest.approx(n, rel=1e-8)
 
@@ -179,7 +186,7 @@ def _fake(curve_net, curve_lazy, gaps, kind="transformer"):
 def test_headline_finds_peak_rank_correlation_and_lazy_validity():
     df = _fake([1.1, 2.0, 1.5, 1.2, 1.0], [1.3, 5.0, 2.0, 1.5, 1.1], [2.0, 1.0, 0.3, 0.2, 0.1])
     config = make_config(STUDY, "quick", {})
-    stats = ndd.compare(ndd.final_rows(df), "transformer")
+    stats = analysis.compare(analysis.final_rows(df), "transformer")
     assert stats["network"]["peak"] == pytest.approx(2.005)        # mean of 2.00 and 2.01
     assert stats["network"]["peak_ci"] == pytest.approx((2.0, 2.01))
     assert stats["network"]["peak_widths"] == [4]
@@ -202,18 +209,18 @@ def test_headline_finds_peak_rank_correlation_and_lazy_validity():
 def test_verdicts_follow_peak_location_and_validity():
     # peak one width early, lazy never valid: partly; two widths early: no
     partly = _fake([1.1, 1.5, 2.0, 1.2, 1.0], [1.3, 5.0, 2.0, 1.5, 1.1], [2.0] * 5)
-    assert ndd.verdict(ndd._final(partly), "transformer") == "partly"
+    assert analysis.verdict(analysis.final_rows(partly), "transformer") == "partly"
     no = _fake([1.1, 1.2, 1.5, 2.0, 1.0], [1.3, 5.0, 2.0, 1.5, 1.1], [2.0] * 5)
-    assert ndd.verdict(ndd._final(no), "transformer") == "no"
+    assert analysis.verdict(analysis.final_rows(no), "transformer") == "no"
     flat = _fake([2.0, 1.5, 1.2, 1.1, 1.0], [3.0, 2.0, 1.5, 1.2, 1.1], [2.0] * 5)
-    assert ndd.verdict(ndd._final(flat), "transformer") == "no double descent"
+    assert analysis.verdict(analysis.final_rows(flat), "transformer") == "no double descent"
 
 
 def test_answer_says_when_there_is_no_peak_and_no_lazy_regime():
     df = _fake([2.0, 1.5, 1.2, 1.1, 1.0], [3.0, 2.0, 1.5, 1.2, 1.1], [2.0, 1.0, 0.9, 0.8, 0.7])
-    final = ndd._final(df)
-    assert ndd.lazy_valid_from(final, "transformer") is None
-    text = ndd.answer(final)
+    final = analysis.final_rows(df)
+    assert analysis.lazy_valid_from(final, "transformer") is None
+    text = words.answer(final)
     assert "no clear double descent" in text and "never come within 25 %" in text
     assert "relative distance 0.700 [0.700, 0.700] at the largest width" in text
     assert "as much as at every width from 2 on" in text           # kernel distance 0.1 flat
@@ -263,7 +270,7 @@ def test_rank_correlation_matches_scipy_with_ties_and_masks():
     b = rng.normal(size=(40, 7))
     b[::5, 2] = np.nan
     mask = rng.random((40, 7)) > 0.25
-    got = ndd.rank_correlation(a, b, mask)
+    got = bootstrap.rank_correlation(a, b, mask)
     for r in range(40):
         keep = mask[r] & ~np.isnan(b[r])
         if keep.sum() < 3 or len(set(a[r, keep])) < 2:
@@ -275,14 +282,14 @@ def test_rank_correlation_matches_scipy_with_ties_and_masks():
 def test_seed_weights_and_weighted_means_are_plain_resampling():
     """Row 0 weighs every seed once; a resample's mean curve equals the plain mean over the seeds
     it drew (with repeats), skipping seeds a width lacks; the draws are reproducible."""
-    w = ndd.seed_weights(5, resamples=50, seed=7)
+    w = bootstrap.seed_weights(5, resamples=50, seed=7)
     assert w.shape == (51, 5) and (w[0] == 1).all() and (w.sum(1) == 5).all()
-    np.testing.assert_array_equal(w, ndd.seed_weights(5, resamples=50, seed=7))
-    assert not np.array_equal(w, ndd.seed_weights(5, resamples=50, seed=8))
+    np.testing.assert_array_equal(w, bootstrap.seed_weights(5, resamples=50, seed=7))
+    assert not np.array_equal(w, bootstrap.seed_weights(5, resamples=50, seed=8))
     rng = np.random.default_rng(0)
     values = rng.normal(size=(4, 5))                         # [widths, seeds]
     values[2, 1] = np.nan                                    # a point not run
-    means = ndd.weighted_means(values, w)
+    means = bootstrap.weighted_means(values, w)
     for r in (0, 1, 17, 50):
         drawn = np.repeat(np.arange(5), w[r].astype(int))
         for j in range(4):
@@ -310,17 +317,17 @@ def test_widths_within_noise_of_the_peak_follow_the_seed_spread():
     for spread, plausible, text in ((0.5, [4, 8], "4 (4-8 within noise)"), (0.005, [4], "4")):
         noise = rng.choice([-1.0, 1.0], size=(8, 5)) * spread
         noise -= noise.mean(0)                               # the mean curve stays `base`
-        final = ndd.final_rows(_seeded(base + noise, [1.0, 9.0, 3.0, 2.0, 1.5]))
-        net = ndd.compare(final, "transformer")["network"]
+        final = analysis.final_rows(_seeded(base + noise, [1.0, 9.0, 3.0, 2.0, 1.5]))
+        net = analysis.compare(final, "transformer")["network"]
         assert net["peak_width"] == 4 and net["peak"] == pytest.approx(2.0)
         assert net["peak_widths"] == plausible
-        assert ndd.fmt_peak(net, [2, 4, 8, 16, 32]) == text
+        assert formatting.fmt_peak(net, [2, 4, 8, 16, 32]) == text
         lo, hi = net["peak_ci"]
         assert lo < 2.0 < hi and hi - lo < (1.2 if spread > 0.1 else 0.012)
 
 
 def _halves_agree_or_undetermined(final, kind="transformer"):
-    a, b = ndd.half_verdicts(final, kind)
+    a, b = analysis.half_verdicts(final, kind)
     full = ndd.headline(final, make_config(STUDY, "quick", {}))
     said = full[f"{kind}: can NTK theory (at init) predict its double descent?"]
     assert a["category"] == b["category"] or said.startswith("undetermined (within noise: ")
@@ -330,11 +337,11 @@ def _halves_agree_or_undetermined(final, kind="transformer"):
 def test_verdict_on_disjoint_halves_of_the_seeds_agrees_in_a_clear_case():
     rng = np.random.default_rng(2)
     net = np.array([1.1, 2.0, 1.5, 1.2, 1.0]) + rng.normal(0, 0.03, size=(8, 5))
-    final = ndd.final_rows(_seeded(net, [1.3, 5.0, 2.0, 1.5, 1.1]))
+    final = analysis.final_rows(_seeded(net, [1.3, 5.0, 2.0, 1.5, 1.1]))
     a, b, said = _halves_agree_or_undetermined(final)
     assert a["category"] == b["category"] == said == "partly"   # lazy never within 25 %
     assert a["seeds"] == [0, 1, 2, 3] and b["seeds"] == [4, 5, 6, 7]
-    assert ndd.verdict_details(final, "transformer")["shares"] == {"partly": 1.0}
+    assert analysis.verdict_details(final, "transformer")["shares"] == {"partly": 1.0}
 
 
 def test_verdict_is_undetermined_when_the_peak_flips_between_halves_of_the_seeds():
@@ -344,33 +351,33 @@ def test_verdict_is_undetermined_when_the_peak_flips_between_halves_of_the_seeds
     rng = np.random.default_rng(4)
     early, late = [1.0, 2.0, 1.5, 1.4, 1.0], [1.0, 1.4, 1.5, 2.0, 1.0]
     net = np.array([early] * 4 + [late] * 4) + rng.normal(0, 0.02, size=(8, 5))
-    final = ndd.final_rows(_seeded(net, [1.3, 5.0, 2.0, 1.5, 1.1]))
+    final = analysis.final_rows(_seeded(net, [1.3, 5.0, 2.0, 1.5, 1.1]))
     a, b, said = _halves_agree_or_undetermined(final)
     assert (a["category"], b["category"]) == ("partly", "no")
     assert said.startswith("undetermined (within noise: the network's peak anywhere in widths 4")
-    d = ndd.verdict_details(final, "transformer")
-    assert d["category"] == "undetermined" and max(d["shares"].values()) < ndd.AGREEMENT
+    d = analysis.verdict_details(final, "transformer")
+    assert d["category"] == "undetermined" and max(d["shares"].values()) < analysis.AGREEMENT
     assert set(d["shares"]) == {"partly", "no"}
     # partly or no: either way not in full, and the one-line answer says so
-    assert "undetermined" in ndd.answer(final)
-    assert ndd.short_answer(final).startswith("Not in full: the NTK at initialization peaks at "
+    assert "undetermined" in words.answer(final)
+    assert words.short_answer(final).startswith("Not in full: the NTK at initialization peaks at "
                                               "width 4,")
-    assert "(partly) or not (no) is within the seeds' noise" in ndd.short_answer(final)
+    assert "(partly) or not (no) is within the seeds' noise" in words.short_answer(final)
 
 
 def test_one_seed_verdict_says_its_noise_is_unknown():
-    final = ndd.final_rows(_seeded([[1.1, 2.0, 1.5, 1.2, 1.0]], [1.3, 5.0, 2.0, 1.5, 1.1]))
-    assert ndd.verdict(final, "transformer") == "partly (one seed: its noise is not estimated)"
-    assert ndd.half_verdicts(final, "transformer") is None
+    final = analysis.final_rows(_seeded([[1.1, 2.0, 1.5, 1.2, 1.0]], [1.3, 5.0, 2.0, 1.5, 1.1]))
+    assert analysis.verdict(final, "transformer") == "partly (one seed: its noise is not estimated)"
+    assert analysis.half_verdicts(final, "transformer") is None
 
 
 def test_number_and_width_formats():
-    assert [ndd.fmt_number(v) for v in (1.5, 20.49, 0.018, 152.4, 1234.5, float("nan"))] == [
+    assert [formatting.fmt_number(v) for v in (1.5, 20.49, 0.018, 152.4, 1234.5, float("nan"))] == [
         "1.50", "20.5", "0.0180", "152", "1234", "n/a"]
-    assert ndd.fmt_estimate(-0.1449, (-0.5, 0.3), decimals=2) == "-0.14 [-0.50, 0.30]"
+    assert formatting.fmt_estimate(-0.1449, (-0.5, 0.3), decimals=2) == "-0.14 [-0.50, 0.30]"
     sweep = [3, 4, 6, 8, 12, 16]
-    assert ndd.fmt_widths([6, 8, 12], sweep) == "6-12"
-    assert ndd.fmt_widths([12, 4, 8], sweep) == "4, 8-12"
+    assert formatting.fmt_widths([6, 8, 12], sweep) == "6-12"
+    assert formatting.fmt_widths([12, 4, 8], sweep) == "4, 8-12"
 
 
 def test_verdict_needs_every_peak_within_noise_to_agree():
@@ -381,12 +388,12 @@ def test_verdict_needs_every_peak_within_noise_to_agree():
     widths = (2, 4, 6, 8, 16, 32)
     net = np.tile([1.0, 2.0, 1.5, 1.85, 1.3, 1.0], (8, 1))
     net[:, 3] += 0.3 * np.array([1, -1] * 4)
-    final = ndd.final_rows(_seeded(net, [1.3, 5.0, 2.0, 1.5, 1.2, 1.1], widths=widths))
-    d = ndd.verdict_details(final, "transformer")
-    assert d["point"] == "partly" and d["shares"]["partly"] >= ndd.AGREEMENT
-    assert ndd.compare(final, "transformer")["network"]["peak_widths"] == [4, 8]
+    final = analysis.final_rows(_seeded(net, [1.3, 5.0, 2.0, 1.5, 1.2, 1.1], widths=widths))
+    d = analysis.verdict_details(final, "transformer")
+    assert d["point"] == "partly" and d["shares"]["partly"] >= analysis.AGREEMENT
+    assert analysis.compare(final, "transformer")["network"]["peak_widths"] == [4, 8]
     assert d["implied"] == ["partly", "no"] and d["category"] == "undetermined"
     assert "the peaks within noise allow partly or no" in d["verdict"]
     net[:, 3] = 1.6                                           # width 8 clearly below the peak
-    final = ndd.final_rows(_seeded(net, [1.3, 5.0, 2.0, 1.5, 1.2, 1.1], widths=widths))
-    assert ndd.verdict(final, "transformer") == "partly"
+    final = analysis.final_rows(_seeded(net, [1.3, 5.0, 2.0, 1.5, 1.2, 1.1], widths=widths))
+    assert analysis.verdict(final, "transformer") == "partly"

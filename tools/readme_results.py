@@ -10,12 +10,13 @@ Usage (from the repository root, after ``./dev.sh run``)::
 It reads ``RUN_DIR/results.parquet``, ``config.json`` and ``run.json`` and replaces the part of
 the README between the marker lines ``<!-- ntk-double-descent:begin -->`` and
 ``<!-- ntk-double-descent:end -->`` with: the one-sentence answer
-(:func:`telescope.studies.ntk_double_descent.short_answer`), the setup (from ``config.json``) and
-the wall time (from ``run.json``), the figure, a table of the numbers with their bootstrap
-intervals over seeds (:func:`~telescope.studies.ntk_double_descent.compare`,
-:func:`~telescope.studies.ntk_double_descent.verdict_details`,
-:func:`~telescope.studies.ntk_double_descent.half_verdicts`), one paragraph per model row
-(:func:`~telescope.studies.ntk_double_descent.answer_for`), the limits, and a line naming the
+(:func:`telescope.studies.ntk_double_descent.words.short_answer`), the setup (from
+``config.json``) and the wall time (from ``run.json``), the figure, a table of the numbers with
+their bootstrap intervals over seeds
+(:func:`~telescope.studies.ntk_double_descent.analysis.compare`,
+:func:`~telescope.studies.ntk_double_descent.analysis.verdict_details`,
+:func:`~telescope.studies.ntk_double_descent.analysis.half_verdicts`), one paragraph per model row
+(:func:`~telescope.studies.ntk_double_descent.words.answer_for`), the limits, and a line naming the
 machine, commit and date of the run (``versions.machine`` / ``versions.git_commit`` of
 ``run.json``, else ``versions.platform`` and "unknown commit"). It also rewrites the wall time in
 the README's ``./dev.sh run`` line (``(~N min + setup)``) and copies the run's
@@ -42,7 +43,27 @@ import pandas as pd
 from telescope.errors import TelescopeError, UsageError
 from telescope.studies import get_study
 from telescope.studies import ntk_double_descent as ndd
-from telescope.studies.base import config_from_dict
+from telescope.studies.config import config_from_dict
+from telescope.studies.ntk_double_descent.analysis import (
+    AGREEMENT,
+    LEVEL,
+    MODELS,
+    RESAMPLES,
+    SeedBootstrap,
+    curve_row,
+    final_rows,
+    half_verdicts,
+    lazy_valid_from,
+)
+from telescope.studies.ntk_double_descent.formatting import (
+    fmt_corr,
+    fmt_estimate,
+    fmt_peak,
+    fmt_share,
+    fmt_stat,
+    fmt_widths,
+)
+from telescope.studies.ntk_double_descent.words import answer_for, short_answer
 
 STUDY = "ntk-double-descent"
 BEGIN = "<!-- ntk-double-descent:begin -->"
@@ -150,39 +171,39 @@ def setup_text(config, final: pd.DataFrame, meta: dict) -> str:
     prov = provenance(meta)
     took = "" if seconds is None else f" in {seconds / 60:.1f} min"
     where = f" ({prov['executor']})" if prov["executor"] else ""
-    return (f"({task}, n = {d.n_train} training points, {ndd.fmt_share(config.label_noise)} of the "
+    return (f"({task}, n = {d.n_train} training points, {fmt_share(config.label_noise)} of the "
             f"targets flipped, squared loss, full-batch {opt} at learning rate {config.lr:g}"
             f"{warm} for {config.steps} steps, {' and '.join(models)}, {config.seeds} seeds; "
             f"{n_points} trained networks with their kernels{took}{where})")
 
 
-def _cell(boot: ndd.SeedBootstrap | None, row: str) -> str:
+def _cell(boot: SeedBootstrap | None, row: str) -> str:
     """One table cell of a model row."""
     if boot is None or boot.analysis is None:
         return "not run"
     stats = boot.compare()
     net, sweep = stats["network"], boot.sweep
     lazy, after, tel = stats.get("lazy"), stats.get("after"), stats.get("telescoping")
-    est, corr = ndd.fmt_stat, ndd.fmt_corr
+    est, corr = fmt_stat, fmt_corr
     if row == "net_peak":
-        return ndd.fmt_peak(net, sweep)
+        return fmt_peak(net, sweep)
     if row == "net_height":
         return (f"{est(net, 'peak')} -> {est(net, 'at_largest')} at {net['largest_width']}")
     if lazy is None and row.startswith("lazy"):
         return "not measured"
     if row == "lazy_peak":
         same = " (the network's)" if lazy["peak_width"] == net["peak_width"] else ""
-        return (f"width {ndd.fmt_peak(lazy, sweep)}{same}; {est(lazy, 'peak')} "
+        return (f"width {fmt_peak(lazy, sweep)}{same}; {est(lazy, 'peak')} "
                 f"({lazy['peak'] / net['peak']:.1f}x the network's)")
     if row == "lazy_rho":
         return f"{corr(lazy, 'rho')} / {corr(lazy, 'rho_past_peak')}"
     if row == "lazy_gap":
-        valid = ndd.lazy_valid_from(boot.final, boot.kind)
+        valid = lazy_valid_from(boot.final, boot.kind)
         holds = ("never within 25 %" if valid is None else f"within 25 % from width {valid}")
         return f"{est(lazy, 'gap_at_largest')} ({holds})"
     if row == "kernel":
         kd = boot.curve_intervals("kernel_distance")
-        return "not measured" if not len(kd) else ndd.fmt_estimate(*ndd.curve_row(kd, -1))
+        return "not measured" if not len(kd) else fmt_estimate(*curve_row(kd, -1))
     if row == "after":
         if after is None:
             return "not measured"
@@ -191,7 +212,7 @@ def _cell(boot: ndd.SeedBootstrap | None, row: str) -> str:
         return "not measured" if tel is None or not math.isfinite(tel["gap"]) else est(tel, "gap")
     if row == "verdict":
         d = boot.verdict_details()
-        split = ", ".join(f"{k} {ndd.fmt_share(s)}" for k, s in d["shares"].items())
+        split = ", ".join(f"{k} {fmt_share(s)}" for k, s in d["shares"].items())
         allow = (f"peaks within noise allow {' or '.join(d['implied'])}; "
                  if len(d["implied"]) > 1 else "")
         return f"**{d['category']}** ({allow}seed resamples: {split})" if split else (
@@ -214,19 +235,19 @@ ROWS = (
 )
 
 
-def table(final: pd.DataFrame, boots: dict[str, ndd.SeedBootstrap]) -> list[str]:
+def table(final: pd.DataFrame, boots: dict[str, SeedBootstrap]) -> list[str]:
     lines = ["| | transformer | MLP (contrast) |", "|---|---|---|"]
     for label, key in ROWS:
-        cells = [_cell(boots.get(kind), key) for kind in ndd.MODELS]
+        cells = [_cell(boots.get(kind), key) for kind in MODELS]
         lines.append(f"| {label} | {' | '.join(cells)} |")
-    halves = {kind: ndd.half_verdicts(final, kind) for kind in ndd.MODELS if kind in boots}
+    halves = {kind: half_verdicts(final, kind) for kind in MODELS if kind in boots}
     shown = [h for h in halves.values() if h is not None]
     if shown:
         a, b = shown[0]
-        label = (f"verdict on seeds {ndd.fmt_widths(a['seeds'], a['seeds'])} / "
-                 f"{ndd.fmt_widths(b['seeds'], b['seeds'])}")
+        label = (f"verdict on seeds {fmt_widths(a['seeds'], a['seeds'])} / "
+                 f"{fmt_widths(b['seeds'], b['seeds'])}")
         cells = []
-        for kind in ndd.MODELS:
+        for kind in MODELS:
             h = halves.get(kind)
             cells.append("not run" if h is None else f"{h[0]['category']} / {h[1]['category']}")
         lines.append(f"| {label} | {' | '.join(cells)} |")
@@ -236,30 +257,30 @@ def table(final: pd.DataFrame, boots: dict[str, ndd.SeedBootstrap]) -> list[str]
 def section(df: pd.DataFrame, config, saved: dict, meta: dict, figure_link: str,
             run_label: str) -> str:
     """The README text between the markers (markers included)."""
-    final = ndd.final_rows(df)
-    boots = {kind: ndd.SeedBootstrap(final, kind) for kind in ndd.MODELS
+    final = final_rows(df)
+    boots = {kind: SeedBootstrap(final, kind) for kind in MODELS
              if kind in set(final["model"])}
     main = "transformer" if "transformer" in boots else next(iter(boots))
     preset = saved.get("preset") or "custom"
     lines = [BEGIN, f"<!-- generated by tools/readme_results.py from {run_label}:",
              "     edit the script or the study, not this text -->"]
-    lines += _para(f"**{ndd.short_answer(final, main)}** Measured by `./dev.sh run` ({preset} "
+    lines += _para(f"**{short_answer(final, main)}** Measured by `./dev.sh run` ({preset} "
                    f"preset: {setup_text(config, final, meta)[1:]}:")
     lines += ["", f"![ntk-double-descent]({figure_link})", ""]
     lines += table(final, boots)
     lines.append("")
-    level, agree = ndd.fmt_share(ndd.LEVEL), ndd.fmt_share(ndd.AGREEMENT)
+    level, agree = fmt_share(LEVEL), fmt_share(AGREEMENT)
     lines += _bullet(
         f"Brackets are {level} percentile intervals of a bootstrap over seeds "
-        f"({ndd.RESAMPLES} resamples of whole seeds, the same draw at every width, fixed "
+        f"({RESAMPLES} resamples of whole seeds, the same draw at every width, fixed "
         f"seed); \"within noise\" lists the widths whose mean test MSE cannot be told from the "
         f"peak's at that level. A verdict is stated only when at least {agree} of the "
         f"resamples give it and every pair of peak widths within noise (network, NTK at init) "
         f"gives it too, otherwise it is undetermined; the table shows the share of resamples "
         f"behind each answer and the verdicts of two disjoint halves of the seeds.")
-    for kind in ndd.MODELS:
+    for kind in MODELS:
         if kind in boots:
-            lines += _bullet(ndd.answer_for(final, kind, boots[kind]))
+            lines += _bullet(answer_for(final, kind, boots[kind]))
     lines.append("")
     full = ndd.PRESETS.get("full", {})
     lines += _para(
