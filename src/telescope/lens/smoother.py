@@ -63,6 +63,9 @@ the labels enter linearly with coefficient ``-1`` and ``p_i`` goes into the offs
 says how much each one-hot training label pushed the logits of ``x``, and ``c(x)`` holds the
 initial logits and the softmax pull. ``predict`` is the telescoping model of the logits; unlike
 the squared loss, ``c`` depends on the labels through the observed ``p``.
+
+(The module is one class of about 530 lines, a seventh of them this derivation; what the
+smoother accepts at its door is in :mod:`telescope.lens._smoother_checks`.)
 """
 
 from __future__ import annotations

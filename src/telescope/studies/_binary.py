@@ -17,7 +17,7 @@ from annotated_types import Ge
 
 from telescope.data import Dataset, binary_subset, load_dataset
 from telescope.errors import UsageError
-from telescope.studies.config import PositiveInt, config_dataclass
+from telescope.studies.constraints import PositiveInt, config_dataclass
 
 __all__ = ["FILE_DATASETS", "BinaryData", "load_binary_task", "check_data"]
 

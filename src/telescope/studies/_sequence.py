@@ -23,7 +23,7 @@ from telescope.errors import UsageError
 from telescope.kernels.functional import eval_mode
 from telescope.models import TinyTransformer
 from telescope.studies.base import check_device, resolve_device
-from telescope.studies.config import PositiveInt, config_dataclass
+from telescope.studies.constraints import PositiveInt, config_dataclass
 
 __all__ = ["SequenceData", "Columns", "check_task", "check_training", "load_sequence", "encoder",
            "loss_acc", "sweep", "settings", "per_seed_mean", "final_step"]

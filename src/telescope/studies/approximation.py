@@ -50,7 +50,7 @@ from telescope.models import MLP
 from telescope.studies._binary import BinaryData, check_data, load_binary_task
 from telescope.studies.base import Progress, Study, check_device
 from telescope.studies.base import resolve_device as _device
-from telescope.studies.config import PositiveInt, config_dataclass
+from telescope.studies.constraints import PositiveInt, config_dataclass
 from telescope.train import fit
 
 __all__ = ["VARIANTS", "DigitsData", "ApproximationConfig", "points", "run_point", "figures",

@@ -47,103 +47,20 @@ import types
 import typing
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Any
 
 import pydantic
-from annotated_types import Ge, GroupedMetadata, Gt, Le, Lt, MinLen
 
 from telescope.errors import UsageError
-from telescope.studies.base import Study, check_range, short_value
+from telescope.studies.base import Study, short_value
+from telescope.studies.constraints import RANGE_ERRORS, check_declared_range
 
-__all__ = ["config_dataclass", "make_config", "config_from_dict", "config_to_dict", "config_keys",
-           "flatten_config", "parse_value", "parse_overrides", "check_generic", "MAX_POINTS",
-           "PositiveInt", "NonNegativeInt", "PositiveFloat", "NonNegativeFloat", "NonEmpty"]
+__all__ = ["make_config", "config_from_dict", "config_to_dict", "config_keys", "flatten_config",
+           "parse_value", "parse_overrides", "check_generic", "MAX_POINTS"]
 
 MAX_POINTS = 100_000
 """The most points a sweep may have (a typo such as ``seeds=100000000`` is refused): checked
 on ``seeds`` here and on the whole sweep by :func:`telescope.runs.plan_sweep`."""
-
-
-# --------------------------------------------------------------------------- field constraints
-
-_T = TypeVar("_T")
-
-PositiveInt = Annotated[int, Ge(1)]
-"""An integer >= 1 (a size, a number of steps): ``n_train: PositiveInt = 512``."""
-NonNegativeInt = Annotated[int, Ge(0)]
-"""An integer >= 0."""
-PositiveFloat = Annotated[float, Gt(0)]
-"""A number > 0 (a learning rate, a ridge)."""
-NonNegativeFloat = Annotated[float, Ge(0)]
-"""A number >= 0 (a weight decay, a noise level)."""
-NonEmpty = Annotated[tuple[_T, ...], MinLen(1)]
-"""A tuple of at least one ``X``: ``widths: NonEmpty[PositiveInt] = (8, 16)``."""
-
-_RANGE_ERRORS = frozenset({"greater_than", "greater_than_equal", "less_than", "less_than_equal",
-                           "too_short"})
-"""pydantic's error types of the range constraints (``annotated_types.Ge``, ..., ``MinLen``)."""
-
-
-def _constraints(tp: Any) -> tuple[Any, list[Any]]:
-    """``tp`` without its ``Annotated`` layers (and ``X | None`` as ``X``), and their
-    constraints (``Interval(ge=0, lt=1)`` as ``Ge(0), Lt(1)``)."""
-    found: list[Any] = []
-    while True:
-        args = typing.get_args(tp)
-        if typing.get_origin(tp) is Annotated:
-            tp = args[0]
-            for m in args[1:]:
-                found.extend(m if isinstance(m, GroupedMetadata) else [m])   # Interval(...)
-        elif (typing.get_origin(tp) in (typing.Union, types.UnionType) and len(args) == 2
-              and type(None) in args):
-            tp = next(a for a in args if a is not type(None))
-        else:
-            return tp, found
-
-
-def _check_constraints(key: str, value: Any, tp: Any) -> None:
-    """Raise :func:`check_range`'s message when ``value`` (a number, or a tuple or list of
-    them) breaks the range declared on the annotation ``tp``."""
-    tp, outer = _constraints(tp)
-    if typing.get_origin(tp) in (tuple, list) and typing.get_args(tp):
-        tp, bounds = _constraints(typing.get_args(tp)[0])
-    else:
-        bounds = outer
-    kw: dict[str, Any] = {}
-    for m in bounds:
-        if isinstance(m, (Ge, Gt)):
-            kw.update(low=m.ge if isinstance(m, Ge) else m.gt, low_open=isinstance(m, Gt))
-        elif isinstance(m, (Le, Lt)):
-            kw.update(high=m.le if isinstance(m, Le) else m.lt, high_open=isinstance(m, Lt))
-    nonempty = any(isinstance(m, MinLen) and m.min_length == 1 for m in outer)
-    check_range(key, value, **kw, nonempty=nonempty, allow_none=True)
-
-
-def _has_range(tp: Any) -> bool:
-    tp, outer = _constraints(tp)
-    if typing.get_origin(tp) in (tuple, list) and typing.get_args(tp):
-        outer = [*outer, *_constraints(typing.get_args(tp)[0])[1]]
-    return any(isinstance(m, (Ge, Gt, Le, Lt, MinLen)) for m in outer)
-
-
-def config_dataclass(cls: type) -> type:
-    """``@dataclass`` for a study's config classes: an instance checks the ranges declared on
-    its fields' annotations (:func:`check_range`'s messages) before the class's own
-    ``__post_init__`` runs, also when the class is called directly rather than built by
-    :func:`make_config`."""
-    own = getattr(cls, "__post_init__", None)
-
-    def __post_init__(self) -> None:
-        hints = _hints(type(self), extras=True)
-        for f in dataclasses.fields(self):
-            if _has_range(hints[f.name]):
-                _check_constraints(f.name, getattr(self, f.name), hints[f.name])
-        if own is not None:
-            own(self)
-
-    __post_init__.__doc__ = getattr(own, "__doc__", None)
-    cls.__post_init__ = __post_init__  # type: ignore[attr-defined]
-    return dataclasses.dataclass(cls)
 
 
 # --------------------------------------------------------------------------- config fields
@@ -441,8 +358,8 @@ def _construct(config_cls: type, nested: dict[str, Any]) -> Any:
     if isinstance(cause, BaseException):
         raise cause                      # the class's own validation: its message is the message
     key, tp, value = _field_at(config_cls, nested, error["loc"])
-    if key and error["type"] in _RANGE_ERRORS:
-        _check_constraints(key, value, tp)         # raises check_range's message
+    if key and error["type"] in RANGE_ERRORS:
+        check_declared_range(key, value, tp)         # raises check_range's message
     where = ".".join(map(str, error["loc"]))
     hint = (" (every config field needs a default, or a value in the preset)"
             if error["type"] == "missing" else "")

@@ -57,7 +57,7 @@ from telescope.models import MLP
 from telescope.studies._binary import BinaryData, check_data, load_binary_task
 from telescope.studies.base import Progress, Study, check_device
 from telescope.studies.base import resolve_device as _device
-from telescope.studies.config import NonEmpty, PositiveFloat, PositiveInt, config_dataclass
+from telescope.studies.constraints import NonEmpty, PositiveFloat, PositiveInt, config_dataclass
 from telescope.train import evenly_spaced_steps, fit
 
 __all__ = ["BinaryData", "DoubleDescentConfig", "load_binary_task", "check_data", "points",

@@ -49,7 +49,7 @@ from telescope.studies._sequence import (
     sweep,
 )
 from telescope.studies.base import Progress, Study
-from telescope.studies.config import PositiveFloat, PositiveInt, config_dataclass
+from telescope.studies.constraints import PositiveFloat, PositiveInt, config_dataclass
 from telescope.train import fit, log_spaced_steps
 
 __all__ = ["EntropyCollapseConfig", "COLUMNS", "points", "run_point", "figures", "headline",

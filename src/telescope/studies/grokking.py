@@ -36,7 +36,12 @@ from telescope.data import load_digits, polynomial_task
 from telescope.errors import UsageError
 from telescope.models import MLP, TwoLayerPolynomialNet
 from telescope.studies.base import Progress, Study
-from telescope.studies.config import NonNegativeFloat, PositiveFloat, PositiveInt, config_dataclass
+from telescope.studies.constraints import (
+    NonNegativeFloat,
+    PositiveFloat,
+    PositiveInt,
+    config_dataclass,
+)
 from telescope.train import fit, log_spaced_steps
 
 

@@ -61,7 +61,7 @@ from telescope.lens import AttentionEntropy, KernelEvolution, WeightRank
 from telescope.models import TinyTransformer
 from telescope.studies.base import Progress, Study, check_device
 from telescope.studies.base import resolve_device as _device
-from telescope.studies.config import (
+from telescope.studies.constraints import (
     NonEmpty,
     NonNegativeFloat,
     NonNegativeInt,

@@ -29,7 +29,7 @@ from telescope import plotting as fg
 from telescope.data import load_mnist1d
 from telescope.models import ConvNet1d
 from telescope.studies.base import Progress, Study
-from telescope.studies.config import (
+from telescope.studies.constraints import (
     NonEmpty,
     NonNegativeInt,
     PositiveFloat,

@@ -47,7 +47,7 @@ from telescope.kernels import ntk as empirical_ntk
 from telescope.models import MLP
 from telescope.studies.base import Progress, Study, check_device
 from telescope.studies.base import resolve_device as _device
-from telescope.studies.config import NonEmpty, PositiveFloat, PositiveInt, config_dataclass
+from telescope.studies.constraints import NonEmpty, PositiveFloat, PositiveInt, config_dataclass
 
 __all__ = ["MNIST1DData", "NTKWidthConfig", "points", "run_point", "figures", "headline", "STUDY"]
 

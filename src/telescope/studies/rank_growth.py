@@ -50,7 +50,7 @@ from telescope.studies._sequence import (
     sweep,
 )
 from telescope.studies.base import Progress, Study
-from telescope.studies.config import NonEmpty, PositiveFloat, PositiveInt, config_dataclass
+from telescope.studies.constraints import NonEmpty, PositiveFloat, PositiveInt, config_dataclass
 from telescope.train import fit, log_spaced_steps
 
 __all__ = ["RankGrowthConfig", "COLUMNS", "points", "run_point", "figures", "headline", "STUDY"]

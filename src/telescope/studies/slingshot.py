@@ -52,7 +52,7 @@ from telescope.studies._sequence import (
     sweep,
 )
 from telescope.studies.base import Progress, Study, resolve_device
-from telescope.studies.config import (
+from telescope.studies.constraints import (
     NonEmpty,
     NonNegativeFloat,
     PositiveFloat,

@@ -26,7 +26,7 @@ from telescope.data import teacher_regression
 from telescope.errors import UsageError
 from telescope.kernels import infinite_ntk, kernel_regression
 from telescope.studies.base import Progress, Study
-from telescope.studies.config import (
+from telescope.studies.constraints import (
     NonEmpty,
     NonNegativeFloat,
     NonNegativeInt,

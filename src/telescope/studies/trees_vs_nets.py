@@ -66,7 +66,7 @@ from telescope.lens import Smoother
 from telescope.lens.boosting import boosting_smoother, kernel_weight_norms
 from telescope.models import MLP
 from telescope.studies.base import Progress, Study, check_range
-from telescope.studies.config import (
+from telescope.studies.constraints import (
     NonEmpty,
     NonNegativeFloat,
     NonNegativeInt,

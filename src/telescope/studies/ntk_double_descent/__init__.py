@@ -65,7 +65,7 @@ from telescope.lens import Smoother, Telescope
 from telescope.models import MLP, TinyTransformer
 from telescope.studies.base import Progress, Study, check_device
 from telescope.studies.base import resolve_device as _device
-from telescope.studies.config import (
+from telescope.studies.constraints import (
     NonNegativeFloat,
     NonNegativeInt,
     PositiveFloat,
