@@ -160,6 +160,8 @@ def test_bad_arguments_get_usage_errors():
             fit(model, opt, x, y, **kwargs)
     with pytest.raises(UsageError, match="same positive number"):
         fit(model, opt, x, y[:3], steps=1)
+    with pytest.raises(UsageError, match="scalar"):
+        fit(model, opt, x, y, steps=1, loss=lambda out, target: (out - target) ** 2)
 
 
 def test_lenses_as_callbacks_match_their_use_by_hand():

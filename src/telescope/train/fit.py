@@ -314,6 +314,10 @@ def fit(
             optimizer.zero_grad(set_to_none=True)
             xb, yb = (x, y) if idx is None else (x[idx], y[idx])
             value = loss_fn(model(xb), yb)
+            if not isinstance(value, Tensor) or value.dim() != 0:
+                raise UsageError(f"the loss must return a scalar tensor, got "
+                                 f"{getattr(value, 'shape', type(value).__name__)}; reduce it "
+                                 "(e.g. .mean())")
             if not torch.isfinite(value.detach()).all():
                 bad = float(value.detach())
                 if on_nonfinite == "raise":
