@@ -26,7 +26,8 @@ from telescope.studies.base import check_device, resolve_device
 from telescope.studies.constraints import PositiveInt, config_dataclass
 
 __all__ = ["SequenceData", "Columns", "check_task", "check_training", "load_sequence", "encoder",
-           "loss_acc", "sweep", "settings", "per_seed_mean", "final_step"]
+           "classification_metrics", "train_and_lens_rows", "loss_acc", "sweep", "settings",
+           "per_seed_mean", "final_step"]
 
 
 # --------------------------------------------------------------------------- the task
@@ -126,6 +127,36 @@ class Columns:
             else:
                 raise KeyError(f"unknown column {k!r}")
         return row
+
+
+def classification_metrics(x, y, x_test, y_test):
+    """``fit``'s ``evaluate`` for a classifier: train cross-entropy and accuracy, test
+    accuracy (:func:`loss_acc`)."""
+    def metrics(model) -> dict:
+        loss, acc = loss_acc(model, x, y)
+        return {"train_loss": loss, "train_acc": acc,
+                "test_acc": loss_acc(model, x_test, y_test)[1]}
+    return metrics
+
+
+def train_and_lens_rows(history, columns: Columns, name: str, lens: str, table: str,
+                        fields: Any, model: Any, metrics: Any) -> list[dict]:
+    """Tidy rows of one run: per measured step a ``train`` row (loss, accuracies) followed by
+    the rows of the lens table ``table`` at that step (``lens`` rows, columns ``fields(row)``),
+    and, if training diverged, a last ``train`` row of the model at that step, ``diverged``."""
+    by_step: dict[int, list[dict]] = {}
+    for r in history.tables.get(table, []):
+        by_step.setdefault(r["step"], []).append(r)
+    rows = []
+    for r in history.rows:
+        rows.append(columns.row(setting_name=name, step=r["step"], lens="train",
+                                **{k: r[k] for k in ("train_loss", "train_acc", "test_acc")}))
+        rows += [columns.row(setting_name=name, step=r["step"], lens=lens, **fields(e))
+                 for e in by_step.get(r["step"], [])]
+    if history.diverged_at is not None:   # the model as it was at the step that diverged
+        rows.append(columns.row(setting_name=name, step=history.diverged_at, lens="train",
+                                **metrics(model), diverged=True))
+    return rows
 
 
 # --------------------------------------------------------------------------- sweep, tables

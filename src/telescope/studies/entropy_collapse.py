@@ -40,13 +40,14 @@ from telescope.studies._sequence import (
     Columns,
     SequenceData,
     check_training,
+    classification_metrics,
     encoder,
     final_step,
     load_sequence,
-    loss_acc,
     per_seed_mean,
     settings,
     sweep,
+    train_and_lens_rows,
 )
 from telescope.studies.base import Progress, Study
 from telescope.studies.constraints import PositiveFloat, PositiveInt, config_dataclass
@@ -118,10 +119,7 @@ def run_point(config: EntropyCollapseConfig, point: dict, progress: Progress) ->
     model = encoder(ds, config.d_model, config.n_heads, config.n_layers, sigma_reparam=sigma)
     model = model.to(device=x.device, dtype=x.dtype)
 
-    def metrics(m) -> dict:
-        loss, acc = loss_acc(m, x, y)
-        return {"train_loss": loss, "train_acc": acc, "test_acc": loss_acc(m, x_test, y_test)[1]}
-
+    metrics = classification_metrics(x, y, x_test, y_test)
     history = fit(model, torch.optim.Adam(model.parameters(), lr=config.lr), x, y,
                   steps=config.steps, loss="cross_entropy",
                   batch_size=min(config.batch_size, x.shape[0]),
@@ -129,19 +127,10 @@ def run_point(config: EntropyCollapseConfig, point: dict, progress: Progress) ->
                   eval_at=log_spaced_steps(config.steps, config.evals, zero=True),
                   evaluate=metrics, callbacks=[AttentionEntropy(x_test)], on_nonfinite="stop",
                   progress=progress)
-    heads: dict[int, list[dict]] = {}
-    for r in history.tables.get("entropy", []):
-        heads.setdefault(r["step"], []).append(r)
-    rows = []
-    for r in history.rows:
-        rows.append(COLUMNS.row(setting_name=name, step=r["step"], lens="train",
-                                **{k: r[k] for k in ("train_loss", "train_acc", "test_acc")}))
-        rows += [COLUMNS.row(setting_name=name, step=r["step"], lens="entropy",
-                             layer=e["layer"], head=e["head"], entropy=e["entropy"],
-                             normalized_entropy=e["normalized"]) for e in heads.get(r["step"], [])]
-    if history.diverged_at is not None:   # the model as it was at the step that diverged
-        rows.append(COLUMNS.row(setting_name=name, step=history.diverged_at, lens="train",
-                                **metrics(model), diverged=True))
+    rows = train_and_lens_rows(
+        history, COLUMNS, name, "entropy", "entropy",
+        lambda e: {"layer": e["layer"], "head": e["head"], "entropy": e["entropy"],
+                   "normalized_entropy": e["normalized"]}, model, metrics)
     rows[-1]["seconds"] = time.perf_counter() - start
     return rows
 

@@ -41,13 +41,14 @@ from telescope.studies._sequence import (
     Columns,
     SequenceData,
     check_training,
+    classification_metrics,
     encoder,
     final_step,
     load_sequence,
-    loss_acc,
     per_seed_mean,
     settings,
     sweep,
+    train_and_lens_rows,
 )
 from telescope.studies.base import Progress, Study
 from telescope.studies.constraints import NonEmpty, PositiveFloat, PositiveInt, config_dataclass
@@ -120,28 +121,15 @@ def run_point(config: RankGrowthConfig, point: dict, progress: Progress) -> list
     opt = (torch.optim.Adam(model.parameters(), lr=config.lr) if config.optimizer == "adam"
            else torch.optim.SGD(model.parameters(), lr=config.lr))
 
-    def metrics(m) -> dict:
-        loss, acc = loss_acc(m, x, y)
-        return {"train_loss": loss, "train_acc": acc, "test_acc": loss_acc(m, x_test, y_test)[1]}
-
+    metrics = classification_metrics(x, y, x_test, y_test)
     history = fit(model, opt, x, y, steps=config.steps, loss="cross_entropy",
                   eval_at=log_spaced_steps(config.steps, config.evals), evaluate=metrics,
                   callbacks=[WeightRank(model, threshold=config.threshold)],
                   on_nonfinite="stop", progress=progress)
-    ranks: dict[int, list[dict]] = {}
-    for r in history.tables.get("WeightRank", []):
-        ranks.setdefault(r["step"], []).append(r)
-    rows = []
-    for r in history.rows:
-        rows.append(COLUMNS.row(setting_name=name, step=r["step"], lens="train",
-                                **{k: r[k] for k in ("train_loss", "train_acc", "test_acc")}))
-        rows += [COLUMNS.row(setting_name=name, step=r["step"], lens="rank",
-                             **{k: w[k] for k in ("matrix", "kind", "head", "delta_norm",
-                                                  "sigma_max", "stable_rank", "rank")})
-                 for w in ranks.get(r["step"], [])]
-    if history.diverged_at is not None:   # the model as it was at the step that diverged
-        rows.append(COLUMNS.row(setting_name=name, step=history.diverged_at, lens="train",
-                                **metrics(model), diverged=True))
+    rows = train_and_lens_rows(
+        history, COLUMNS, name, "rank", "WeightRank",
+        lambda w: {k: w[k] for k in ("matrix", "kind", "head", "delta_norm", "sigma_max",
+                                     "stable_rank", "rank")}, model, metrics)
     rows[-1]["seconds"] = time.perf_counter() - start
     return rows
 
