@@ -3,7 +3,8 @@
 :class:`BinaryData` (a nested config: which data set, which two classes, how many points) and
 :func:`load_binary_task` (the two classes as a :class:`~telescope.data.Dataset` with ``+1`` /
 ``-1`` targets, cached), with :func:`check_data` (a clear error for a file-backed data set
-without ``data.path``) and :func:`device` (``"auto"`` picks CUDA when available).
+without ``data.path``) and :func:`device` (``"auto"`` picks CUDA when available), and
+:func:`sign_error`, the error measure of such a task.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from telescope.data import Dataset, binary_subset, load_dataset
 from telescope.errors import UsageError
 from telescope.studies.constraints import PositiveInt, config_dataclass
 
-__all__ = ["FILE_DATASETS", "BinaryData", "load_binary_task", "check_data"]
+__all__ = ["FILE_DATASETS", "BinaryData", "load_binary_task", "check_data", "sign_error"]
 
 FILE_DATASETS = ("mnist", "cifar10")
 """Data sets read from files the user provides (``data.path``)."""
@@ -77,3 +78,8 @@ def check_data(data: BinaryData) -> None:
         raise UsageError(
             f"data set {data.name!r} is read from files: give their location with "
             f"--set data.path=DIR (or use a bundled data set: --set data.name=mnist1d)")
+
+
+def sign_error(pred: torch.Tensor, target: torch.Tensor) -> float:
+    """The share of points where ``pred`` and the ``+1``/``-1`` ``target`` differ in sign."""
+    return float(((pred.reshape(-1) > 0) != (target.reshape(-1) > 0)).double().mean())

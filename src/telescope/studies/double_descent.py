@@ -54,7 +54,7 @@ from telescope.data import add_label_noise
 from telescope.errors import UsageError
 from telescope.lens import Smoother
 from telescope.models import MLP
-from telescope.studies._binary import BinaryData, check_data, load_binary_task
+from telescope.studies._binary import BinaryData, check_data, load_binary_task, sign_error
 from telescope.studies.base import Progress, Study, check_device
 from telescope.studies.base import resolve_device as _device
 from telescope.studies.constraints import NonEmpty, PositiveFloat, PositiveInt, config_dataclass
@@ -139,9 +139,9 @@ def run_point(config: DoubleDescentConfig, point: dict, progress: Progress) -> l
         return {
             "train_mse": float(F.mse_loss(f, y)),
             "test_mse": float(F.mse_loss(f_test, y_test)),
-            "train_error": _error(f, y),
-            "test_error": _error(f_test, y_test),
-            "train_error_clean": _error(f, y_clean),
+            "train_error": sign_error(f, y),
+            "test_error": sign_error(f_test, y_test),
+            "train_error_clean": sign_error(f, y_clean),
             # how closely the smoother (the telescoping model) follows the network on test
             "smoother_gap_test": float((smoother.predict("test").reshape(-1)
                                         - f_test.reshape(-1)).abs().mean()),
@@ -162,11 +162,6 @@ def run_point(config: DoubleDescentConfig, point: dict, progress: Progress) -> l
 #: The measured columns of a row, in the table's order.
 _MEASURED = ("train_mse", "test_mse", "train_error", "test_error", "train_error_clean",
              "p_train", "p_test", "smoother_gap_test")
-
-
-def _error(pred: torch.Tensor, target: torch.Tensor) -> float:
-    """Sign error: the share of points where ``pred`` and ``target`` differ in sign."""
-    return float(((pred > 0) != (target > 0)).to(torch.float64).mean())
 
 
 # --------------------------------------------------------------------------- figures

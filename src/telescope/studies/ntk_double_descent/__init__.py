@@ -63,6 +63,7 @@ from telescope.errors import DivergedError, UsageError
 from telescope.kernels import kernel_distance
 from telescope.lens import Smoother, Telescope
 from telescope.models import MLP, TinyTransformer
+from telescope.studies._binary import sign_error
 from telescope.studies.base import Progress, Study, check_device
 from telescope.studies.base import resolve_device as _device
 from telescope.studies.constraints import (
@@ -98,7 +99,6 @@ from telescope.studies.ntk_double_descent.predictions import (
     kernel_prediction,
     mse,
     relative_distance,
-    sign_error,
 )
 from telescope.studies.ntk_double_descent.words import answer
 from telescope.train import evenly_spaced_steps, fit

@@ -13,7 +13,7 @@ from telescope.kernels.empirical import ntk
 from telescope.kernels.regression import KernelRegressor
 from telescope.kernels.smoothing import absolute_ridge, effective_parameters
 
-__all__ = ["kernel_prediction", "mse", "sign_error", "relative_distance"]
+__all__ = ["kernel_prediction", "mse", "relative_distance"]
 
 
 def kernel_prediction(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
@@ -57,11 +57,6 @@ def kernel_prediction(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
 def mse(pred: torch.Tensor, target: torch.Tensor) -> float:
     """Mean squared error of two prediction vectors (float64)."""
     return float((pred.reshape(-1).double() - target.reshape(-1).double()).pow(2).mean())
-
-
-def sign_error(pred: torch.Tensor, target: torch.Tensor) -> float:
-    """The share of points where ``pred`` and the ``+1``/``-1`` ``target`` differ in sign."""
-    return float(((pred.reshape(-1) > 0) != (target.reshape(-1) > 0)).double().mean())
 
 
 def relative_distance(pred: torch.Tensor, net: torch.Tensor) -> float:
