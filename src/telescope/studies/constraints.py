@@ -12,6 +12,7 @@ pydantic's range errors into the same messages (:func:`check_declared_range`, wi
 from __future__ import annotations
 
 import dataclasses
+import functools
 import types
 import typing
 from typing import Annotated, Any, TypeVar
@@ -58,14 +59,19 @@ def _constraints(tp: Any) -> tuple[Any, list[Any]]:
             return tp, found
 
 
+def _declared(tp: Any) -> tuple[list[Any], list[Any]]:
+    """The range constraints an annotation declares: ``(bounds, outer)``, the bounds of the
+    value (of each item, for a tuple or list) and the constraints of the whole (``MinLen``)."""
+    tp, outer = _constraints(tp)
+    if typing.get_origin(tp) in (tuple, list) and typing.get_args(tp):
+        return _constraints(typing.get_args(tp)[0])[1], outer
+    return outer, outer
+
+
 def check_declared_range(key: str, value: Any, tp: Any) -> None:
     """Raise :func:`check_range`'s message when ``value`` (a number, or a tuple or list of
     them) breaks the range declared on the annotation ``tp``."""
-    tp, outer = _constraints(tp)
-    if typing.get_origin(tp) in (tuple, list) and typing.get_args(tp):
-        tp, bounds = _constraints(typing.get_args(tp)[0])
-    else:
-        bounds = outer
+    bounds, outer = _declared(tp)
     kw: dict[str, Any] = {}
     for m in bounds:
         if isinstance(m, (Ge, Gt)):
@@ -76,11 +82,17 @@ def check_declared_range(key: str, value: Any, tp: Any) -> None:
     check_range(key, value, **kw, nonempty=nonempty, allow_none=True)
 
 
-def _has_range(tp: Any) -> bool:
-    tp, outer = _constraints(tp)
-    if typing.get_origin(tp) in (tuple, list) and typing.get_args(tp):
-        outer = [*outer, *_constraints(typing.get_args(tp)[0])[1]]
-    return any(isinstance(m, (Ge, Gt, Le, Lt, MinLen)) for m in outer)
+@functools.cache
+def _ranged_fields(cls: type) -> tuple[tuple[str, Any], ...]:
+    """``(name, annotation)`` of the fields of ``cls`` that declare a range (resolved once per
+    class)."""
+    hints = typing.get_type_hints(cls, include_extras=True)
+    out = []
+    for f in dataclasses.fields(cls):
+        bounds, outer = _declared(hints[f.name])
+        if any(isinstance(m, (Ge, Gt, Le, Lt, MinLen)) for m in [*bounds, *outer]):
+            out.append((f.name, hints[f.name]))
+    return tuple(out)
 
 
 def config_dataclass(cls: type) -> type:
@@ -91,10 +103,8 @@ def config_dataclass(cls: type) -> type:
     own = getattr(cls, "__post_init__", None)
 
     def __post_init__(self) -> None:
-        hints = typing.get_type_hints(type(self), include_extras=True)
-        for f in dataclasses.fields(self):
-            if _has_range(hints[f.name]):
-                check_declared_range(f.name, getattr(self, f.name), hints[f.name])
+        for name, tp in _ranged_fields(type(self)):
+            check_declared_range(name, getattr(self, name), tp)
         if own is not None:
             own(self)
 
