@@ -179,6 +179,10 @@ def test_lenses_as_callbacks_match_their_use_by_hand():
             hist = fit(model, opt, x, y, steps=steps, eval_at=[every, steps],
                        callbacks=[tel, ke, wr, norms])
             rows, ranks = hist.rows, hist.tables["WeightRank"]
+            grouped = hist.table_by_step("WeightRank")
+            assert sorted(grouped) == [every, steps]
+            assert [r for s in sorted(grouped) for r in grouped[s]] == ranks
+            assert hist.table_by_step("no such table") == {}
         else:
             rows, ranks = [], []
             for step in range(1, steps + 1):

@@ -144,9 +144,7 @@ def train_and_lens_rows(history, columns: Columns, name: str, lens: str, table: 
     """Tidy rows of one run: per measured step a ``train`` row (loss, accuracies) followed by
     the rows of the lens table ``table`` at that step (``lens`` rows, columns ``fields(row)``),
     and, if training diverged, a last ``train`` row of the model at that step, ``diverged``."""
-    by_step: dict[int, list[dict]] = {}
-    for r in history.tables.get(table, []):
-        by_step.setdefault(r["step"], []).append(r)
+    by_step = history.table_by_step(table)
     rows = []
     for r in history.rows:
         rows.append(columns.row(setting_name=name, step=r["step"], lens="train",

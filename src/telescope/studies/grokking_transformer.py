@@ -223,11 +223,10 @@ def run_point(config: GrokkingTransformerConfig, point: dict, progress: Progress
                   eval_at=log_spaced_steps(config.steps, config.n_log, linear=config.n_linear,
                                            zero=True),
                   progress=progress)
-    entropy, ranks = history.tables["entropy"], history.tables["WeightRank"]
+    entropy, ranks = history.table_by_step("entropy"), history.table_by_step("WeightRank")
     return [{**point, "step": int(r["step"]),
              **{k: v for k, v in r.items() if k not in ("step", "loss")},
-             **_wide([e for e in entropy if e["step"] == r["step"]],
-                     [w for w in ranks if w["step"] == r["step"]])}
+             **_wide(entropy.get(r["step"], []), ranks.get(r["step"], []))}
             for r in history.rows]
 
 

@@ -114,6 +114,13 @@ class History:
     diverged_loss: float = math.nan
     steps_done: int = 0
 
+    def table_by_step(self, table: str) -> dict[int, list[dict[str, Any]]]:
+        """The rows of the table ``table`` grouped by their ``step`` (``{}`` if it has none)."""
+        out: dict[int, list[dict[str, Any]]] = {}
+        for r in self.tables.get(table, []):
+            out.setdefault(r["step"], []).append(r)
+        return out
+
     def frame(self, table: str | None = None):  # -> pandas.DataFrame
         """``rows`` (or the table ``table``) as a pandas DataFrame."""
         import pandas as pd
