@@ -80,7 +80,7 @@ def test_register_rule_overrides_a_declared_one():
 
 
 @pytest.mark.parametrize("spec, match", [
-    ({"kind": "conv"}, "kind' one of"),
+    ({"kind": "lstm"}, "kind' one of"),
     ("linear", "must be a rule or a mapping"),
     ({"kind": "linear", "wieght": "w"}, "unexpected keyword argument 'wieght'"),
 ])

@@ -8,6 +8,7 @@ The math, and which layer types get which rule, are in :mod:`telescope.kernels.r
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal, cast
 
@@ -206,28 +207,94 @@ class EmbeddingRule:
                                    lambda g: {key: g.transpose(2, 3)}, lambda t: t[key])]
 
 
+@dataclass(frozen=True)
 class ConvRule:
-    """A convolution (``nn.Conv1d``/``nn.Conv2d``, any stride, padding, padding mode and dilation;
-    ``groups = 1``) is a linear layer on its input patches (tokens = output positions)."""
+    """A convolution (``groups = 1``; any stride, padding, padding mode and dilation) is a linear
+    layer on its input patches (tokens = output positions):
+    ``y_o = weight_scale * W patch_o(pad(x)) + bias_scale * b``.
 
-    name = "convolution"
+    Works for ``nn.Conv1d``/``nn.Conv2d`` and for any layer exposing the same geometry:
+    ``kernel_size`` (a tuple, one entry per spatial axis of ``[N, C, *spatial]``), ``stride``
+    and ``dilation`` (ints or tuples; no ``dilation``: 1), ``weight`` ``[out, in, *kernel_size]``
+    and ``bias`` ``[out]`` (names in ``weight``/``bias``; ``bias=None``: none). ``pad`` names a
+    method of the module that returns its input padded (so a layer pads with its own code,
+    e.g. :class:`telescope.models.NTKConv`'s XLA-style ``"same"``); without it the rule applies
+    ``nn.Conv``'s ``_reversed_padding_repeated_twice`` and ``padding_mode``.
+    ``weight_scale``/``bias_scale`` are numbers or names of the module's attributes (as in
+    :class:`LinearRule`). 1-D and 2-D patches come from ``F.unfold``, 3-D ones from
+    ``Tensor.unfold`` along each axis.
+    """
 
-    def __call__(self, module: nn.Conv1d | nn.Conv2d, prefix: str, inputs: list[Tensor],
+    weight: str = "weight"
+    bias: str | None = "bias"
+    weight_scale: float | str = 1.0
+    bias_scale: float | str = 1.0
+    pad: str | None = None
+    name: str = "convolution"
+
+    def __call__(self, module: nn.Module, prefix: str, inputs: list[Tensor],
                  deltas: list[Tensor]) -> list:
-        two_d = isinstance(module, nn.Conv2d)
-        pads = module._reversed_padding_repeated_twice
-        mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+        w = getattr(module, self.weight, None)
+        b = getattr(module, self.bias, None) if self.bias else None
+        if not isinstance(w, Tensor) or w.ndim < 3:
+            raise RuleMismatch(f"{self.weight} is not a [out, in, *kernel_size] tensor")
+        if getattr(module, "groups", 1) != 1:
+            raise RuleMismatch("a grouped convolution has no rule yet")
+        n_dim = w.ndim - 2
+        ks = _per_axis(getattr(module, "kernel_size", None), n_dim, "kernel_size")
+        st = _per_axis(getattr(module, "stride", 1), n_dim, "stride")
+        dil = _per_axis(getattr(module, "dilation", 1), n_dim, "dilation")
+        if ks != tuple(w.shape[2:]):
+            raise RuleMismatch(f"kernel_size {ks} is not the weight's {tuple(w.shape[2:])}")
         patches = []
         for x in inputs:
-            x = F.pad(x, pads, mode=mode) if any(pads) else x
-            if two_d:
-                ks, dil, st = module.kernel_size, module.dilation, module.stride
-            else:
-                x = x.unsqueeze(2)
-                ks, dil, st = (1, *module.kernel_size), (1, *module.dilation), (1, *module.stride)
-            # [B, L, C*k]
-            patches.append(F.unfold(x, ks, dilation=dil, stride=st).transpose(1, 2))
-        c_out = module.out_channels
+            if x.ndim != n_dim + 2:
+                raise RuleMismatch(f"the input is not [N, C, {n_dim} spatial axes]")
+            patches.append(_patches(self._padded(module, x), ks, st, dil))
+        a = torch.cat(patches, dim=1)  # [B, L, C*k]
+        c_out = w.shape[0]
+        if a.shape[-1] != w[0].numel():
+            raise RuleMismatch("the input's channels do not match the weight")
+        if any(dl.ndim != n_dim + 3 or dl.shape[2] != c_out for dl in deltas):
+            raise RuleMismatch("the output is not [N, out_channels, *spatial]")
         d = torch.cat([dl.reshape(*dl.shape[:2], c_out, -1).transpose(2, 3) for dl in deltas],
                       dim=2)
-        return [_dense_factor(prefix, torch.cat(patches, dim=1), d, module.weight, module.bias)]
+        if d.shape[2] != a.shape[1]:
+            raise RuleMismatch("the output positions do not match the input patches")
+        return [_dense_factor(prefix, a, d, w, b, _scale(module, self.weight_scale),
+                              _scale(module, self.bias_scale), weight_name=self.weight,
+                              bias_name=self.bias)]
+
+    def _padded(self, module: nn.Module, x: Tensor) -> Tensor:
+        if self.pad is not None:
+            return getattr(module, self.pad)(x)
+        pads = getattr(module, "_reversed_padding_repeated_twice", None)
+        if pads is None:
+            raise RuleMismatch("no padding spec: give the rule pad=<the module's padding method>")
+        mode = "constant" if module.padding_mode == "zeros" else str(module.padding_mode)
+        return F.pad(x, pads, mode=mode) if any(pads) else x
+
+
+def _per_axis(value: object, n_dim: int, what: str) -> tuple[int, ...]:
+    """``value`` (an int or a tuple) as one int per spatial axis."""
+    out = (value,) * n_dim if isinstance(value, int) else tuple(value)  # type: ignore[arg-type]
+    if len(out) != n_dim or not all(isinstance(v, int) and v > 0 for v in out):
+        raise RuleMismatch(f"{what} {value!r} is not one positive int per spatial axis")
+    return out
+
+
+def _patches(x: Tensor, ks: tuple[int, ...], st: tuple[int, ...],
+             dil: tuple[int, ...]) -> Tensor:
+    """The patches of a padded ``x`` (``[B, C, *spatial]``) as ``[B, L, C * prod(ks)]``, the
+    columns in the order of a ``[out, C, *ks]`` weight's flattening."""
+    if len(ks) <= 2:
+        if len(ks) == 1:
+            x, ks, st, dil = x.unsqueeze(2), (1, *ks), (1, *st), (1, *dil)
+        return F.unfold(x, ks, dilation=dil, stride=st).transpose(1, 2)
+    n_dim = len(ks)
+    for i in range(n_dim):  # each unfold appends the window axis: [B, C, *out, *ks]
+        x = x.unfold(2 + i, (ks[i] - 1) * dil[i] + 1, st[i])
+        if dil[i] > 1:
+            x = x[..., ::dil[i]]
+    order = [0, *range(2, 2 + n_dim), 1, *range(2 + n_dim, 2 + 2 * n_dim)]
+    return x.permute(order).reshape(x.shape[0], -1, x.shape[1] * math.prod(ks))

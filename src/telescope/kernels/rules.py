@@ -30,7 +30,8 @@ W.T + b``-style layers (``transposed=True`` for ``y = x @ W + b``, ``weight_scal
 A layer type can also declare its rule itself, without importing telescope (this is how
 :class:`telescope.models.NTKLinear` declares its own, so ``kernels`` imports no model): a class
 attribute ``ntk_rule``, a mapping with the rule's ``kind`` (``"linear"``: :class:`LinearRule`,
-``"affine"``: :class:`AffineRule`) and that rule's fields, e.g. ::
+``"affine"``: :class:`AffineRule`, ``"conv"``: :class:`ConvRule`, as
+:class:`telescope.models.NTKConv` declares it) and that rule's fields, e.g. ::
 
     class MyLinear(nn.Module):
         ntk_rule = {"kind": "linear", "weight": "w", "bias": "b", "weight_scale": "scale"}
@@ -75,6 +76,7 @@ _REGISTRY: dict[type, Rule] = {
     nn.Embedding: EmbeddingRule(),
     nn.Conv1d: ConvRule(),
     nn.Conv2d: ConvRule(),
+    nn.Conv3d: ConvRule(),
     nn.LayerNorm: AffineRule(axis="last", name="affine (norm)"),
     nn.RMSNorm: AffineRule(axis="last", bias=None, name="affine (norm)"),
     nn.GroupNorm: AffineRule(axis="channel", name="affine (norm)"),
@@ -111,12 +113,12 @@ def rule_for(module: nn.Module) -> tuple[Rule | None, str]:
         rule = _by_computation(module)
     if rule is None:
         return None, f"no rule for {type(module).__name__}"
-    if isinstance(rule, ConvRule) and module.groups != 1:
+    if isinstance(rule, ConvRule) and getattr(module, "groups", 1) != 1:
         return None, f"grouped convolution (groups={module.groups}): no rule yet"
     return rule, getattr(rule, "name", type(rule).__name__)
 
 
-_DECLARED_KINDS: dict[str, type] = {"linear": LinearRule, "affine": AffineRule}
+_DECLARED_KINDS: dict[str, type] = {"linear": LinearRule, "affine": AffineRule, "conv": ConvRule}
 """The rule types a layer's ``ntk_rule = {"kind": ..., **fields}`` may name."""
 
 

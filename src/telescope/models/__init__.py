@@ -3,10 +3,13 @@
 from telescope.models.cnn import ConvNet1d
 from telescope.models.lazy import LazyModel
 from telescope.models.mlp import MLP, NTKLinear
+from telescope.models.ntk_attention import NTKSelfAttention
+from telescope.models.ntk_conv import NTKConv
 from telescope.models.polynomial import TwoLayerPolynomialNet
 from telescope.models.resnet import ResNet18
 from telescope.models.sigma_reparam import SigmaReparamLinear
 from telescope.models.transformer import TinyTransformer
 
 __all__ = ["MLP", "NTKLinear", "ConvNet1d", "TinyTransformer", "SigmaReparamLinear", "LazyModel",
-           "ResNet18", "TwoLayerPolynomialNet"]
+           "ResNet18", "TwoLayerPolynomialNet", "NTKSelfAttention",
+           "NTKConv"]
