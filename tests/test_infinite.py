@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from telescope.kernels.infinite import infinite_ntk
+from telescope.infinite import infinite_ntk
 
 # ----------------------------------------------------------------------------- helpers
 

@@ -4,7 +4,10 @@ Public API (see README.md; docs/architecture.md maps the code):
 
 - :func:`ntk` -- empirical neural tangent kernel of any ``torch.nn.Module``
 - :func:`lowrank_ntk` -- matrix-free low-rank factorization ``K ~= U diag(s) U^T``
-- :func:`infinite_ntk` -- infinite-width NNGP/NTK kernels of fully-connected nets
+- :mod:`telescope.infinite` -- infinite-width NNGP/NTK of architectures described layer by
+  layer (dense, conv, attention, LayerNorm, residual), with their finite networks;
+  :func:`infinite_ntk` is its fully-connected shortcut and :func:`monte_carlo_kernel` averages
+  finite networks over initializations
 - :func:`kernel_regression` -- gradient-flow (NTK-theory) predictions with a kernel
 - :mod:`telescope.kernels` -- kernel metrics (alignment, distance, spectrum, effective rank)
 - :class:`Telescope` -- the telescoping model of a network in training, on probe points
@@ -15,9 +18,10 @@ Public API (see README.md; docs/architecture.md maps the code):
 """
 
 from telescope._threads import configure_threads
-from telescope.kernels import infinite_ntk, kernel_regression, lowrank_ntk, ntk
+from telescope.infinite import infinite_ntk, monte_carlo_kernel
+from telescope.kernels import kernel_regression, lowrank_ntk, ntk
 from telescope.lens import Smoother, Telescope
 
-__all__ = ["ntk", "lowrank_ntk", "infinite_ntk", "kernel_regression", "Telescope", "Smoother",
-           "configure_threads"]
+__all__ = ["ntk", "lowrank_ntk", "infinite_ntk", "monte_carlo_kernel", "kernel_regression",
+           "Telescope", "Smoother", "configure_threads"]
 __version__ = "0.1.0"

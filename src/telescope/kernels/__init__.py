@@ -1,5 +1,5 @@
 """Kernels: empirical NTK (jacobian / vector / structured), its per-layer plan and rules,
-low-rank NTK, infinite-width kernels, kernel regression, kernel smoothers (smoother weights,
+low-rank NTK, kernel regression, kernel smoothers (smoother weights,
 effective parameters, kernel weight norms) and kernel metrics.
 
 :mod:`telescope.kernels.functional` holds the plumbing the layers above may use (a model as a
@@ -7,7 +7,6 @@ function of its parameters, the checks at the door, per-example Jacobians); the 
 names start with ``_`` are private to ``kernels``."""
 
 from telescope.kernels.empirical import ntk
-from telescope.kernels.infinite import infinite_ntk
 from telescope.kernels.lowrank import lowrank_ntk
 from telescope.kernels.metrics import (
     alignment,
@@ -34,7 +33,6 @@ __all__ = [
     "LinearRule",
     "AffineRule",
     "lowrank_ntk",
-    "infinite_ntk",
     "kernel_regression",
     "smoother_weights",
     "absolute_ridge",

@@ -42,7 +42,8 @@ from torch import Tensor, nn
 from telescope import plotting as fg
 from telescope.data import load_mnist1d
 from telescope.errors import UsageError
-from telescope.kernels import alignment, effective_rank, infinite_ntk, kernel_regression, spectrum
+from telescope.infinite import infinite_ntk
+from telescope.kernels import alignment, effective_rank, kernel_regression, spectrum
 from telescope.kernels import ntk as empirical_ntk
 from telescope.models import MLP
 from telescope.studies.base import Progress, Study, check_device

@@ -24,7 +24,8 @@ import torch
 from telescope import plotting as fg
 from telescope.data import teacher_regression
 from telescope.errors import UsageError
-from telescope.kernels import infinite_ntk, kernel_regression
+from telescope.infinite import infinite_ntk
+from telescope.kernels import kernel_regression
 from telescope.studies.base import Progress, Study
 from telescope.studies.constraints import (
     NonEmpty,
