@@ -14,7 +14,7 @@ keeps catching it.
 from __future__ import annotations
 
 __all__ = ["TelescopeError", "UsageError", "UnsupportedModelError", "UnsupportedOptimizerError",
-           "DivergedError"]
+           "DivergedError", "check_positive_int", "check_std"]
 
 
 class TelescopeError(Exception):
@@ -37,6 +37,30 @@ class UnsupportedOptimizerError(UsageError):
 
 class DivergedError(TelescopeError, FloatingPointError):
     """Training produced NaN or infinite values (lower the learning rate)."""
+
+
+def check_positive_int(value: object, name: str) -> int:
+    """``value`` as an int if it is one and ``>= 1`` (not a bool), else a :class:`UsageError`
+    naming ``name``."""
+    import numbers
+
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise UsageError(f"{name} must be a positive int, got {value!r}")
+    return int(value)
+
+
+def check_std(value: object, name: str) -> float:
+    """A standard deviation (or any scale): a finite real ``>= 0`` as a float, else a
+    :class:`UsageError` naming ``name``."""
+    import math
+    import numbers
+
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise UsageError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value) or value < 0:
+        raise UsageError(f"{name} must be finite and >= 0, got {value}")
+    return value
 
 
 def warn(message: str, category: type[Warning] = UserWarning) -> None:

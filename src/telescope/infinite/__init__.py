@@ -18,7 +18,7 @@ initializations (:func:`monte_carlo_kernel`) converge to ``arch.kernel`` as the 
 - layers: :class:`Dense`, :class:`Conv`, :class:`SelfAttention`, :class:`LayerNorm`,
   :class:`GlobalAvgPool`, :class:`Flatten`, :class:`Identity`; nonlinearities :class:`Relu`,
   :class:`LeakyRelu`, :class:`ABRelu`, :class:`Abs`, :class:`Erf`, :class:`Gelu`, :class:`Sin`,
-  :class:`Tanh`, :class:`Elementwise` (any function, by Gauss-Hermite quadrature);
+  :class:`Cos`, :class:`Tanh`, :class:`Elementwise` (any function, by Gauss-Hermite quadrature);
 - combinators :func:`serial`, :func:`parallel`, :class:`FanOut`, :class:`FanInSum`;
 - :func:`monte_carlo_kernel` (finite networks averaged over initializations),
   :func:`gradient_descent_mse_ensemble` and :func:`gp_inference` (predictions of the infinite
@@ -29,6 +29,7 @@ from telescope.infinite._layer import ElementwiseLayer, Layer
 from telescope.infinite.activations import (
     ABRelu,
     Abs,
+    Cos,
     Elementwise,
     Erf,
     Gelu,
@@ -48,7 +49,7 @@ from telescope.infinite.shortcuts import infinite_ntk
 __all__ = [
     "Layer", "ElementwiseLayer",
     "Dense", "Conv", "SelfAttention", "LayerNorm", "GlobalAvgPool", "Flatten", "Identity",
-    "Relu", "LeakyRelu", "ABRelu", "Abs", "Erf", "Gelu", "Sin", "Tanh", "Elementwise",
+    "Relu", "LeakyRelu", "ABRelu", "Abs", "Erf", "Gelu", "Sin", "Cos", "Tanh", "Elementwise",
     "serial", "parallel", "FanOut", "FanInSum",
     "monte_carlo_kernel", "gradient_descent_mse_ensemble", "gp_inference", "infinite_ntk",
 ]

@@ -31,9 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from telescope.errors import UsageError, warn
+from telescope.errors import UsageError, check_positive_int, warn
 from telescope.infinite._layer import ElementwiseLayer, Shape
-from telescope.infinite.layers import check_positive_int
 
 __all__ = ["ABRelu", "Relu", "LeakyRelu", "Abs", "Erf", "Gelu", "Sin", "Cos", "Elementwise",
            "Tanh"]

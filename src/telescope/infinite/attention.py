@@ -24,11 +24,10 @@ from __future__ import annotations
 
 from torch import nn
 
-from telescope.errors import UsageError
+from telescope.errors import UsageError, check_positive_int, check_std
 from telescope.infinite._attention import attention_covariances
 from telescope.infinite._layer import Layer, Shape, State, one_branch
 from telescope.infinite._state import Covariances, Geometry
-from telescope.infinite.layers import check_positive_int, check_std
 from telescope.models.ntk_attention import NTKSelfAttention
 
 __all__ = ["SelfAttention"]

@@ -17,10 +17,9 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from telescope.errors import UsageError
+from telescope.errors import UsageError, check_positive_int
 from telescope.infinite._layer import Layer, Shape, State, one_branch
 from telescope.infinite._state import Covariances, Geometry
-from telescope.infinite.layers import check_positive_int
 
 __all__ = ["serial", "parallel", "FanOut", "FanInSum", "Serial", "Parallel"]
 
@@ -34,14 +33,16 @@ def _check_layers(layers: tuple[object, ...], who: str) -> tuple[Layer, ...]:
     return tuple(layers)  # type: ignore[arg-type]
 
 
-class Serial(Layer):
-    """Layers applied one after another (:func:`serial`)."""
+class _Composite(Layer):
+    """A layer made of layers (``serial`` or ``parallel``)."""
+
+    _name = ""
 
     def __init__(self, layers: tuple[Layer, ...]) -> None:
         self.layers = layers
 
     def __repr__(self) -> str:
-        return "serial(" + ", ".join(repr(layer) for layer in self.layers) + ")"
+        return f"{self._name}(" + ", ".join(repr(layer) for layer in self.layers) + ")"
 
     def first_layout(self) -> str | None:
         for layer in self.layers:
@@ -49,6 +50,12 @@ class Serial(Layer):
             if found is not None:
                 return found
         return None
+
+
+class Serial(_Composite):
+    """Layers applied one after another (:func:`serial`)."""
+
+    _name = "serial"
 
     def geometry(self, shape: Shape) -> Shape:
         for layer in self.layers:
@@ -127,21 +134,10 @@ class _ParallelModule(nn.Module):
         return tuple(branch(x) for branch, x in zip(self.branches, xs, strict=True))
 
 
-class Parallel(Layer):
+class Parallel(_Composite):
     """One layer per branch (:func:`parallel`)."""
 
-    def __init__(self, layers: tuple[Layer, ...]) -> None:
-        self.layers = layers
-
-    def __repr__(self) -> str:
-        return "parallel(" + ", ".join(repr(layer) for layer in self.layers) + ")"
-
-    def first_layout(self) -> str | None:
-        for layer in self.layers:
-            found = layer.first_layout()
-            if found is not None:
-                return found
-        return None
+    _name = "parallel"
 
     def _branches(self, shape: Shape | State) -> tuple:
         if not isinstance(shape, tuple) or len(shape) != len(self.layers):

@@ -24,11 +24,11 @@ import numbers
 
 from torch import nn
 
-from telescope.errors import UsageError
+from telescope.errors import UsageError, check_positive_int, check_std
 from telescope.infinite._conv import conv_covariance, conv_output_size
 from telescope.infinite._layer import Layer, Shape, State, one_branch
 from telescope.infinite._state import Covariances, Geometry
-from telescope.infinite.layers import affine, check_positive_int, check_std
+from telescope.infinite.layers import affine
 from telescope.models.ntk_conv import NTKConv
 
 __all__ = ["Conv"]

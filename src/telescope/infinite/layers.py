@@ -22,34 +22,16 @@ These are the numbers of neural-tangents' ``stax`` layers of the same names (Nov
 from __future__ import annotations
 
 import math
-import numbers
 
 import torch
 from torch import Tensor, nn
 
-from telescope.errors import UsageError
+from telescope.errors import UsageError, check_positive_int, check_std
 from telescope.infinite._layer import Layer, Shape, State, one_branch
 from telescope.infinite._state import Covariances, Geometry
 from telescope.models.mlp import NTKLinear
 
-__all__ = ["Dense", "LayerNorm", "GlobalAvgPool", "Flatten", "Identity", "check_std",
-           "check_positive_int", "affine"]
-
-
-def check_std(value: object, name: str) -> float:
-    """A standard deviation: a finite real ``>= 0``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise UsageError(f"{name} must be a real number, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value) or value < 0:
-        raise UsageError(f"{name} must be finite and >= 0, got {value}")
-    return value
-
-
-def check_positive_int(value: object, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise UsageError(f"{name} must be a positive int, got {value!r}")
-    return int(value)
+__all__ = ["Dense", "LayerNorm", "GlobalAvgPool", "Flatten", "Identity", "affine"]
 
 
 def affine(state: Covariances, w_var: float, b_var: float) -> Covariances:

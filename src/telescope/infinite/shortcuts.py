@@ -15,10 +15,10 @@ import numbers
 import torch
 from torch import Tensor
 
-from telescope.errors import UsageError
+from telescope.errors import UsageError, check_std
 from telescope.infinite.activations import Erf, Gelu, Relu
 from telescope.infinite.combinators import serial
-from telescope.infinite.layers import Dense, check_std
+from telescope.infinite.layers import Dense
 
 __all__ = ["infinite_ntk"]
 

@@ -7,33 +7,15 @@ networks". The infinite-width kernel of this layer is
 
 from __future__ import annotations
 
-import math
-import numbers
-
 import torch
 from torch import Tensor, nn
 
-from telescope.errors import UsageError
+from telescope.errors import UsageError, check_positive_int, check_std
 from telescope.models.mlp import NTKLinear
 
 __all__ = ["NTKSelfAttention"]
 
 _MECHANISMS = ("softmax", "identity", "relu", "abs")
-
-
-def _std(value: object, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise UsageError(f"{name} must be a real number, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value) or value < 0:
-        raise UsageError(f"{name} must be finite and >= 0, got {value}")
-    return value
-
-
-def _count(value: object, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise UsageError(f"{name} must be a positive int, got {value!r}")
-    return int(value)
 
 
 class NTKSelfAttention(nn.Module):
@@ -72,17 +54,17 @@ class NTKSelfAttention(nn.Module):
                  W_out_std: float = 1.0, b_std: float = 0.0,
                  mechanism: str = "softmax") -> None:
         super().__init__()
-        self.in_features = _count(in_features, "in_features")
-        self.out_features = _count(out_features, "out_features")
-        self.key_features = _count(key_features, "key_features")
-        self.value_features = _count(value_features, "value_features")
-        self.n_heads = _count(n_heads, "n_heads")
+        self.in_features = check_positive_int(in_features, "in_features")
+        self.out_features = check_positive_int(out_features, "out_features")
+        self.key_features = check_positive_int(key_features, "key_features")
+        self.value_features = check_positive_int(value_features, "value_features")
+        self.n_heads = check_positive_int(n_heads, "n_heads")
         if not isinstance(linear_scaling, bool):
             raise UsageError(f"linear_scaling must be a bool, got {linear_scaling!r}")
         if mechanism not in _MECHANISMS:
             raise UsageError(f"mechanism must be one of {list(_MECHANISMS)}, got {mechanism!r}")
         self.linear_scaling, self.mechanism = linear_scaling, mechanism
-        stds = {name: _std(value, name) for name, value in (
+        stds = {name: check_std(value, name) for name, value in (
             ("W_key_std", W_key_std), ("W_value_std", W_value_std),
             ("W_query_std", W_query_std), ("W_out_std", W_out_std), ("b_std", b_std))}
         self.qk_std = stds["W_query_std"] * stds["W_key_std"]

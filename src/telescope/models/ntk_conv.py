@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from telescope.errors import UsageError
+from telescope.errors import UsageError, check_positive_int
 
 __all__ = ["NTKConv", "PADDINGS", "same_padding", "conv_output_size", "conv_pads",
            "check_conv_geometry", "wrap_pad"]
@@ -149,9 +149,8 @@ class NTKConv(nn.Module):
         if len(kernel) not in _CONV:
             raise UsageError(f"NTKConv supports 1, 2 or 3 spatial dimensions, got kernel_size "
                              f"{kernel_size!r}")
-        for name, value in (("in_channels", in_channels), ("out_channels", out_channels)):
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise UsageError(f"{name} must be a positive int, got {value!r}")
+        in_channels = check_positive_int(in_channels, "in_channels")
+        out_channels = check_positive_int(out_channels, "out_channels")
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size, self.stride, self.padding = kernel, strides, pad
         self.dilation = (1,) * len(kernel)
