@@ -66,7 +66,8 @@ ANSWERED_ABOVE = "ntk-double-descent"
 # the table's rows, in this order (the answered question first)
 STUDIES = (ANSWERED_ABOVE, "toy", "approximation", "double-descent", "grokking",
            "trees-vs-nets", "mode-connectivity", "grokking-transformer", "entropy-collapse",
-           "rank-growth", "slingshot", "lazy-regime", "ntk-width")
+           "rank-growth", "slingshot", "lazy-regime", "ntk-width", "hypernetwork-ntk",
+           "collegial-ensembles", "autoencoder-rank")
 PRESET = "quick"
 FILES = ("results.parquet", "config.json", "run.json")
 DEFAULT_THREADS = ("Default threads: torch's thread count is `OMP_NUM_THREADS` if set, else the "
@@ -325,12 +326,92 @@ def _ntk_width(h: dict, c) -> Row:
                f"{num(inf)} with the infinite NTK")
 
 
+def _collegial_ensembles(h: dict, c) -> Row:
+    (lo, low), = _matches(h, r"NTK variance, lowest \(width (?P<w>\d+), m (?P<m>\d+)\)")
+    (hi, wide), = _matches(h, r"NTK variance, widest \(width (?P<w>\d+), m (?P<m>\d+)\)")
+    (be, best), = _matches(h, r"test error at T, best \(width (?P<w>\d+), m (?P<m>\d+)\)")
+    tag_lo, tag_hi = f"width {lo['w']}, m {lo['m']}", f"width {hi['w']}, m {hi['m']}"
+    hidden = "-".join(["w"] * c.depth)
+    a, b = c.data.classes
+    return Row(f"Littwin et al. 2020: at a budget of {num(h['parameter budget'])} parameters "
+               f"(m ReLU members in-{hidden}-1, {c.data.name} {a} vs {b}), the NTK varies "
+               f"{num(h['variance ratio widest / lowest'])}x less over initializations for "
+               f"{lo['m']} members of width {lo['w']} than for one width-{hi['w']} network "
+               f"({num(low)} vs {num(wide)}); the trained network's gap to its kernel "
+               f"prediction at step {num(h['step T of the training numbers below'])} is "
+               f"{num(h[f'gap to the kernel prediction at T ({tag_lo})'])} vs "
+               f"{num(h[f'gap to the kernel prediction at T ({tag_hi})'])}; test error "
+               f"{num(best)} at width {be['w']} ({be['m']} members) vs "
+               f"{num(h[f'test error at T, widest ({tag_hi})'])}, lower in "
+               f"{h['seeds where the best width has the lower test error']} seeds",
+               spread="variance ratio per seed "
+                      f"{h['variance ratio widest / lowest, seeds [min, max]']}")
+
+
+def _hypernetwork_ntk(h: dict, c) -> Row:
+    gap: dict[str, dict[int, float]] = {}
+    for m, v in _matches(h, r"Taylor gap \((?P<model>[a-z-]+), meta width (?P<w>\d+)\)"):
+        gap.setdefault(m["model"], {})[int(m["w"])] = v
+
+    def span(model: str) -> str:
+        ws = sorted(gap[model])
+        return (f"{num(gap[model][ws[0]])} at n {ws[0]} -> {num(gap[model][ws[-1]])} at n "
+                f"{ws[-1]}")
+
+    names = {"hyper": f"hypernetwork with a width-{num(c.primary_width)} primary",
+             "hyper-wide": f"primary widening with it (m = n/{num(c.wide_ratio)})",
+             "mlp": "plain MLP"}
+    parts = [f"{names[model]} {span(model)}" for model in ("hyper", "mlp", "hyper-wide")
+             if model in gap]
+    (m_both, both), = _matches(h, r"distance to the hyperkernel \(both, largest width "
+                                  r"(?P<w>\d+)\)")
+    (m_meta, meta), = _matches(h, r"distance to the hyperkernel \(meta, largest width "
+                                  r"(?P<w>\d+)\)")
+    (_, naive), = _matches(h, r"distance to the plain product \(both, largest width \d+\)")
+    text = (f"Littwin et al. 2020: Taylor gap ||h_T - h_lin|| / ||h_T - h_0|| after "
+            f"{num(h['step T of the Taylor gaps'])} GD steps on sinusoid tasks, "
+            f"{', '.join(parts)}; the empirical NTK is {num(both)} (relative) from the "
+            f"hyperkernel Theta^g(z,z') * Q(u,u') when both widths grow (meta {m_both['w']}, "
+            f"exponent {num(h['hyperkernel convergence exponent (both widen, fit)'])}), "
+            f"{num(meta)} when only the meta width does (to {m_meta['w']}), and {num(naive)} "
+            f"from the plain product Theta^g * Theta^f")
+    w = max(gap.get("hyper", {0: 0}))
+    spread = h.get(f"Taylor gap min-max over seeds (hyper, meta width {w})")
+    return Row(text, f"the hypernetwork's gap at n {w} spans {spread} over seeds" if spread
+               else "")
+
+
+def _autoencoder_rank(h: dict, c) -> Row:
+    r = h["true latent rank"]
+    deep = [L for L in c.depths if L > 0]
+    prior = next((p for p in ("geometric", "power", "linear") if p in c.profiles),
+                 c.profiles[0])
+    runs = []
+    for m, reached in _matches(h, rf"{prior}/(?P<m>[^:]+): runs \(L > 0\) reaching rank {r}"):
+        conv = h.get(f"{prior}/{m['m']}: runs (L > 0) converged to the rank-{r} projection")
+        runs.append(f"{m['m']} {reached}" + (f" ({conv} converged)" if conv else ""))
+    order = h.get("runs (decaying priors, >= 2 modes learned) learning modes in order of s_k")
+    nonlinear = [f"{m['m'].replace(', L=', ' L=')}: {v}" for m, v in
+                 _matches(h, r"nonlinear/(?P<m>[^:]+): final code rank")]
+    text = (f"Sun et al. 2021: linear autoencoders with a depth-L linear bottleneck on rank-{r} "
+            f"data: modes learned one at a time in the order of the data's singular values in "
+            f"{order} runs; {prior} prior, runs with L = {num(min(deep))}-{num(max(deep))} "
+            f"reaching rank {r} within {num(c.steps)} steps, by initialization of the factors: "
+            f"{', '.join(runs)}")
+    if nonlinear:
+        text += (f"; nonlinear autoencoder, codes' numerical rank (latent rank {r}): "
+                 f"{', '.join(nonlinear)}")
+    return Row(text, spread="counts are runs over all seeds and depths")
+
+
 FORMATTERS: dict[str, Callable[[dict, Any], Row]] = {
     "toy": _toy, "approximation": _approximation, "double-descent": _double_descent,
     "grokking": _grokking, "trees-vs-nets": _trees_vs_nets,
     "mode-connectivity": _mode_connectivity, "grokking-transformer": _grokking_transformer,
     "entropy-collapse": _entropy_collapse, "rank-growth": _rank_growth,
     "slingshot": _slingshot, "lazy-regime": _lazy_regime, "ntk-width": _ntk_width,
+    "collegial-ensembles": _collegial_ensembles, "hypernetwork-ntk": _hypernetwork_ntk,
+    "autoencoder-rank": _autoencoder_rank,
 }
 
 

@@ -76,6 +76,8 @@ __all__ = [
     "IrregularitySplit",
     "irregularity_split",
     "first_pc_scores",
+    "low_rank_data",
+    "singular_value_profile",
     # by name
     "DATASETS",
     "load_dataset",
@@ -198,6 +200,7 @@ from telescope.data.irregular import (  # noqa: E402
     first_pc_scores,
     irregularity_split,
 )
+from telescope.data.low_rank import low_rank_data, singular_value_profile  # noqa: E402
 from telescope.data.mnist1d import load_mnist1d  # noqa: E402
 from telescope.data.openml import load_openml_cache  # noqa: E402
 from telescope.data.registry import DATASETS, load_dataset  # noqa: E402

@@ -1,7 +1,9 @@
 """The built-in per-layer rules of the structured NTK: :class:`LinearRule` (``y = W a + b`` at
 every token; also Hugging Face's ``Conv1D``), :class:`AffineRule` (``y = w * u(x) + b``: the norm
-layers), :class:`EmbeddingRule` and :class:`ConvRule`, and the dense factor the linear-like rules
-(and the attention rule's projections, ``_attention_rule.py``) are built from.
+layers), :class:`EmbeddingRule`, :class:`ConvRule` (grouped convolutions included) and
+:class:`BlockDiagonalRule` (a linear layer whose weight is block-diagonal), and the dense factor
+the linear-like rules (and the attention rule's projections, ``_attention_rule.py``) are built
+from, one per group for the grouped layers (:func:`_grouped_factors`).
 
 The math, and which layer types get which rule, are in :mod:`telescope.kernels.rules`.
 """
@@ -78,6 +80,42 @@ def _dense_factor(prefix: str, a: Tensor, d: Tensor, weight: Tensor, bias: Tenso
     return TokenFactor.create(d, a_aug, None, a_aug.shape[-1], to_params, from_params)
 
 
+def _grouped_factors(prefix: str, a: Tensor, d: Tensor, weight: Tensor, bias: Tensor | None,
+                     groups: int, weight_scale: float = 1.0, bias_scale: float = 1.0, *,
+                     weight_name: str = "weight",
+                     bias_name: str | None = "bias") -> list[TokenFactor]:
+    """The factors of a grouped (block-diagonal) linear-like layer, one :func:`_dense_factor`
+    per group.
+
+    ``a [B, S, G q]`` and ``d [O, B, S, G p]`` split into ``G = groups`` consecutive blocks of
+    their last axes; group ``g`` maps ``a_g = a[..., g q:(g+1) q]`` to the outputs ``g p:(g+1)
+    p`` with the rows ``g p:(g+1) p`` of ``weight`` (``[G p, q, ...]``, the layout of a grouped
+    ``nn.Conv``'s ``[out, in / groups, *kernel_size]``) and of ``bias``. Its parameters get no
+    gradient from the other groups, so the kernel is a sum over groups of linear kernels,
+
+        Theta(x, x') = sum_g sum_{s,s'} <a_{g,s}, a'_{g,s'}> <delta_{g,s}, delta'_{g,s'}>,
+
+    which the engine contracts exactly, factor by factor (the cost is that of the groups'
+    blocks, never of the dense ``[G p, G q]`` matrix). ``groups = 1`` is one dense factor.
+    """
+    if groups == 1:
+        return [_dense_factor(prefix, a, d, weight, bias, weight_scale, bias_scale,
+                              weight_name=weight_name, bias_name=bias_name)]
+    p, q = weight.shape[0] // groups, a.shape[-1] // groups
+    return [_dense_factor(prefix, a[..., g * q:(g + 1) * q], d[..., g * p:(g + 1) * p], weight,
+                          bias, weight_scale, bias_scale, weight_name=weight_name,
+                          bias_name=bias_name, rows=slice(g * p, (g + 1) * p))
+            for g in range(groups)]
+
+
+def _groups(module: nn.Module, value: int | str) -> int:
+    """The number of groups: ``value`` itself, or the module's attribute of that name."""
+    groups = getattr(module, value, None) if isinstance(value, str) else value
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+        raise RuleMismatch(f"groups {groups!r} is not a positive int")
+    return groups
+
+
 def _tokens(ts: list[Tensor], width: int, lead: int = 1) -> Tensor:
     """Concatenate the calls' tensors as ``[..., tokens, width]`` (``lead`` leading dims kept)."""
     parts = [t.reshape(*t.shape[:lead], -1, width) for t in ts]
@@ -118,6 +156,52 @@ class LinearRule:
         return [_dense_factor(prefix, a, d, w, b, _scale(module, self.weight_scale),
                               _scale(module, self.bias_scale), weight_name=self.weight,
                               bias_name=self.bias, transposed=self.transposed)]
+
+
+@dataclass(frozen=True)
+class BlockDiagonalRule:
+    """A linear layer whose weight is block-diagonal, ``G = groups`` blocks on the diagonal:
+    at every token ``s`` of the input's leading axes,
+
+        ``y_{s, g} = weight_scale * W_g a_{s, g} + bias_scale * b_g``,  ``g = 0 .. G-1``,
+
+    where ``a_{s, g}`` is the ``g``-th of ``G`` equal consecutive blocks of the input's last
+    axis (``in / G`` features) and ``y_{s, g}`` the ``g``-th block of the output's (``out / G``).
+    The weight is stored as the blocks stacked, ``[out, in / G]`` (rows ``g out/G:(g+1) out/G``
+    are ``W_g``; the layout of ``nn.Conv1d(in, out, 1, groups=G)``'s weight without its kernel
+    axis), the bias as ``[out]``. The kernel is the sum over blocks of linear kernels,
+    ``Theta = sum_g sum_{s,s'} <a_{s,g}, a'_{s',g}> <delta_{s,g}, delta'_{s',g}>`` (one factor
+    per block): an ensemble of ``G`` networks run side by side through block-diagonal layers
+    has the sum of their kernels (Littwin et al. 2020, "Collegial Ensembles").
+
+    ``groups``, ``weight_scale``, ``bias_scale`` are numbers or names of the module's
+    attributes; ``weight``/``bias`` name the parameters (``bias=None``: none). This is the
+    declared rule (kind ``"block_diagonal"``) of :class:`telescope.models.BlockDiagonalLinear`.
+    """
+
+    weight: str = "weight"
+    bias: str | None = "bias"
+    groups: int | str = "groups"
+    weight_scale: float | str = 1.0
+    bias_scale: float | str = 1.0
+    name: str = "block-diagonal linear"
+
+    def __call__(self, module: nn.Module, prefix: str, inputs: list[Tensor],
+                 deltas: list[Tensor]) -> list:
+        w = getattr(module, self.weight, None)
+        b = getattr(module, self.bias, None) if self.bias else None
+        if not isinstance(w, Tensor) or w.ndim != 2:
+            raise RuleMismatch(f"{self.weight} is not a [out, in / groups] matrix")
+        groups = _groups(module, self.groups)
+        n_out, n_in = w.shape[0], groups * w.shape[1]
+        if n_out % groups:
+            raise RuleMismatch(f"{n_out} outputs are not a multiple of groups {groups}")
+        if any(x.shape[-1] != n_in for x in inputs) or any(d.shape[-1] != n_out for d in deltas):
+            raise RuleMismatch("the input's last axis does not match the blocks of the weight")
+        a, d = _tokens(inputs, n_in), _tokens(deltas, n_out, lead=2)
+        return _grouped_factors(prefix, a, d, w, b, groups, _scale(module, self.weight_scale),
+                                _scale(module, self.bias_scale), weight_name=self.weight,
+                                bias_name=self.bias)
 
 
 @dataclass(frozen=True)
@@ -209,9 +293,15 @@ class EmbeddingRule:
 
 @dataclass(frozen=True)
 class ConvRule:
-    """A convolution (``groups = 1``; any stride, padding, padding mode and dilation) is a linear
-    layer on its input patches (tokens = output positions):
+    """A convolution (any stride, padding, padding mode, dilation and groups) is a linear layer
+    on its input patches (tokens = output positions):
     ``y_o = weight_scale * W patch_o(pad(x)) + bias_scale * b``.
+
+    With ``groups = G > 1`` (the module's attribute ``groups``; none: 1) the weight
+    ``[out, in / G, *kernel_size]`` is block-diagonal: output channels ``g out/G:(g+1) out/G``
+    read only the patches of input channels ``g in/G:(g+1) in/G``, so the kernel is a sum of
+    ``G`` convolution kernels, ``Theta = sum_g sum_{s,s'} <a_{g,s}, a'_{g,s'}> <delta_{g,s},
+    delta'_{g,s'}>`` (one factor per group, :func:`_grouped_factors`).
 
     Works for ``nn.Conv1d``/``nn.Conv2d`` and for any layer exposing the same geometry:
     ``kernel_size`` (a tuple, one entry per spatial axis of ``[N, C, *spatial]``), ``stride``
@@ -238,8 +328,9 @@ class ConvRule:
         b = getattr(module, self.bias, None) if self.bias else None
         if not isinstance(w, Tensor) or w.ndim < 3:
             raise RuleMismatch(f"{self.weight} is not a [out, in, *kernel_size] tensor")
-        if getattr(module, "groups", 1) != 1:
-            raise RuleMismatch("a grouped convolution has no rule yet")
+        groups = _groups(module, "groups") if hasattr(module, "groups") else 1
+        if w.shape[0] % groups:
+            raise RuleMismatch(f"out_channels {w.shape[0]} is not a multiple of groups {groups}")
         n_dim = w.ndim - 2
         ks = _per_axis(getattr(module, "kernel_size", None), n_dim, "kernel_size")
         st = _per_axis(getattr(module, "stride", 1), n_dim, "stride")
@@ -251,9 +342,9 @@ class ConvRule:
             if x.ndim != n_dim + 2:
                 raise RuleMismatch(f"the input is not [N, C, {n_dim} spatial axes]")
             patches.append(_patches(self._padded(module, x), ks, st, dil))
-        a = torch.cat(patches, dim=1)  # [B, L, C*k]
+        a = torch.cat(patches, dim=1)  # [B, L, C*k], channel-major: group g's columns in a row
         c_out = w.shape[0]
-        if a.shape[-1] != w[0].numel():
+        if a.shape[-1] != groups * w[0].numel():
             raise RuleMismatch("the input's channels do not match the weight")
         if any(dl.ndim != n_dim + 3 or dl.shape[2] != c_out for dl in deltas):
             raise RuleMismatch("the output is not [N, out_channels, *spatial]")
@@ -261,9 +352,9 @@ class ConvRule:
                       dim=2)
         if d.shape[2] != a.shape[1]:
             raise RuleMismatch("the output positions do not match the input patches")
-        return [_dense_factor(prefix, a, d, w, b, _scale(module, self.weight_scale),
-                              _scale(module, self.bias_scale), weight_name=self.weight,
-                              bias_name=self.bias)]
+        return _grouped_factors(prefix, a, d, w, b, groups, _scale(module, self.weight_scale),
+                                _scale(module, self.bias_scale), weight_name=self.weight,
+                                bias_name=self.bias)
 
     def _padded(self, module: nn.Module, x: Tensor) -> Tensor:
         if self.pad is not None:

@@ -9,9 +9,13 @@ convolution on unfolded patches), the gradient of output ``o`` with respect to `
 
 and the bias adds the same sum with ``<a_s, a'_s'>`` replaced by 1 (a constant 1 is appended to
 ``a``). An embedding is a linear layer on one-hot inputs, so ``<a_s, a'_s'>`` becomes the
-indicator ``[idx_s == idx'_{s'}]``. An elementwise affine layer ``y = w * u(x) + b`` (LayerNorm,
-RMSNorm, BatchNorm in eval mode, GroupNorm, ...; ``u`` free of parameters) has per-example
-gradients ``sum delta * u`` and ``sum delta`` over the axes ``w`` is broadcast along.
+indicator ``[idx_s == idx'_{s'}]``. A grouped layer (a grouped convolution, a block-diagonal
+linear layer: ``G`` blocks, block ``g`` maps its slice ``a_g`` of the input to its slice of the
+output) has the sum over groups of these kernels, ``sum_g sum_{s,s'} <a_{g,s}, a'_{g,s'}>
+<delta_{g,s}, delta'_{g,s'}>``, one factor per group. An elementwise affine layer ``y = w *
+u(x) + b`` (LayerNorm, RMSNorm, BatchNorm in eval mode, GroupNorm, ...; ``u`` free of
+parameters) has per-example gradients ``sum delta * u`` and ``sum delta`` over the axes ``w`` is
+broadcast along.
 
 A *rule* turns the inputs a module was called with and the output deltas of a block of examples
 into *factors* (:class:`TokenFactor`, :class:`GradFactor`) that the structured engine contracts.
@@ -25,13 +29,15 @@ per-example Jacobians, never to a wrong kernel.
 Your own layer: ``register_rule(MyLinear, LinearRule(weight="w", bias="b"))`` for ``y = x @
 W.T + b``-style layers (``transposed=True`` for ``y = x @ W + b``, ``weight_scale``/
 ``bias_scale`` for constant factors), ``register_rule(MyNorm, AffineRule(axis="last"))`` for
-``y = w * u(x) + b``.
+``y = w * u(x) + b``, ``register_rule(MyBlocks, BlockDiagonalRule(groups="n_blocks"))`` for a
+linear layer whose ``[out, in / G]`` weight holds the ``G`` diagonal blocks.
 
 A layer type can also declare its rule itself, without importing telescope (this is how
 :class:`telescope.models.NTKLinear` declares its own, so ``kernels`` imports no model): a class
 attribute ``ntk_rule``, a mapping with the rule's ``kind`` (``"linear"``: :class:`LinearRule`,
 ``"affine"``: :class:`AffineRule`, ``"conv"``: :class:`ConvRule`, as
-:class:`telescope.models.NTKConv` declares it) and that rule's fields, e.g. ::
+:class:`telescope.models.NTKConv` declares it, ``"block_diagonal"``: :class:`BlockDiagonalRule`,
+as :class:`telescope.models.BlockDiagonalLinear` does) and that rule's fields, e.g. ::
 
     class MyLinear(nn.Module):
         ntk_rule = {"kind": "linear", "weight": "w", "bias": "b", "weight_scale": "scale"}
@@ -46,8 +52,9 @@ re-exported from the private modules they live in, the rule protocol and the fac
 (``_rule_protocol.py``), the per-layer rules (``_layer_rules.py``) and the composite
 :class:`AttentionRule` (``_attention_rule.py``).
 
-Reference: Novak, Sohl-Dickstein & Schoenholz (2022), "Fast Finite Width Neural Tangent Kernel"
-(structured derivatives).
+References: Novak, Sohl-Dickstein & Schoenholz (2022), "Fast Finite Width Neural Tangent Kernel"
+(structured derivatives); Littwin, Myara, Sabah, Susskind, Zhai & Golan (2020), "Collegial
+Ensembles" (NeurIPS; ensembles as grouped / block-diagonal layers).
 """
 
 from __future__ import annotations
@@ -58,7 +65,13 @@ from torch import Tensor, nn
 
 from telescope.errors import UsageError
 from telescope.kernels._attention_rule import AttentionRule
-from telescope.kernels._layer_rules import AffineRule, ConvRule, EmbeddingRule, LinearRule
+from telescope.kernels._layer_rules import (
+    AffineRule,
+    BlockDiagonalRule,
+    ConvRule,
+    EmbeddingRule,
+    LinearRule,
+)
 from telescope.kernels._rule_protocol import (
     CompositeRule,
     GradFactor,
@@ -68,7 +81,8 @@ from telescope.kernels._rule_protocol import (
 )
 
 __all__ = ["TokenFactor", "GradFactor", "LinearRule", "AffineRule", "EmbeddingRule", "ConvRule",
-           "AttentionRule", "register_rule", "rule_for", "Rule", "CompositeRule", "RuleMismatch"]
+           "BlockDiagonalRule", "AttentionRule", "register_rule", "rule_for", "Rule",
+           "CompositeRule", "RuleMismatch"]
 
 
 _REGISTRY: dict[type, Rule] = {
@@ -113,12 +127,19 @@ def rule_for(module: nn.Module) -> tuple[Rule | None, str]:
         rule = _by_computation(module)
     if rule is None:
         return None, f"no rule for {type(module).__name__}"
-    if isinstance(rule, ConvRule) and getattr(module, "groups", 1) != 1:
-        return None, f"grouped convolution (groups={module.groups}): no rule yet"
-    return rule, getattr(rule, "name", type(rule).__name__)
+    name = getattr(rule, "name", type(rule).__name__)
+    groups = 1
+    if isinstance(rule, ConvRule):
+        groups = getattr(module, "groups", 1)
+    elif isinstance(rule, BlockDiagonalRule):
+        groups = rule.groups if isinstance(rule.groups, int) else getattr(module, rule.groups, 1)
+    if isinstance(groups, int) and groups > 1:  # explain() shows how many blocks there are
+        name = f"{name} (groups={groups})"
+    return rule, name
 
 
-_DECLARED_KINDS: dict[str, type] = {"linear": LinearRule, "affine": AffineRule, "conv": ConvRule}
+_DECLARED_KINDS: dict[str, type] = {"linear": LinearRule, "affine": AffineRule, "conv": ConvRule,
+                                     "block_diagonal": BlockDiagonalRule}
 """The rule types a layer's ``ntk_rule = {"kind": ..., **fields}`` may name."""
 
 

@@ -17,6 +17,7 @@ training does to a network's kernel, weights and attention.
 """
 
 from telescope.lens.attention import AttentionEntropy, attention_entropy
+from telescope.lens.code_rank import CodeRank, code_ranks, code_spectrum
 from telescope.lens.kernel_evolution import KernelEvolution
 from telescope.lens.norm_cycles import NormCycles, detect_cycles, loss_spikes
 from telescope.lens.smoother import Smoother
@@ -24,4 +25,5 @@ from telescope.lens.telescope import Telescope
 from telescope.lens.weight_rank import WeightRank
 
 __all__ = ["Telescope", "Smoother", "attention_entropy", "AttentionEntropy", "WeightRank",
-           "NormCycles", "detect_cycles", "loss_spikes", "KernelEvolution"]
+           "NormCycles", "detect_cycles", "loss_spikes", "KernelEvolution",
+           "CodeRank", "code_spectrum", "code_ranks"]

@@ -1,6 +1,9 @@
 """Small, readable models for kernels, lenses and studies."""
 
+from telescope.models.autoencoder import LinearBottleneckAutoencoder
 from telescope.models.cnn import ConvNet1d
+from telescope.models.ensemble import BlockDiagonalLinear, Ensemble, collegial_ensemble
+from telescope.models.hypernetwork import HyperNetwork
 from telescope.models.lazy import LazyModel
 from telescope.models.mlp import MLP, NTKLinear
 from telescope.models.ntk_attention import NTKSelfAttention
@@ -12,4 +15,5 @@ from telescope.models.transformer import TinyTransformer
 
 __all__ = ["MLP", "NTKLinear", "ConvNet1d", "TinyTransformer", "SigmaReparamLinear", "LazyModel",
            "ResNet18", "TwoLayerPolynomialNet", "NTKSelfAttention",
-           "NTKConv"]
+           "NTKConv", "HyperNetwork", "BlockDiagonalLinear", "Ensemble", "collegial_ensemble",
+           "LinearBottleneckAutoencoder"]
