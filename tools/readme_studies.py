@@ -67,7 +67,7 @@ ANSWERED_ABOVE = "ntk-double-descent"
 STUDIES = (ANSWERED_ABOVE, "toy", "approximation", "double-descent", "grokking",
            "trees-vs-nets", "mode-connectivity", "grokking-transformer", "entropy-collapse",
            "rank-growth", "slingshot", "lazy-regime", "ntk-width", "hypernetwork-ntk",
-           "collegial-ensembles", "autoencoder-rank")
+           "collegial-ensembles", "bottleneck", "autoencoder-rank")
 PRESET = "quick"
 FILES = ("results.parquet", "config.json", "run.json")
 DEFAULT_THREADS = ("Default threads: torch's thread count is `OMP_NUM_THREADS` if set, else the "
@@ -404,6 +404,40 @@ def _autoencoder_rank(h: dict, c) -> Row:
     return Row(text, spread="counts are runs over all seeds and depths")
 
 
+def _bottleneck(h: dict, c) -> Row:
+    def lab(k: int) -> str:
+        return "none" if k == 0 else f"k={k}"
+
+    per_scale = []
+    for s in sorted(c.target_scales):
+        g = f"{float(s):g}"
+        speed = ", ".join(f"{lab(k)} {num(h[f'speedup over the NTK, scale {g}, {lab(k)}'])}"
+                          for k in c.bottlenecks)
+        lin = ", ".join(f"k={k} {num(h[f'deep linear ODE speedup, scale {g}, k={k}'])}"
+                        for k in c.linear.bottlenecks)
+        gap = h.get(f"no-bottleneck gap to the NTK, scale {g}")
+        per_scale.append(f"target scale {num(s)}: {speed} (no-bottleneck gap to the NTK "
+                         f"{num(gap)}; deep linear ODE {lin})")
+    s0 = f"{float(min(c.target_scales)):g}"
+    kd = ", ".join(f"{lab(k)} {num(h[f'kernel distance, scale {s0}, {lab(k)}'])}"
+                   for k in c.bottlenecks)
+    err = ", ".join(f"{lab(k)} {num(h[f'test error, scale {s0}, {lab(k)}'])}"
+                    for k in c.bottlenecks)
+    never = h["seeds that never reached the threshold"]
+    return Row(f"Littwin et al. 2021: ReLU MLPs of width {num(c.width)} with a bottleneck of "
+               f"width k (binary {c.data.name}, {num(c.data.n_train)} points) against kernel "
+               f"flow with the infinite NTK from the same initial function; speedup (NTK time "
+               f"/ network time to {pct(c.loss_threshold)} of the initial loss) at "
+               + "; ".join(per_scale)
+               + (f" (seeds that never got there: {never})" if never != "none" else "")
+               + f". Kernel distance at the end (target scale {num(float(s0))}): {kd}; test "
+               f"error {err} vs {num(h[f'test error, scale {s0}, infinite NTK'])} for the NTK. "
+               f"Trained deep linear networks vs the infinite-width ODE / closed form: largest "
+               f"gap {num(h['deep linear: max gap network vs infinite-width theory'])} of the "
+               f"initial residual",
+               "min-max over seeds in the report's answer")
+
+
 FORMATTERS: dict[str, Callable[[dict, Any], Row]] = {
     "toy": _toy, "approximation": _approximation, "double-descent": _double_descent,
     "grokking": _grokking, "trees-vs-nets": _trees_vs_nets,
@@ -411,7 +445,7 @@ FORMATTERS: dict[str, Callable[[dict, Any], Row]] = {
     "entropy-collapse": _entropy_collapse, "rank-growth": _rank_growth,
     "slingshot": _slingshot, "lazy-regime": _lazy_regime, "ntk-width": _ntk_width,
     "collegial-ensembles": _collegial_ensembles, "hypernetwork-ntk": _hypernetwork_ntk,
-    "autoencoder-rank": _autoencoder_rank,
+    "autoencoder-rank": _autoencoder_rank, "bottleneck": _bottleneck,
 }
 
 

@@ -1,6 +1,14 @@
 """Small, readable models for kernels, lenses and studies."""
 
 from telescope.models.autoencoder import LinearBottleneckAutoencoder
+from telescope.models.bottleneck import (
+    BottleneckMLP,
+    LinearFlow,
+    deep_linear_bottleneck_flow,
+    sample_linear_factors,
+    scalar_bottleneck_time,
+    scalar_bottleneck_trajectory,
+)
 from telescope.models.cnn import ConvNet1d
 from telescope.models.ensemble import BlockDiagonalLinear, Ensemble, collegial_ensemble
 from telescope.models.hypernetwork import HyperNetwork
@@ -16,4 +24,6 @@ from telescope.models.transformer import TinyTransformer
 __all__ = ["MLP", "NTKLinear", "ConvNet1d", "TinyTransformer", "SigmaReparamLinear", "LazyModel",
            "ResNet18", "TwoLayerPolynomialNet", "NTKSelfAttention",
            "NTKConv", "HyperNetwork", "BlockDiagonalLinear", "Ensemble", "collegial_ensemble",
-           "LinearBottleneckAutoencoder"]
+           "LinearBottleneckAutoencoder",
+           "BottleneckMLP", "LinearFlow", "deep_linear_bottleneck_flow", "sample_linear_factors",
+           "scalar_bottleneck_time", "scalar_bottleneck_trajectory"]

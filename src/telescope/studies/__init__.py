@@ -27,6 +27,7 @@ from telescope.studies import ntk_width
 from telescope.studies import autoencoder_rank
 from telescope.studies import hypernetwork_ntk
 from telescope.studies import collegial_ensembles
+from telescope.studies import bottleneck
 
 __all__ = ["REGISTRY", "Study", "Progress", "get_study", "list_studies", "make_config",
            "register", "config_from_dict", "config_to_dict"]
