@@ -67,7 +67,7 @@ ANSWERED_ABOVE = "ntk-double-descent"
 STUDIES = (ANSWERED_ABOVE, "toy", "approximation", "double-descent", "grokking",
            "trees-vs-nets", "mode-connectivity", "grokking-transformer", "entropy-collapse",
            "rank-growth", "slingshot", "lazy-regime", "ntk-width", "hypernetwork-ntk",
-           "collegial-ensembles", "bottleneck", "autoencoder-rank")
+           "collegial-ensembles", "bottleneck", "autoencoder-rank", "neural-fisher-kernel")
 PRESET = "quick"
 FILES = ("results.parquet", "config.json", "run.json")
 DEFAULT_THREADS = ("Default threads: torch's thread count is `OMP_NUM_THREADS` if set, else the "
@@ -438,6 +438,26 @@ def _bottleneck(h: dict, c) -> Row:
                "min-max over seeds in the report's answer")
 
 
+def _neural_fisher_kernel(h: dict, c) -> Row:
+    k, kmax, parts, ahead = c.headline_rank, max(c.ranks), [], []
+    for m, name in (("classifier", "MLP classifier"), ("vae", "VAE")):
+        if f"{m}: NFK test acc at rank {k}" not in h:
+            continue
+        reach = h[f"{m}: rank where NFK is within 1 point of own features"]
+        parts.append(
+            f"{name}: rank-{k} features give NFK {num(h[f'{m}: NFK test acc at rank {k}'])}, "
+            f"eNTK {num(h[f'{m}: eNTK test acc at rank {k}'])}, PCA of its own features "
+            f"{num(h[f'{m}: own PCA test acc at rank {k}'])}; rank {kmax}: NFK "
+            f"{num(h[f'{m}: NFK test acc at rank {kmax}'])}, eNTK "
+            f"{num(h[f'{m}: eNTK test acc at rank {kmax}'])}, own features in full "
+            f"{num(h[f'{m}: own features test acc'])} (NFK within 1 point of them from rank "
+            f"{'never' if reach != reach else num(reach)})")
+        ahead.append(f"{h[f'{m}: seeds where NFK > eNTK at rank {k}']} ({name})")
+    return Row(f"Zhang et al. 2022: linear-probe test accuracy of low-rank Neural Fisher Kernel "
+               f"features on {c.data.name}; {'; '.join(parts)}",
+               spread=f"NFK ahead of the eNTK at rank {k} in {', '.join(ahead)} seeds")
+
+
 FORMATTERS: dict[str, Callable[[dict, Any], Row]] = {
     "toy": _toy, "approximation": _approximation, "double-descent": _double_descent,
     "grokking": _grokking, "trees-vs-nets": _trees_vs_nets,
@@ -446,6 +466,7 @@ FORMATTERS: dict[str, Callable[[dict, Any], Row]] = {
     "slingshot": _slingshot, "lazy-regime": _lazy_regime, "ntk-width": _ntk_width,
     "collegial-ensembles": _collegial_ensembles, "hypernetwork-ntk": _hypernetwork_ntk,
     "autoencoder-rank": _autoencoder_rank, "bottleneck": _bottleneck,
+    "neural-fisher-kernel": _neural_fisher_kernel,
 }
 
 

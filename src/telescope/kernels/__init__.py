@@ -7,6 +7,7 @@ function of its parameters, the checks at the door, per-example Jacobians); the 
 names start with ``_`` are private to ``kernels``."""
 
 from telescope.kernels.empirical import ntk
+from telescope.kernels.fisher import fisher_information, fisher_kernel, lowrank_fisher_kernel
 from telescope.kernels.lowrank import lowrank_ntk
 from telescope.kernels.metrics import (
     alignment,
@@ -33,6 +34,9 @@ __all__ = [
     "LinearRule",
     "AffineRule",
     "lowrank_ntk",
+    "fisher_kernel",
+    "lowrank_fisher_kernel",
+    "fisher_information",
     "kernel_regression",
     "smoother_weights",
     "absolute_ridge",

@@ -8,7 +8,7 @@ The empirical neural tangent kernel of a model ``f(theta, x) in R^O`` on ``N`` i
 
 with the rows of ``J`` ordered example-major: row ``n * O + o`` is ``d f_o(x_n) / d theta``. For
 ``P`` in the millions and ``N * O`` in the thousands neither ``J`` nor ``K`` should be formed. The
-*Neural Fisher Kernel* (Yang et al. 2021) observes that the top eigenpairs of ``K`` carry most of
+*Neural Fisher Kernel* (Zhang et al. 2021) observes that the top eigenpairs of ``K`` carry most of
 what matters about it and that they can be found from products with ``K`` alone; each product is
 two passes of automatic differentiation through the model:
 
@@ -57,8 +57,9 @@ passes), both chosen from ``max_memory_gb`` unless given.
 
 References
 ----------
-.. [1] W. Yang, et al. "Neural Fisher Kernel: Low-rank Approximation and Knowledge Distillation."
-   arXiv:2106.13087 (2021).
+.. [1] R. Zhang, S. Zhai, E. Littwin, J. Susskind. "Neural Fisher Kernel: Low-rank
+   Approximation and Knowledge Distillation." arXiv:2106.13087 (2021); ICLR 2022 as "Learning
+   representation from Neural Fisher Kernel with low-rank approximation".
 .. [2] N. Halko, P.-G. Martinsson, J. A. Tropp. "Finding structure with randomness: Probabilistic
    algorithms for constructing approximate matrix decompositions." SIAM Review 53(2), 2011.
 """
@@ -244,7 +245,7 @@ def lowrank_ntk(
 
     The eigenpairs are found by a randomized range finder with ``n_iter`` subspace iterations and a
     Rayleigh-Ritz step (Halko, Martinsson & Tropp 2011), the Neural Fisher Kernel construction of
-    Yang et al. (2021); every product ``K Omega = J (J^T Omega)`` is a vmapped vector-Jacobian
+    Zhang et al. (2021); every product ``K Omega = J (J^T Omega)`` is a vmapped vector-Jacobian
     product followed by a vmapped Jacobian-vector product (see the module docstring for the math,
     in particular for the trace kernel). It costs ``n_iter + 2`` kernel products, each of
     ``rank + oversample`` columns (times ``O`` for the trace kernel).
@@ -294,9 +295,9 @@ def lowrank_ntk(
 
     References
     ----------
-    W. Yang et al., "Neural Fisher Kernel: Low-rank Approximation and Knowledge Distillation",
-    2021. N. Halko, P.-G. Martinsson, J. A. Tropp, "Finding structure with randomness", SIAM
-    Review 53(2), 2011.
+    R. Zhang, S. Zhai, E. Littwin, J. Susskind, "Neural Fisher Kernel: Low-rank Approximation
+    and Knowledge Distillation", 2021. N. Halko, P.-G. Martinsson, J. A. Tropp, "Finding
+    structure with randomness", SIAM Review 53(2), 2011.
     """
     if not isinstance(model, nn.Module):
         raise UsageError(f"model must be a torch.nn.Module, got {type(model).__name__}")

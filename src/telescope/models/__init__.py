@@ -20,10 +20,12 @@ from telescope.models.polynomial import TwoLayerPolynomialNet
 from telescope.models.resnet import ResNet18
 from telescope.models.sigma_reparam import SigmaReparamLinear
 from telescope.models.transformer import TinyTransformer
+from telescope.models.vae import VAE, EncoderMean, NoisyELBO
 
 __all__ = ["MLP", "NTKLinear", "ConvNet1d", "TinyTransformer", "SigmaReparamLinear", "LazyModel",
            "ResNet18", "TwoLayerPolynomialNet", "NTKSelfAttention",
            "NTKConv", "HyperNetwork", "BlockDiagonalLinear", "Ensemble", "collegial_ensemble",
            "LinearBottleneckAutoencoder",
            "BottleneckMLP", "LinearFlow", "deep_linear_bottleneck_flow", "sample_linear_factors",
-           "scalar_bottleneck_time", "scalar_bottleneck_trajectory"]
+           "scalar_bottleneck_time", "scalar_bottleneck_trajectory",
+           "VAE", "NoisyELBO", "EncoderMean"]

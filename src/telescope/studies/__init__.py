@@ -24,10 +24,11 @@ from telescope.studies import rank_growth
 from telescope.studies import slingshot
 from telescope.studies import lazy_regime
 from telescope.studies import ntk_width
+from telescope.studies import bottleneck
 from telescope.studies import autoencoder_rank
 from telescope.studies import hypernetwork_ntk
 from telescope.studies import collegial_ensembles
-from telescope.studies import bottleneck
+from telescope.studies import neural_fisher_kernel
 
 __all__ = ["REGISTRY", "Study", "Progress", "get_study", "list_studies", "make_config",
            "register", "config_from_dict", "config_to_dict"]
