@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 
 import mnist1d.data
@@ -9,7 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from telescope.data import Dataset, load_mnist1d, one_hot, random_tokens, teacher_regression
+from telescope.data import (
+    Dataset,
+    load_mnist1d,
+    one_hot,
+    random_tokens,
+    sinusoid_tasks,
+    teacher_regression,
+)
 
 
 @pytest.fixture
@@ -188,6 +196,45 @@ def test_teacher_regression():
         teacher_regression(10, 10, 0)
     with pytest.raises(ValueError):
         teacher_regression(10, 10, 3, noise=-1.0)
+
+
+def test_sinusoid_tasks():
+    data = sinusoid_tasks(4, 5, 3, seed=7, amplitude=(1.0, 3.0), dtype=torch.float64)
+    assert data.x_train.shape == (20, 4) and data.x_test.shape == (12, 4)
+    assert data.y_train.shape == (20, 1) and data.y_test.shape == (12, 1)
+    assert data.n_classes is None and data.x_train.dtype == torch.float64
+    z, amplitude, phase = data.meta["z"], data.meta["amplitude"], data.meta["phase"]
+    assert z.shape == (4, 3) and amplitude.shape == phase.shape == (4,)
+    assert ((amplitude >= 1) & (amplitude <= 3)).all()
+    assert ((phase >= 0) & (phase <= math.pi)).all()
+    torch.testing.assert_close(z.norm(dim=1), torch.full((4,), math.sqrt(3), dtype=torch.float64))
+    # the targets from the inputs: x = u[:, 0] * pi / sqrt 3 (x_std), task-major
+    torch.testing.assert_close(data.x_std[0], torch.tensor(math.pi / math.sqrt(3),
+                                                           dtype=torch.float64))
+    for u, y, per in ((data.x_train, data.y_train, 5), (data.x_test, data.y_test, 3)):
+        x = u[:, 0] * data.x_std[0] + data.x_mean[0]
+        assert (x.abs() <= math.pi).all()
+        task = torch.arange(4).repeat_interleave(per)
+        torch.testing.assert_close(u[:, 1:], z[task])
+        ref = amplitude[task] * torch.sin(x + phase[task])
+        torch.testing.assert_close(y[:, 0], ref)
+    # the embedding encodes the task: its first two coordinates point along the phase
+    torch.testing.assert_close(torch.atan2(z[:, 1], z[:, 0]), phase)
+    again = sinusoid_tasks(4, 5, 3, seed=7, amplitude=(1.0, 3.0), dtype=torch.float64)
+    assert torch.equal(again.x_train, data.x_train) and torch.equal(again.y_test, data.y_test)
+    assert not torch.equal(sinusoid_tasks(4, 5, 3, seed=8).x_train, data.x_train.float())
+    single = sinusoid_tasks(4, 5, 3, seed=7, amplitude=(1.0, 3.0))
+    assert single.x_train.dtype == single.y_train.dtype == single.x_std.dtype == torch.float32
+    torch.testing.assert_close(single.x_train, data.x_train.float())
+    assert sinusoid_tasks(2, 3, 0).x_test.shape == (0, 4)
+    with pytest.raises(ValueError, match="amplitude"):
+        sinusoid_tasks(2, 2, 2, seed=0, amplitude=(2.0, 1.0))
+    with pytest.raises(ValueError, match="amplitude"):
+        sinusoid_tasks(2, 2, 2, seed=0, amplitude=(-1.0, 1.0))
+    with pytest.raises(ValueError, match="n_tasks"):
+        sinusoid_tasks(0, 2, 2)
+    with pytest.raises(ValueError, match="n_train"):
+        sinusoid_tasks(2, 0, 2)
 
 
 def test_random_tokens():

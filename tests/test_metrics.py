@@ -13,6 +13,7 @@ from telescope.kernels.metrics import (
     effective_rank,
     kernel_distance,
     kernel_target_alignment,
+    normalized_variance,
     spectrum,
 )
 
@@ -122,6 +123,43 @@ def test_effective_rank_matches_formulas():
     assert effective_rank(torch.zeros(3, 3)) == 0.0
 
 
+def test_normalized_variance_against_known_variances():
+    """Draws ``K_j = A + sigma Z_j`` (``Z`` standard normal, ``[n, n]``) have ``E ||K - A||^2 /
+    ||A||^2 = sigma^2 n^2 / ||A||^2``; the estimator recovers it on average even when the noise
+    is as large as the signal and there are only 4 draws (the uncorrected ``||Kbar||^2`` in the
+    denominator would read ``1 / (1 + V / D)`` of it)."""
+    g = torch.Generator().manual_seed(1)
+    n = 6
+    a = torch.randn(n, n, generator=g, dtype=torch.float64)
+    for sigma, draws in ((0.05, 50), (float(a.norm()) / n, 4)):
+        truth = sigma ** 2 * n * n / float((a ** 2).sum())
+        estimates, naive = [], []
+        for _ in range(3000):
+            ks = [a + sigma * torch.randn(n, n, generator=g, dtype=torch.float64)
+                  for _ in range(draws)]
+            v, mean = normalized_variance(ks)
+            estimates.append(v)
+            naive.append(float(sum(((k - mean) ** 2).sum() for k in ks)) / (draws - 1)
+                         / float((mean ** 2).sum()))
+        assert np.nanmean(estimates) == pytest.approx(truth, rel=0.05)
+        if draws == 4:
+            assert np.mean(naive) < 0.85 * truth
+    ks = [torch.zeros(2, 2), torch.ones(2, 2), -torch.ones(2, 2)]
+    assert math.isnan(normalized_variance(ks)[0])   # all noise, no signal
+
+
+def test_normalized_variance_mean_scale_and_stacked_draws():
+    draws = [_gram(seed=s) for s in range(5)]
+    v, mean = normalized_variance(draws)
+    torch.testing.assert_close(mean, torch.stack(draws).mean(0), rtol=0, atol=0)
+    assert mean.dtype == torch.float64
+    stacked = normalized_variance(torch.stack(draws))
+    assert stacked[0] == v and torch.equal(stacked[1], mean)
+    assert normalized_variance([3.0 * k for k in draws])[0] == pytest.approx(v, rel=1e-12)
+    assert normalized_variance(tuple(k.float() for k in draws))[0] == pytest.approx(v, rel=1e-6)
+    assert normalized_variance([draws[0], draws[0].clone()])[0] == 0.0
+
+
 def test_bad_inputs():
     k = _gram()
     with pytest.raises(ValueError, match="square"):
@@ -146,3 +184,15 @@ def test_bad_inputs():
         alignment(bad, k)
     with pytest.raises(TypeError, match="torch.Tensor"):
         spectrum(k.numpy())
+    with pytest.raises(ValueError, match="at least 2 draws"):
+        normalized_variance([k])
+    with pytest.raises(ValueError, match=r"same shape.*kernels\[1\] is \(5, 5\)"):
+        normalized_variance([k, k[:5, :5]])
+    with pytest.raises(ValueError, match=r"kernels\[1\] must be a square"):
+        normalized_variance([k, k[:, :5]])
+    with pytest.raises(ValueError, match=r"\[D, N, N\]"):
+        normalized_variance(k)
+    with pytest.raises(TypeError, match="sequence"):
+        normalized_variance(k.numpy())
+    with pytest.raises(ValueError, match=r"kernels\[0\] contains NaN"):
+        normalized_variance([bad, k])

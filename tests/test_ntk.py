@@ -11,6 +11,7 @@ from torch import nn
 
 import telescope
 from telescope.errors import UnsupportedModelError, UsageError
+from telescope.kernels import explain
 from telescope.models import MLP, ConvNet1d, TinyTransformer
 
 METHODS = ["jacobian", "vector", "structured"]
@@ -247,13 +248,23 @@ def test_kernel_to_subset_and_directional_derivative(case):
     torch.testing.assert_close(jv, fd, rtol=1e-6, atol=1e-7)
 
 
-def test_rmsnorm_rule_and_grouped_conv_fallback():
-    """RMSNorm (eps=None) has a rule; a grouped convolution falls back to Jacobians."""
+def test_rmsnorm_and_grouped_conv_rules():
+    """RMSNorm (eps=None) and a grouped convolution both get a structured rule (ConvRule, one
+    factor per group), with no per-example Jacobian and no warning; the kernel is the Jacobian
+    method's and the oracle's."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv1d(4, 6, 3, groups=2), nn.Tanh(), nn.Flatten(),
                           nn.RMSNorm(24), nn.Linear(24, 2)).double()
     x = torch.randn(5, 4, 6, dtype=torch.float64)
-    k = telescope.ntk(model, x, output="full", method="structured")
+    plan = explain(model, x).set_index("parameter")["rule"]
+    assert plan.to_dict() == {"0.weight": "convolution (groups=2)",
+                              "0.bias": "convolution (groups=2)", "3.weight": "affine (norm)",
+                              "4.weight": "linear", "4.bias": "linear"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a rule that failed its autograd check would warn
+        k = telescope.ntk(model, x, output="full", method="structured")
+    torch.testing.assert_close(k, telescope.ntk(model, x, output="full", method="jacobian"),
+                               rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(k, oracle_ntk(model, x, None, "full"), rtol=1e-10, atol=1e-10)
 
 

@@ -1,4 +1,5 @@
-"""Tests of kernel_regression against direct solves, ODE integration and gradient descent."""
+"""Tests of kernel_regression against direct solves, ODE integration and gradient descent, and of
+kernel_descent against a linear model trained by ``telescope.train.fit`` and gradient flow."""
 
 from __future__ import annotations
 
@@ -6,8 +7,10 @@ import numpy as np
 import pytest
 import scipy.linalg
 import torch
+import torch.nn.functional as F
 
-from telescope.kernels.regression import KernelRegressor, kernel_regression
+from telescope.kernels.regression import KernelRegressor, kernel_descent, kernel_regression
+from telescope.train import fit
 
 
 def _features(n: int, m: int, p: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -258,3 +261,102 @@ def test_indefinite_kernel_warns():
     k = torch.diag(torch.tensor([1.0, -0.5, 2.0], dtype=torch.float64))
     with pytest.warns(RuntimeWarning, match="positive semi-definite"):
         kernel_regression(k, torch.ones(2, 3, dtype=torch.float64), torch.ones(3))
+
+
+# ----------------------------------------------------------------------------- (h) discrete steps
+
+
+def test_kernel_descent_is_gradient_descent_of_a_linear_model():
+    """A linear model ``f = phi(x) w`` has the NTK ``phi phi^T``; ``fit`` with SGD on ``0.5
+    MSE`` moves it exactly as :func:`kernel_descent` says (test and train), and for a small
+    learning rate both approach gradient flow (:func:`kernel_regression` at ``lr * t``)."""
+    g = torch.Generator().manual_seed(0)
+    phi, phi_test = torch.randn(20, 7, generator=g, dtype=torch.float64), torch.randn(
+        9, 7, generator=g, dtype=torch.float64)
+    y = torch.randn(20, 1, generator=g, dtype=torch.float64)
+    model = torch.nn.Linear(7, 1, bias=False).double()
+    with torch.no_grad():
+        f0, f0_test = model(phi), model(phi_test)
+    k, k_test = phi @ phi.T, phi_test @ phi.T
+    lr, steps = 0.7, [0, 1, 5, 30]
+    want, want_train = kernel_descent(k, k_test, y, f0_train=f0, f0_test=f0_test, steps=steps,
+                                      lr=lr, return_train=True)
+    assert want.shape == (4, 9, 1) and want_train.shape == (4, 20, 1)
+    got, got_train = {}, {}
+
+    class Record:
+        def measure(self, state):
+            with torch.no_grad():
+                got[state.step] = state.model(phi_test).clone()
+                got_train[state.step] = state.model(phi).clone()
+
+    fit(model, torch.optim.SGD(model.parameters(), lr=lr), phi, y, steps=30,
+        loss=lambda o, t: 0.5 * F.mse_loss(o, t), eval_at=steps, callbacks=[Record()])
+    for i, s in enumerate(steps):
+        torch.testing.assert_close(want[i], got[s], rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(want_train[i], got_train[s], rtol=1e-10, atol=1e-12)
+    # the gradient-flow limit: a 100 times smaller step, 100 times as many steps
+    small = kernel_descent(k, k_test, y, f0_train=f0, f0_test=f0_test, steps=3000, lr=lr / 100)
+    flow = kernel_regression(k, k_test, y, f0_train=f0, f0_test=f0_test, t=30.0, lr=lr)
+    torch.testing.assert_close(small, flow, rtol=0, atol=2e-3 * float(flow.abs().max()))
+    assert float((want[3] - flow).abs().max()) > 10 * float((small - flow).abs().max())
+
+
+def test_kernel_descent_shapes_steps_and_outputs():
+    k, ks, y, f0, f0_test = _problem(outputs=3)
+    many, many_train = kernel_descent(k, ks, y, f0_train=f0, f0_test=f0_test, steps=[4, 0, 2, 4],
+                                      lr=0.3, return_train=True)
+    assert many.shape == (4, 5, 3) and many_train.shape == (4, 8, 3)
+    torch.testing.assert_close(many[1], f0_test, rtol=0, atol=0)      # step 0: the start
+    torch.testing.assert_close(many_train[1], f0, rtol=0, atol=0)
+    assert torch.equal(many[0], many[3])                                # in the order given
+    for i, s in enumerate([4, 0, 2, 4]):
+        one = kernel_descent(k, ks, y, f0_train=f0, f0_test=f0_test, steps=s, lr=0.3)
+        assert one.shape == (5, 3)
+        assert torch.equal(one, many[i])
+        # every output column is an independent scalar problem
+        for o in range(3):
+            col = kernel_descent(k, ks, y[:, o], f0_train=f0[:, o], f0_test=f0_test[:, o],
+                                 steps=s, lr=0.3)
+            assert col.shape == (5,)
+            torch.testing.assert_close(one[:, o], col, rtol=1e-12, atol=1e-12)
+    # one step by hand, from f = 0 by default
+    step1 = kernel_descent(k, ks, y, steps=1, lr=0.3)
+    torch.testing.assert_close(step1, (0.3 / 8) * ks @ y, rtol=1e-12, atol=1e-12)
+    as_tensor = kernel_descent(k, ks, y, f0_train=f0, f0_test=f0_test, steps=torch.tensor([2, 4]),
+                               lr=0.3)
+    assert torch.equal(as_tensor, many[2:4])
+    assert torch.equal(kernel_descent(k, ks, y, steps=np.int64(2), lr=0.3),
+                       kernel_descent(k, ks, y, steps=2, lr=0.3))
+    low = kernel_descent(k.float(), ks.float(), y.float(), steps=[1, 3], lr=0.3)
+    assert low.dtype == torch.float32 and low.shape == (2, 5, 3)
+
+
+def test_kernel_descent_bad_inputs_raise_useful_errors():
+    k, ks, y, f0, f0_test = _problem()
+    with pytest.raises(ValueError, match=r"k_test_train has 7 columns.*k_train_train has 8"):
+        kernel_descent(k, ks[:, :7], y, steps=1)
+    with pytest.raises(ValueError, match="square"):
+        kernel_descent(k[:, :7], ks[:, :7], y, steps=1)
+    with pytest.raises(ValueError, match=r"y_train has 7 rows.*n = 8"):
+        kernel_descent(k, ks, y[:7], steps=1)
+    with pytest.raises(ValueError, match="f0_train has 6 rows"):
+        kernel_descent(k, ks, y, f0_train=f0[:6], steps=1)
+    with pytest.raises(ValueError, match=r"f0_test has 4 rows.*m .* = 5"):
+        kernel_descent(k, ks, y, f0_test=f0_test[:4], steps=1)
+    with pytest.raises(ValueError, match="f0_test must have shape"):
+        kernel_descent(k, ks, y, f0_test=f0_test[:, None], steps=1)
+    with pytest.raises(ValueError, match="steps must be >= 0"):
+        kernel_descent(k, ks, y, steps=[3, -1])
+    for bad in (2.0, [1, 2.5], True, torch.tensor([1.0]), "3"):
+        with pytest.raises(ValueError, match="steps must be an int"):
+            kernel_descent(k, ks, y, steps=bad)
+    with pytest.raises(ValueError, match="steps is empty"):
+        kernel_descent(k, ks, y, steps=[])
+    with pytest.raises(ValueError, match="lr"):
+        kernel_descent(k, ks, y, steps=1, lr=0.0)
+    bad = k.clone()
+    bad[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="k_train_train contains NaN"):
+        kernel_descent(bad, ks, y, steps=1)
+

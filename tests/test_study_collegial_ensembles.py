@@ -1,8 +1,8 @@
-"""The ``collegial-ensembles`` study: sweep and presets, its two pieces of math against
-independent oracles (kernel gradient descent against a linear model trained by ``fit`` and
-against gradient flow; the variance estimator against known variances), a tiny run against a
-plain re-implementation (per-example Jacobians, gradient descent in parameter space), the
-headline and figures, the full preset with tiny overrides and the CLI end to end."""
+"""The ``collegial-ensembles`` study: sweep and presets, a tiny run against a plain
+re-implementation (per-example Jacobians, gradient descent in parameter space), the headline and
+figures, the full preset with tiny overrides and the CLI end to end. Its two pieces of math are
+library functions tested with their modules: ``kernel_descent`` in tests/test_regression.py,
+``normalized_variance`` in tests/test_metrics.py."""
 
 from __future__ import annotations
 
@@ -12,15 +12,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-import torch.nn.functional as F
 from _oracles import oracle_jacobian
 
 from telescope.cli import main
-from telescope.kernels import kernel_regression
 from telescope.studies import collegial_ensembles as ce
 from telescope.studies import get_study, make_config
 from telescope.studies._binary import load_binary_task
-from telescope.train import Progress, fit, log_spaced_steps
+from telescope.train import Progress, log_spaced_steps
 
 TINY = {"widths": "4,16", "budget_width": "16", "data.n_train": "24", "data.n_test": "30",
         "kernel_points": "8", "kernel_draws": "3", "steps": "12", "evals": "3", "seeds": "1"}
@@ -50,66 +48,6 @@ def test_points_and_presets():
         make_config(study, "quick", {"kernel_points": "300"})
     with pytest.raises(ValueError, match="kernel_draws must be >= 2"):
         make_config(study, "quick", {"kernel_draws": "1"})
-
-
-# --------------------------------------------------------------------------- the math
-
-
-def test_kernel_descent_is_gradient_descent_of_a_linear_model():
-    """A linear model ``f = phi(x) w`` has the NTK ``phi phi^T``; ``fit`` with SGD on ``0.5
-    MSE`` moves it exactly as :func:`kernel_descent` says, and for a small learning rate both
-    approach gradient flow (:func:`telescope.kernel_regression` at ``lr * t``)."""
-    g = torch.Generator().manual_seed(0)
-    phi, phi_test = torch.randn(20, 7, generator=g, dtype=torch.float64), torch.randn(
-        9, 7, generator=g, dtype=torch.float64)
-    y = torch.randn(20, 1, generator=g, dtype=torch.float64)
-    model = torch.nn.Linear(7, 1, bias=False).double()
-    with torch.no_grad():
-        f0, f0_test = model(phi), model(phi_test)
-    k, k_test = phi @ phi.T, phi_test @ phi.T
-    lr, steps = 0.7, [0, 1, 5, 30]
-    want = ce.kernel_descent(k, k_test, y, f0, f0_test, lr=lr, steps=steps)
-    got = {}
-
-    class Record:
-        def measure(self, state):
-            with torch.no_grad():
-                got[state.step] = state.model(phi_test).clone()
-
-    fit(model, torch.optim.SGD(model.parameters(), lr=lr), phi, y, steps=30,
-        loss=lambda o, t: 0.5 * F.mse_loss(o, t), eval_at=steps, callbacks=[Record()])
-    for s in steps:
-        torch.testing.assert_close(want[s], got[s], rtol=1e-10, atol=1e-12)
-    # the gradient-flow limit: a 100 times smaller step, 100 times as many steps
-    small = ce.kernel_descent(k, k_test, y, f0, f0_test, lr=lr / 100, steps=[3000])[3000]
-    flow = kernel_regression(k, k_test, y, f0_train=f0, f0_test=f0_test, t=30.0, lr=lr)
-    torch.testing.assert_close(small, flow, rtol=0, atol=2e-3 * float(flow.abs().max()))
-    assert float((want[30] - flow).abs().max()) > 10 * float((small - flow).abs().max())
-
-
-def test_normalized_variance_against_known_variances():
-    """Draws ``K_j = A + sigma Z_j`` (``Z`` standard normal, ``[n, n]``) have ``E ||K - A||^2 /
-    ||A||^2 = sigma^2 n^2 / ||A||^2``; the estimator recovers it on average even when the noise
-    is as large as the signal and there are only 4 draws (the uncorrected ``||Kbar||^2`` in the
-    denominator would read ``1 / (1 + V / D)`` of it)."""
-    g = torch.Generator().manual_seed(1)
-    n = 6
-    a = torch.randn(n, n, generator=g, dtype=torch.float64)
-    for sigma, draws in ((0.05, 50), (float(a.norm()) / n, 4)):
-        truth = sigma ** 2 * n * n / float((a ** 2).sum())
-        estimates, naive = [], []
-        for _ in range(3000):
-            ks = [a + sigma * torch.randn(n, n, generator=g, dtype=torch.float64)
-                  for _ in range(draws)]
-            v, mean = ce.normalized_variance(ks)
-            estimates.append(v)
-            naive.append(float(sum(((k - mean) ** 2).sum() for k in ks)) / (draws - 1)
-                         / float((mean ** 2).sum()))
-        assert np.nanmean(estimates) == pytest.approx(truth, rel=0.05)
-        if draws == 4:
-            assert np.mean(naive) < 0.85 * truth
-    ks = [torch.zeros(2, 2), torch.ones(2, 2), -torch.ones(2, 2)]
-    assert math.isnan(ce.normalized_variance(ks)[0])   # all noise, no signal
 
 
 # --------------------------------------------------------------------------- a tiny run

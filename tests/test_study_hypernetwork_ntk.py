@@ -1,10 +1,9 @@
-"""The ``hypernetwork-ntk`` study: the task family, the sweep and its checks, a tiny run whose
-Taylor gap is replayed with a plain GD loop and ``torch.func.jvp`` (tests/_first_order.py),
-the kernel rows against the library kernels, figures and headline, and the CLI end to end."""
+"""The ``hypernetwork-ntk`` study: the sweep and its checks, a tiny run whose Taylor gap is
+replayed with a plain GD loop and ``torch.func.jvp`` (tests/_first_order.py), the kernel rows
+against the library kernels, figures and headline, and the CLI end to end. Its task family,
+``telescope.data.sinusoid_tasks``, is tested in tests/test_data.py."""
 
 from __future__ import annotations
-
-import math
 
 import pandas as pd
 import pytest
@@ -14,6 +13,7 @@ from _first_order import FirstOrder
 
 import telescope
 from telescope.cli import main
+from telescope.data import sinusoid_tasks
 from telescope.studies import get_study, make_config
 from telescope.studies import hypernetwork_ntk as hn
 from telescope.train import Progress, log_spaced_steps
@@ -26,31 +26,6 @@ TINY = {"seeds": "1", "steps": "8", "evals": "3", "data.n_tasks": "3", "data.n_t
 
 def _config(**extra: str):
     return make_config(get_study("hypernetwork-ntk"), "quick", {**TINY, **extra})
-
-
-def test_sinusoid_tasks():
-    data = hn.sinusoid_tasks(4, 5, 3, seed=7, amplitude=(1.0, 3.0), dtype=torch.float64)
-    assert data.u_train.shape == (20, 4) and data.u_test.shape == (12, 4)
-    assert data.y_train.shape == (20, 1)
-    assert ((data.amplitude >= 1) & (data.amplitude <= 3)).all()
-    assert ((data.phase >= 0) & (data.phase <= math.pi)).all()
-    torch.testing.assert_close(data.z.norm(dim=1), torch.full((4,), math.sqrt(3),
-                                                              dtype=torch.float64))
-    # the targets from the inputs: x = u[:, 0] * pi / sqrt 3, task-major
-    for u, y, per in ((data.u_train, data.y_train, 5), (data.u_test, data.y_test, 3)):
-        x = u[:, 0] * math.pi / math.sqrt(3)
-        assert (x.abs() <= math.pi).all()
-        task = torch.arange(4).repeat_interleave(per)
-        torch.testing.assert_close(u[:, 1:], data.z[task])
-        ref = data.amplitude[task] * torch.sin(x + data.phase[task])
-        torch.testing.assert_close(y[:, 0], ref)
-    # the embedding encodes the task: its first two coordinates point along the phase
-    angle = torch.atan2(data.z[:, 1], data.z[:, 0])
-    torch.testing.assert_close(angle, data.phase)
-    again = hn.sinusoid_tasks(4, 5, 3, seed=7, amplitude=(1.0, 3.0), dtype=torch.float64)
-    assert torch.equal(again.u_train, data.u_train)
-    with pytest.raises(ValueError, match="amplitude"):
-        hn.sinusoid_tasks(2, 2, 2, seed=0, amplitude=(2.0, 1.0))
 
 
 def test_points_presets_and_checks():
@@ -104,8 +79,8 @@ def test_tiny_run_replayed_and_kernel_rows():
     point = next(p for p in pts if p["part"] == "kernel" and p["model"] == "both"
                  and p["meta_width"] == 64)
     row = dist[(dist["model"] == "both") & (dist["meta_width"] == 64) & (dist["draw"] == 1)]
-    data = hn.sinusoid_tasks(3, 4, 3, seed=0)
-    u = data.u_train.reshape(3, 4, -1)[:, :2].reshape(6, -1)
+    data = sinusoid_tasks(3, 4, 3, seed=0)
+    u = data.x_train.reshape(3, 4, -1)[:, :2].reshape(6, -1)
     arch = hn._architecture(config, 64, 16)
     torch.manual_seed(hn._draw_seed(point["seed"], 1))
     k = telescope.ntk(arch.module(3), u).double()
@@ -129,25 +104,25 @@ def test_tiny_run_replayed_and_kernel_rows():
 def _replay(config, point: dict) -> list[dict]:
     """Full-batch GD on the MSE at the study's learning rate, written out, the linearization
     and the telescoping model from tests/_first_order.py (``torch.func.jvp``)."""
-    data = hn.sinusoid_tasks(3, 4, 3, seed=point["seed"])
+    data = sinusoid_tasks(3, 4, 3, seed=point["seed"])
     if point["model"] == "mlp":
         arch = hn._plain_mlp(config, point["meta_width"])
-        k = arch.kernel(data.u_train.double())["ntk"]
+        k = arch.kernel(data.x_train.double())["ntk"]
         torch.manual_seed(point["seed"])
         model = arch.module((4,))
     else:
         arch = hn._architecture(config, point["meta_width"], point["primary_width"])
-        k = arch.kernel(data.u_train.double())["ntk"]
+        k = arch.kernel(data.x_train.double())["ntk"]
         torch.manual_seed(point["seed"])
         model = arch.module(3)
     lr = config.lr_fraction * 12 / float(torch.linalg.eigvalsh(k)[-1])
     opt = torch.optim.SGD(model.parameters(), lr=lr)
-    ref = FirstOrder(model, {"test": data.u_test})
+    ref = FirstOrder(model, {"test": data.x_test})
     at = set(log_spaced_steps(config.steps, config.evals))
     rows = []
     for step in range(1, config.steps + 1):
         opt.zero_grad()
-        F.mse_loss(model(data.u_train), data.y_train).backward()
+        F.mse_loss(model(data.x_train), data.y_train).backward()
         ref.before()
         opt.step()
         ref.after()
@@ -157,7 +132,7 @@ def _replay(config, point: dict) -> list[dict]:
             lin = float((a - ref.linearized("test").double()).pow(2).mean().sqrt())
             tele = float((a - ref.telescoping("test").double()).pow(2).mean().sqrt())
             with torch.no_grad():
-                train = float(F.mse_loss(model(data.u_train), data.y_train))
+                train = float(F.mse_loss(model(data.x_train), data.y_train))
             rows.append({"step": step, "gap": lin / change, "telescoping_gap": tele / change,
                          "train_mse": train})
     return rows

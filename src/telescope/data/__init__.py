@@ -12,6 +12,7 @@ Bundled or generated (no files needed):
 - :func:`load_bundled_table` -- small tables bundled with scikit-learn (diabetes, ...).
 - :func:`teacher_regression` -- Gaussian inputs, targets from a random-features ReLU teacher.
 - :func:`polynomial_task` -- Kumar et al.'s polynomial task of the grokking experiment.
+- :func:`sinusoid_tasks` -- a family of sinusoid regression tasks with task embeddings.
 - :func:`modular_arithmetic` -- ``a op b mod p`` pairs for grokking transformers.
 - :func:`mnist1d_patches`, :func:`sequence_task` -- sequence tasks for transformers.
 - :func:`random_tokens` -- integer token batches for sequence models.
@@ -55,6 +56,7 @@ __all__ = [
     "random_tokens",
     "polynomial_task",
     "polynomial_activation",
+    "sinusoid_tasks",
     "modular_arithmetic",
     "mnist1d_patches",
     "sequence_task",
@@ -212,6 +214,7 @@ from telescope.data.synthetic import (  # noqa: E402
     polynomial_task,
     random_tokens,
     sequence_task,
+    sinusoid_tasks,
     teacher_regression,
 )
 from telescope.data.tables import load_bundled_table, load_table, table_dataset  # noqa: E402

@@ -1,9 +1,12 @@
-"""Synthetic data: teachers, the grokking tasks, and sequence tasks for transformers.
+"""Synthetic data: teachers, the grokking tasks, a family of regression tasks, and sequence tasks
+for transformers.
 
 - :func:`teacher_regression` -- Gaussian inputs, targets from a random-features ReLU teacher.
 - :func:`random_tokens` -- uniformly random token batches.
 - :func:`polynomial_task` (with :func:`polynomial_activation`) -- the polynomial regression task of
   Kumar et al. (2024) used in the paper's grokking experiment.
+- :func:`sinusoid_tasks` -- a family of sinusoid regression tasks (Finn et al. 2017), each input
+  carrying its task's embedding, for hypernetworks.
 - :func:`modular_arithmetic` -- ``a op b mod p`` on all pairs (Power et al. 2022; Nanda et al.
   2023), split into training and test pairs.
 - :func:`mnist1d_patches` / :func:`sequence_task` -- sequence classification for transformer
@@ -14,7 +17,9 @@ training inputs, noise), drawn in float64 and cast at the end. So results depend
 seed (not on global random state or the requested dtype), the test set does not change when
 ``n_train`` does, and the training sets of one seed are nested: the first ``n`` points of a
 larger training set are the training set of size ``n``. That is what sample-wise
-double-descent sweeps need.
+double-descent sweeps need. :func:`sinusoid_tasks` is the exception: it draws everything from
+one seeded torch generator (tasks, then training points, then test points), so its sets are
+not nested and its test points change with ``n_train``.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ __all__ = [
     "random_tokens",
     "polynomial_task",
     "polynomial_activation",
+    "sinusoid_tasks",
     "modular_arithmetic",
     "mnist1d_patches",
     "sequence_task",
@@ -255,6 +261,87 @@ def polynomial_task(
         meta={"seed": seed, "beta": torch.from_numpy(beta), "epsilon": float(epsilon),
               "degree": degree, "noise": float(noise),
               "activation": f"phi(h) = h + epsilon * h**{degree} / {degree}!"},
+    )
+
+
+def sinusoid_tasks(
+    n_tasks: int,
+    n_train: int,
+    n_test: int,
+    *,
+    seed: int = 0,
+    amplitude: tuple[float, float] = (0.5, 2.0),
+    dtype: torch.dtype = torch.float32,
+) -> Dataset:
+    """``n_tasks`` sinusoid regression tasks ``y = A sin(x + phi)`` (the meta-learning benchmark
+    of Finn et al. 2017, with the phase in ``[0, pi]``), ``n_train`` and ``n_test`` points each,
+    every input carrying the embedding of its task: the data of a hypernetwork ``h(x, z)``.
+
+    ``A ~ U(amplitude)``, ``phi ~ U[0, pi]``, ``x ~ U[-pi, pi]`` fed to the network standardized
+    (``x / (pi / sqrt(3))``, unit variance); the task embedding is ``z = sqrt(3) v / |v|`` with
+    ``v = (cos phi, sin phi, a)``, ``a = (2 A - lo - hi) / (hi - lo)`` in ``[-1, 1]`` (one point
+    of the sphere of radius ``sqrt(3)`` per task, so that a bias-free ReLU meta-network gives
+    every task primary weights of the same variance). Training and test points are different
+    ``x`` of the same tasks. Everything is drawn from one torch generator seeded with ``seed``:
+    the tasks, then the training points, then the test points (unlike the other generators of
+    this module, the test points depend on ``n_train``).
+
+    Parameters
+    ----------
+    n_tasks : int
+        Number of tasks (``>= 1``).
+    n_train, n_test : int
+        Training (``>= 1``) and test (``>= 0``) points per task.
+    seed : int, default 0
+        Seed of the tasks and the points.
+    amplitude : (float, float), default (0.5, 2.0)
+        The range ``(lo, hi)``, ``0 <= lo < hi``, of the amplitudes ``A``.
+    dtype : torch.dtype, default torch.float32
+        Floating dtype of inputs and targets.
+
+    Returns
+    -------
+    Dataset
+        ``x_*``: ``u = [x / (pi / sqrt(3)), z]`` ``[n_tasks * n, 1 + 3]``, task-major (the points
+        of task 0, then of task 1, ...); ``y_*``: ``[n_tasks * n, 1]``; ``n_classes=None``;
+        ``x_mean`` / ``x_std`` ``(0, 0, 0, 0)`` / ``(pi / sqrt(3), 1, 1, 1)``; ``meta["z"]``
+        ``[n_tasks, 3]``, ``meta["amplitude"]`` and ``meta["phase"]`` ``[n_tasks]`` (float64
+        tensors), ``meta["amplitude_range"]``.
+    """
+    n_tasks = _int("n_tasks", n_tasks, 1)
+    n_train = _int("n_train", n_train, 1)
+    n_test = _int("n_test", n_test, 0)
+    seed = _int("seed", seed, 0)
+    _dtype(dtype)
+    bad_amplitude = f"amplitude must be (lo, hi) with 0 <= lo < hi, got {amplitude!r}"
+    try:
+        lo, hi = (float(a) for a in amplitude)
+    except (TypeError, ValueError) as err:
+        raise UsageError(bad_amplitude) from err
+    if not (math.isfinite(hi) and 0 <= lo < hi):
+        raise UsageError(bad_amplitude)
+    g = torch.Generator().manual_seed(seed)
+    amp = lo + (hi - lo) * torch.rand(n_tasks, generator=g, dtype=torch.float64)
+    phase = math.pi * torch.rand(n_tasks, generator=g, dtype=torch.float64)
+    v = torch.stack([torch.cos(phase), torch.sin(phase), (2 * amp - lo - hi) / (hi - lo)], 1)
+    z = math.sqrt(3) * v / v.norm(dim=1, keepdim=True)
+    x_scale = math.pi / math.sqrt(3)
+
+    def draw(n: int) -> tuple[Tensor, Tensor]:
+        x = (2 * torch.rand(n_tasks, n, generator=g, dtype=torch.float64) - 1) * math.pi
+        y = amp[:, None] * torch.sin(x + phase[:, None])
+        u = torch.cat([(x / x_scale).reshape(-1, 1), z.repeat_interleave(n, 0)], 1)
+        return u.to(dtype), y.reshape(-1, 1).to(dtype)
+
+    u_train, y_train = draw(n_train)
+    u_test, y_test = draw(n_test)
+    return Dataset(
+        x_train=u_train, y_train=y_train, x_test=u_test, y_test=y_test, n_classes=None,
+        name=f"sinusoids(tasks={n_tasks},A=[{lo:g},{hi:g}])",
+        x_mean=torch.zeros(4, dtype=dtype),
+        x_std=torch.tensor([x_scale, 1.0, 1.0, 1.0], dtype=torch.float64).to(dtype),
+        meta={"seed": seed, "n_tasks": n_tasks, "z": z, "amplitude": amp, "phase": phase,
+              "amplitude_range": (lo, hi)},
     )
 
 

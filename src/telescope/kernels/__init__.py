@@ -1,6 +1,6 @@
 """Kernels: empirical NTK (jacobian / vector / structured), its per-layer plan and rules,
-low-rank NTK, kernel regression, kernel smoothers (smoother weights,
-effective parameters, kernel weight norms) and kernel metrics.
+low-rank NTK, kernel regression (gradient flow) and kernel gradient descent, kernel smoothers
+(smoother weights, effective parameters, kernel weight norms) and kernel metrics.
 
 :mod:`telescope.kernels.functional` holds the plumbing the layers above may use (a model as a
 function of its parameters, the checks at the door, per-example Jacobians); the modules whose
@@ -14,9 +14,10 @@ from telescope.kernels.metrics import (
     effective_rank,
     kernel_distance,
     kernel_target_alignment,
+    normalized_variance,
     spectrum,
 )
-from telescope.kernels.regression import kernel_regression
+from telescope.kernels.regression import kernel_descent, kernel_regression
 from telescope.kernels.rules import AffineRule, LinearRule, register_rule
 from telescope.kernels.smoothing import (
     absolute_ridge,
@@ -38,6 +39,7 @@ __all__ = [
     "lowrank_fisher_kernel",
     "fisher_information",
     "kernel_regression",
+    "kernel_descent",
     "smoother_weights",
     "absolute_ridge",
     "effective_parameters",
@@ -46,6 +48,7 @@ __all__ = [
     "alignment",
     "kernel_distance",
     "kernel_target_alignment",
+    "normalized_variance",
     "spectrum",
     "effective_rank",
 ]

@@ -1,9 +1,10 @@
-"""Kernel metrics: (centered) alignment, kernel distance, kernel-target alignment, spectrum and
-effective rank.
+"""Kernel metrics: (centered) alignment, kernel distance, kernel-target alignment, spectrum,
+effective rank, and the normalized variance of a kernel over random draws.
 
 All functions take ``[N, N]`` kernel matrices (trace kernels, e.g. ``telescope.ntk(...,
 output="trace")``), compute in float64 and return Python floats, except :func:`spectrum`, which
-returns a float64 tensor. With the centering matrix ``H = I - 1 1^T / N`` the centered kernel is
+returns a float64 tensor, and :func:`normalized_variance`, which takes several draws of a kernel
+and also returns their mean. With the centering matrix ``H = I - 1 1^T / N`` the centered kernel is
 ``K_c = H K H``, and ``<A, B>_F = sum_ij A_ij B_ij``.
 
 References
@@ -21,13 +22,15 @@ References
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
 from telescope.errors import UsageError
 
-__all__ = ["alignment", "kernel_distance", "kernel_target_alignment", "spectrum", "effective_rank"]
+__all__ = ["alignment", "kernel_distance", "kernel_target_alignment", "spectrum", "effective_rank",
+           "normalized_variance"]
 
 
 def _as_kernel(k: object, name: str) -> Tensor:
@@ -205,3 +208,52 @@ def effective_rank(k: Tensor, method: str = "entropy") -> float:
         return float(1.0 / (p * p).sum())
     positive = p[p > 0]
     return float(torch.exp(-(positive * positive.log()).sum()))
+
+
+def normalized_variance(kernels: Sequence[Tensor] | Tensor) -> tuple[float, Tensor]:
+    """The normalized variance ``E ||K - E K||_F^2 / ||E K||_F^2`` of a random kernel, estimated
+    from ``D >= 2`` independent draws ``K_1..K_D`` (e.g. the empirical NTKs of ``D``
+    initializations on the same points), and the draws' mean ``Kbar``.
+
+    ``S = sum_j ||K_j - Kbar||_F^2 / (D - 1)`` estimates the numerator without bias; the
+    denominator is ``||Kbar||_F^2 - S / D``, since ``E ||Kbar||_F^2 = ||E K||_F^2 + S / D``.
+    Without that correction a heavy-tailed kernel (a narrow network's, whose variance is of the
+    order of ``||E K||^2``) would be underestimated by a factor ``1 + V / D``. The value is
+    invariant to rescaling all draws by one constant and 0 for identical non-zero draws.
+
+    Parameters
+    ----------
+    kernels : sequence of Tensor, or Tensor
+        The draws: ``D`` kernel matrices ``[N, N]`` on the same points, or a ``[D, N, N]``
+        tensor.
+
+    Returns
+    -------
+    (float, Tensor)
+        The estimate, ``nan`` if the corrected denominator is not positive (fewer draws than the
+        noise allows), and the mean kernel ``Kbar`` ``[N, N]`` (float64).
+    """
+    if isinstance(kernels, Tensor):
+        if kernels.dim() != 3:
+            raise UsageError(f"kernels as one tensor must be [D, N, N], got shape "
+                             f"{tuple(kernels.shape)}")
+        draws = list(kernels.unbind(0))
+    elif isinstance(kernels, Sequence) and not isinstance(kernels, str):
+        draws = list(kernels)
+    else:
+        raise UsageError(f"kernels must be a sequence of [N, N] tensors or a [D, N, N] tensor, "
+                         f"got {type(kernels).__name__}")
+    if len(draws) < 2:
+        raise UsageError(f"kernels must hold at least 2 draws to estimate a variance, got "
+                         f"{len(draws)}")
+    checked = [_as_kernel(kj, f"kernels[{j}]") for j, kj in enumerate(draws)]
+    for j, kj in enumerate(checked[1:], 1):
+        if kj.shape != checked[0].shape:
+            raise UsageError(f"every draw must have the same shape: kernels[0] is "
+                             f"{tuple(checked[0].shape)}, kernels[{j}] is {tuple(kj.shape)}")
+    k = torch.stack(checked)
+    d = len(checked)
+    mean = k.mean(0)
+    spread = float(((k - mean) ** 2).sum()) / (d - 1)
+    signal = float((mean ** 2).sum()) - spread / d
+    return (spread / signal if signal > 0 else math.nan), mean

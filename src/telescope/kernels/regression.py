@@ -1,4 +1,5 @@
-"""Kernel-regression predictions of gradient flow with a fixed kernel (the NTK-theory prediction).
+"""Kernel-regression predictions of gradient flow with a fixed kernel (the NTK-theory prediction),
+and of gradient descent with discrete steps.
 
 Convention
 ----------
@@ -43,6 +44,22 @@ approximated by ``t = s`` (the time unit is one step of size ``lr``), or equival
 
 Numerics: one symmetric eigendecomposition ``K = V diag(s) V^T`` (in float64) serves every
 ``t``; eigenvalues ``s_i <= rcond * max_j |s_j|`` are treated as exactly zero (the null space).
+
+Discrete steps
+--------------
+:func:`kernel_descent` is the same linearized model (without the ridge term) trained by
+gradient *descent* with step ``lr``: with the residual ``r_s = f_s(X) - y`` after ``s`` steps,
+
+.. math::
+
+    f_{s+1}(X) = f_s(X) - \\frac{\\mathrm{lr}}{n} K r_s , \\qquad
+    f_{s+1}(x_*) = f_s(x_*) - \\frac{\\mathrm{lr}}{n} K_* r_s
+
+(Lee et al. 2019, the discrete form of their eq. 9), exact for a network's linearization trained
+by full-batch gradient descent. Gradient flow is its limit ``lr -> 0`` at fixed ``lr * s``; at a
+finite step an eigenmode of ``K`` (eigenvalue ``lambda``, ``u = lr lambda / n``) keeps ``(1 -
+u)^s`` of its residual under descent and ``exp(-u s)`` under flow, which differ by order one early
+in training unless ``u`` is small (and descent diverges for ``u > 2``).
 """
 
 from __future__ import annotations
@@ -57,9 +74,10 @@ from torch import Tensor
 
 from telescope.errors import UsageError
 
-__all__ = ["KernelRegressor", "kernel_regression"]
+__all__ = ["KernelRegressor", "kernel_regression", "kernel_descent"]
 
 TimeLike = float | int | Sequence[float] | Tensor | None
+StepsLike = int | Sequence[int] | Tensor
 
 
 def _as_matrix(k: object, name: str) -> Tensor:
@@ -130,6 +148,47 @@ def _as_times(t: TimeLike) -> tuple[Tensor, bool]:
     if bool((times < 0).any()):
         raise UsageError(f"t must be >= 0, got {times.tolist()}")
     return times, single
+
+
+def _as_steps(steps: StepsLike) -> tuple[list[int], bool]:
+    """Step counts as a non-empty list of ints ``>= 0`` and whether a single count was given."""
+    usage = "steps must be an int, or a 1-D sequence/tensor of ints"
+    if isinstance(steps, bool):
+        raise UsageError(f"{usage}, got {steps!r}")
+    if isinstance(steps, (int, numbers.Integral)):  # int too: narrows the type for mypy
+        values, single = [int(steps)], True
+    elif isinstance(steps, Tensor):
+        if steps.dtype == torch.bool or steps.is_floating_point() or steps.is_complex():
+            raise UsageError(f"{usage}, got a tensor of dtype {steps.dtype}")
+        if steps.dim() > 1:
+            raise UsageError(f"steps must be a scalar or 1-D, got shape {tuple(steps.shape)}")
+        values, single = [int(v) for v in steps.reshape(-1).tolist()], steps.dim() == 0
+    else:
+        try:
+            values = list(steps)
+        except TypeError as err:
+            raise UsageError(f"{usage}, got {steps!r}") from err
+        if any(isinstance(v, bool) or not isinstance(v, numbers.Integral) for v in values):
+            raise UsageError(f"{usage}, got {steps!r}")
+        values, single = [int(v) for v in values], False
+    if not values:
+        raise UsageError("steps is empty: give at least one step count")
+    if min(values) < 0:
+        raise UsageError(f"steps must be >= 0, got {values}")
+    return values, single
+
+
+def _as_initial(f0: object, name: str, y_train: Tensor, rows: int, rows_name: str,
+                outputs: int) -> Tensor:
+    """Validate an initial function shaped like ``y_train`` with ``rows`` rows: float64
+    ``[rows, O]``."""
+    if not isinstance(f0, Tensor):
+        raise UsageError(f"{name} must be a torch.Tensor, got {type(f0).__name__}")
+    vector = y_train.dim() == 1
+    if f0.dim() != y_train.dim():
+        raise UsageError(f"{name} must have shape [{rows_name}{'' if vector else ', O'}] like "
+                         f"y_train (shape {tuple(y_train.shape)}), got shape {tuple(f0.shape)}")
+    return _as_targets(f0, name, rows, rows_name, outputs)
 
 
 class KernelRegressor:
@@ -373,4 +432,125 @@ def kernel_regression(
     test = reg.predict(k_test_train, t, f0_test=f0_test)
     if return_train:
         return test, reg.predict_train(t)
+    return test
+
+
+def kernel_descent(
+    k_train_train: Tensor,
+    k_test_train: Tensor,
+    y_train: Tensor,
+    *,
+    steps: StepsLike,
+    f0_train: Tensor | None = None,
+    f0_test: Tensor | None = None,
+    lr: float = 1.0,
+    return_train: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Predictions of gradient descent with a fixed kernel on ``0.5 * mean ||f - y||^2``, step by
+    step: exact for a linearized network trained by full-batch gradient descent.
+
+    .. math::
+
+        f_{s+1}(X) = f_s(X) - \\frac{\\mathrm{lr}}{n} K \\big(f_s(X) - y\\big), \\qquad
+        f_{s+1}(x_*) = f_s(x_*) - \\frac{\\mathrm{lr}}{n} K_* \\big(f_s(X) - y\\big),
+
+    what the linearization ``f(x) = f_0(x) + <grad f_0(x), theta - theta_0>`` does under
+    ``theta <- theta - lr * grad L`` (Lee et al. 2019, the discrete form of their eq. 9).
+    :func:`kernel_regression` is its gradient-flow limit ``lr -> 0`` at fixed ``lr * steps``;
+    at a finite step the two differ by ``(1 - u)^s - exp(-u s)`` of an eigenmode's initial
+    residual (``u = lr lambda / n``), so compare a network trained with a finite step against
+    this, not against the flow. Stable for ``lr < 2 n / lambda_max``; beyond that it diverges,
+    as the network would. See the module docstring for the convention.
+
+    The kernels are used as given (not symmetrized, no eigenvalue cutoff) and every step costs
+    one ``[n, n]`` and one ``[m, n]`` product in float64; there is no ridge term.
+
+    Parameters
+    ----------
+    k_train_train : Tensor
+        ``K`` ``[n, n]`` between training points.
+    k_test_train : Tensor
+        ``K_*`` ``[m, n]`` between test and training points.
+    y_train : Tensor
+        Targets ``[n]`` or ``[n, O]``; every output column uses the same kernel.
+    steps : int, sequence of ints, or 1-D integer tensor
+        Number(s) of gradient-descent steps ``>= 0`` at which to return the predictions, in the
+        order given. A sequence gives a leading step axis.
+    f0_train, f0_test : Tensor, optional
+        Initial network outputs on train ``[n(, O)]`` and test ``[m(, O)]`` (default 0).
+    lr : float
+        Learning rate ``> 0``.
+    return_train : bool
+        Also return the training-set predictions ``f_s(X)``.
+
+    Returns
+    -------
+    Tensor or (Tensor, Tensor)
+        Test predictions ``[m(, O)]``, or ``[S, m(, O)]`` for several step counts; with
+        ``return_train=True`` the pair ``(test, train)``. Float dtype of the inputs.
+
+    Raises
+    ------
+    ValueError
+        Mismatched shapes (the message names the dimensions), NaN/inf values, negative or
+        non-integer ``steps``, non-positive ``lr``.
+    """
+    k = _as_matrix(k_train_train, "k_train_train")
+    n = k.shape[0]
+    if k.shape[1] != n:
+        raise UsageError(f"k_train_train must be square [n, n], got shape {tuple(k.shape)}")
+    if n == 0:
+        raise UsageError("k_train_train is empty: need at least one training point")
+    ks = _as_matrix(k_test_train, "k_test_train")
+    if ks.shape[1] != n:
+        raise UsageError(
+            f"k_test_train has {ks.shape[1]} columns but k_train_train has {n} rows: both must "
+            f"index the same n training points (shapes {tuple(ks.shape)} and {tuple(k.shape)})"
+        )
+    m = ks.shape[0]
+    lr = _check_scalar(lr, "lr", positive=True)
+    wanted, single = _as_steps(steps)
+    y = _as_targets(y_train, "y_train", n, "n", None)
+    outputs = y.shape[1]
+    device = k.device
+    y = y.to(device)
+    if f0_train is None:
+        f = torch.zeros_like(y)
+    else:
+        f = _as_initial(f0_train, "f0_train", y_train, n, "n", outputs).to(device)
+    if f0_test is None:
+        f_test = torch.zeros(m, outputs, dtype=torch.float64, device=device)
+    else:
+        f_test = _as_initial(f0_test, "f0_test", y_train, m, "m (rows of k_test_train)",
+                             outputs).to(device)
+    dtypes = [d for d in (k.dtype, y_train.dtype) if d.is_floating_point]
+    dtype = torch.promote_types(*dtypes) if len(dtypes) == 2 else (
+        dtypes[0] if dtypes else torch.get_default_dtype()
+    )
+
+    k = k.to(torch.float64)
+    ks = ks.to(device=device, dtype=torch.float64)
+    last, keep = max(wanted), set(wanted)
+    at_test: dict[int, Tensor] = {}
+    at_train: dict[int, Tensor] = {}
+    for s in range(last + 1):
+        if s in keep:  # the updates below are out of place: no copy needed
+            at_test[s], at_train[s] = f_test, f
+        if s == last:
+            break
+        r = f - y
+        f = f - (lr / n) * (k @ r)
+        f_test = f_test - (lr / n) * (ks @ r)
+
+    def finish(at: dict[int, Tensor]) -> Tensor:
+        out = torch.stack([at[s] for s in wanted])
+        if y_train.dim() == 1:
+            out = out.squeeze(-1)
+        if single:
+            out = out[0]
+        return out.to(dtype)
+
+    test = finish(at_test)
+    if return_train:
+        return test, finish(at_train)
     return test

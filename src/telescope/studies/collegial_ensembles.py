@@ -27,17 +27,19 @@ wide network (``m = 1``). A sweep point is ``(width, seed)``:
    (float64) on the first ``kernel_points`` training inputs; the ensemble's kernel is divided by
    ``m c_m^2`` (1 for ``normalization="sqrt"``) so that it is on one member's scale. Reported:
    the normalized variance ``V = E ||K - E K||_F^2 / ||E K||_F^2`` of each, estimated from the
-   ``D`` draws without bias in numerator and denominator (:func:`normalized_variance`), the
-   ratio ``m V_ensemble / V_member`` (1 if the members are independent: the ``1/m`` law), and
-   the distance of the mean kernel and of a single draw to the infinite-width NTK
+   ``D`` draws without bias in numerator and denominator
+   (:func:`telescope.kernels.normalized_variance`), the ratio ``m V_ensemble / V_member`` (1 if
+   the members are independent: the ``1/m`` law), and the distance of the mean kernel and of a
+   single draw to the infinite-width NTK
    (:func:`telescope.infinite_ntk`): the ensemble concentrates around the *width-w* mean
    kernel, which differs from the infinite one by ``O(1 / w)``.
 2. **Training dynamics.** The first draw is trained by full-batch gradient descent (learning
    rate ``lr``, ``lr * m`` with ``normalization="mean"``, whose kernel is ``m`` times smaller)
    on ``0.5 * mean (f - y)^2`` for ``steps`` steps, and compared at log-spaced steps ``t`` with
    its linearization at initialization trained the same way: gradient descent with the
-   initial empirical NTK from ``f_0`` in function space (:func:`kernel_descent`, exact; the
-   gradient-flow formula of :func:`telescope.kernel_regression` would differ from it by
+   initial empirical NTK from ``f_0`` in function space
+   (:func:`telescope.kernels.kernel_descent`, exact; the gradient-flow formula of
+   :func:`telescope.kernel_regression` would differ from it by
    ``(1 - u)^t - exp(-u t)`` of a mode's initial residual, ``u = lr lambda / n``: 0.11 at step 1
    for ``u = 0.5``, as large as the gaps measured). Reported per step: the relative
    gap ``||f_t - f_lin,t|| / ||f_lin,t - f_0||`` on the test points (the trained network's
@@ -70,6 +72,7 @@ from torch import Tensor, nn
 from telescope import plotting as fg
 from telescope.errors import UsageError
 from telescope.infinite import infinite_ntk
+from telescope.kernels import kernel_descent, normalized_variance
 from telescope.kernels import ntk as empirical_ntk
 from telescope.lens import KernelEvolution
 from telescope.models import collegial_ensemble
@@ -80,7 +83,7 @@ from telescope.studies.constraints import NonEmpty, PositiveFloat, PositiveInt, 
 from telescope.train import fit, log_spaced_steps
 
 __all__ = ["CollegialConfig", "points", "run_point", "figures", "headline", "STUDY",
-           "budget", "members", "kernel_descent", "normalized_variance"]
+           "budget", "members"]
 
 
 def _default_data() -> BinaryData:
@@ -177,52 +180,6 @@ def _half_mse(out: Tensor, target: Tensor) -> Tensor:
     return 0.5 * F.mse_loss(out, target)
 
 
-def normalized_variance(kernels: list[Tensor]) -> tuple[float, Tensor]:
-    """``E ||K - E K||_F^2 / ||E K||_F^2`` estimated from ``D`` independent draws, and their
-    mean ``Kbar``.
-
-    ``S = sum_j ||K_j - Kbar||_F^2 / (D - 1)`` estimates the numerator without bias; the
-    denominator is ``||Kbar||_F^2 - S / D``, since ``E ||Kbar||_F^2 = ||E K||_F^2 + S / D``
-    (without the correction a narrow network's heavy-tailed kernel, whose variance is of order
-    ``||E K||^2``, would be underestimated by ``1 + V / D``). NaN if the corrected denominator
-    is not positive (fewer draws than the noise allows)."""
-    k = torch.stack(kernels)
-    d = len(kernels)
-    mean = k.mean(0)
-    spread = float(((k - mean) ** 2).sum()) / (d - 1)
-    signal = float((mean ** 2).sum()) - spread / d
-    return (spread / signal if signal > 0 else math.nan), mean
-
-
-def kernel_descent(k_train: Tensor, k_test: Tensor, y: Tensor, f0: Tensor, f0_test: Tensor, *,
-                   lr: float, steps: list[int]) -> dict[int, Tensor]:
-    """Gradient descent of the linearized network, exactly, in function space: test
-    predictions at each of ``steps``.
-
-    The linearization ``f_lin(x) = f_0(x) + J_0(x) (theta - theta_0)`` trained by gradient
-    descent with step ``lr`` on ``0.5 * mean_i (f(x_i) - y_i)^2`` moves, with the residual
-    ``r_s = f_s(X) - y`` and the initial NTK ``K`` (``k_train``, ``[n, n]``) and ``K_*``
-    (``k_test``, ``[m, n]``),
-
-        ``f_{s+1}(X) = f_s(X) - (lr / n) K r_s``,  ``f_{s+1}(x_*) = f_s(x_*) - (lr / n) K_* r_s``
-
-    (Lee et al. 2019, the discrete form of their eq. 9). :func:`telescope.kernel_regression` is
-    its gradient-flow limit ``lr -> 0`` at fixed ``lr * s``; at a finite step an eigenmode of
-    ``K`` (eigenvalue ``lambda``, ``u = lr lambda / n``) keeps ``(1 - u)^s`` of its residual
-    here and ``exp(-u s)`` there, too different to compare a network with its kernel early on.
-    """
-    n = k_train.shape[0]
-    f, f_test = f0.clone(), f0_test.clone()
-    out = {}
-    for s in range(max(steps) + 1):
-        if s in steps:
-            out[s] = f_test.clone()
-        r = f - y
-        f = f - (lr / n) * (k_train @ r)
-        f_test = f_test - (lr / n) * (k_test @ r)
-    return out
-
-
 def _rel(a: Tensor, b: Tensor) -> float:
     return float(torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b))
 
@@ -294,7 +251,8 @@ def run_point(config: CollegialConfig, point: dict, progress: Progress) -> list[
     with torch.no_grad():
         f0, f0_test = model(x), model(x_test)
     k_tt, k_st = empirical_ntk(model, x), empirical_ntk(model, x_test, x)
-    lin = kernel_descent(k_tt, k_st, y, f0, f0_test, lr=lr, steps=eval_at)
+    lin = dict(zip(eval_at, kernel_descent(k_tt, k_st, y, f0_train=f0, f0_test=f0_test,
+                                           steps=eval_at, lr=lr), strict=True))
     gap = _KernelGap(x_test, y_test, f0_test, lin)
     evolution = KernelEvolution(model, xk)
     history = fit(model, torch.optim.SGD(model.parameters(), lr=lr), x, y, steps=config.steps,
@@ -303,8 +261,7 @@ def run_point(config: CollegialConfig, point: dict, progress: Progress) -> list[
     # the infinite-width NTK's prediction after as many steps, from f = 0 (its mean over inits)
     inf_tt = infinite_ntk(x, depth=config.depth, activation=config.activation)["ntk"]
     inf_st = infinite_ntk(x_test, x, depth=config.depth, activation=config.activation)["ntk"]
-    inf_pred = kernel_descent(inf_tt, inf_st, y, torch.zeros_like(y), torch.zeros_like(y_test),
-                              lr=config.lr, steps=[config.steps])[config.steps]
+    inf_pred = kernel_descent(inf_tt, inf_st, y, steps=config.steps, lr=config.lr)
     kernel_row["infinite_test_error"] = sign_error(inf_pred, y_test)
     rows = [kernel_row]
     for row in history.rows:

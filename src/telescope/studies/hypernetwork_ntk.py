@@ -39,12 +39,12 @@ kernel_fixed_meta``). Rows give the relative Frobenius distance to the hyperkern
 plain product of the two networks' own kernels ``Theta^g(z, z') * Theta^f(x, x')``
 (:meth:`HyperMLP.hadamard`), which is the limit only for a linear primary or pairs of one task.
 
-Data (:func:`sinusoid_tasks`, generated offline): ``n_tasks`` sinusoids ``y = A sin(x + phi)``,
-``A`` uniform in ``amplitude``, ``phi`` uniform in ``[0, pi]``, ``x`` uniform in ``[-pi, pi]``
-(standardized for the network); the task embedding ``z`` is ``(cos phi, sin phi, a)`` on the
-sphere of radius ``sqrt(3)`` (``a``: the amplitude mapped to ``[-1, 1]``). Training and test
-points are different ``x`` of the same tasks. The seed draws the tasks, the points and the
-networks.
+Data (:func:`telescope.data.sinusoid_tasks`, generated offline): ``n_tasks`` sinusoids
+``y = A sin(x + phi)``, ``A`` uniform in ``amplitude``, ``phi`` uniform in ``[0, pi]``, ``x``
+uniform in ``[-pi, pi]`` (standardized for the network); the task embedding ``z`` is ``(cos phi,
+sin phi, a)`` on the sphere of radius ``sqrt(3)`` (``a``: the amplitude mapped to ``[-1, 1]``).
+Training and test points are different ``x`` of the same tasks. The seed draws the tasks, the
+points and the networks.
 
 The ``quick`` preset takes about a minute of CPU time on one thread (three seeds, meta widths
 up to 4096, the "both widen" kernels up to ``n = 4096``, ``m = 1024``); ``full`` (wider networks,
@@ -55,7 +55,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -68,6 +68,7 @@ from torch import Tensor, nn
 
 from telescope import infinite as inf
 from telescope import plotting as fg
+from telescope.data import Dataset, sinusoid_tasks
 from telescope.errors import UsageError
 from telescope.infinite.hypernetwork import HyperMLP
 from telescope.kernels import kernel_distance
@@ -84,63 +85,12 @@ from telescope.studies.constraints import (
 )
 from telescope.train import fit, log_spaced_steps
 
-__all__ = ["SinusoidData", "HypernetworkNTKConfig", "TaskSet", "sinusoid_tasks", "points",
-           "run_point", "figures", "headline", "STUDY"]
+__all__ = ["SinusoidData", "HypernetworkNTKConfig", "points", "run_point", "figures",
+           "headline", "STUDY"]
 
 MODELS = ("hyper", "hyper-wide", "mlp")
 SERIES = ("both", "meta", "primary")
 X_FEATURES, Z_FEATURES = 1, 3
-
-
-# --------------------------------------------------------------------------- data
-
-
-@dataclass(frozen=True)
-class TaskSet:
-    """A family of regression tasks for a hypernetwork: inputs ``u = [x, z]`` (``[N, 1 +
-    3]``, task-major: the points of task 0, then of task 1, ...) and targets ``[N, 1]``."""
-
-    u_train: Tensor
-    y_train: Tensor
-    u_test: Tensor
-    y_test: Tensor
-    z: Tensor            # [n_tasks, 3] task embeddings
-    amplitude: Tensor    # [n_tasks]
-    phase: Tensor        # [n_tasks]
-
-
-def sinusoid_tasks(n_tasks: int, n_train: int, n_test: int, *, seed: int,
-                   amplitude: tuple[float, float] = (0.5, 2.0),
-                   dtype: torch.dtype = torch.float32) -> TaskSet:
-    """``n_tasks`` sinusoid regression tasks ``y = A sin(x + phi)`` (the meta-learning benchmark
-    of Finn et al. 2017, with the phase in ``[0, pi]``), ``n_train`` and ``n_test`` points each.
-
-    ``A ~ U(amplitude)``, ``phi ~ U[0, pi]``, ``x ~ U[-pi, pi]`` fed to the network standardized
-    (``x / (pi / sqrt(3))``, unit variance); the task embedding is ``z = sqrt(3) v / |v|`` with
-    ``v = (cos phi, sin phi, a)``, ``a = (2 A - lo - hi) / (hi - lo)`` in ``[-1, 1]`` (one point
-    of the sphere per task, so that a bias-free ReLU meta-network gives every task primary
-    weights of the same variance). Everything is drawn from a generator seeded with ``seed``.
-    """
-    lo, hi = (float(a) for a in amplitude)
-    if not 0 <= lo < hi:
-        raise UsageError(f"amplitude must be (lo, hi) with 0 <= lo < hi, got {amplitude}")
-    g = torch.Generator().manual_seed(int(seed))
-    amp = lo + (hi - lo) * torch.rand(n_tasks, generator=g, dtype=torch.float64)
-    phase = math.pi * torch.rand(n_tasks, generator=g, dtype=torch.float64)
-    v = torch.stack([torch.cos(phase), torch.sin(phase), (2 * amp - lo - hi) / (hi - lo)], 1)
-    z = math.sqrt(Z_FEATURES) * v / v.norm(dim=1, keepdim=True)
-
-    def draw(n: int) -> tuple[Tensor, Tensor]:
-        x = (2 * torch.rand(n_tasks, n, generator=g, dtype=torch.float64) - 1) * math.pi
-        y = amp[:, None] * torch.sin(x + phase[:, None])
-        u = torch.cat([(x / (math.pi / math.sqrt(3))).reshape(-1, 1),
-                       z.repeat_interleave(n, 0)], 1)
-        return u.to(dtype), y.reshape(-1, 1).to(dtype)
-
-    u_train, y_train = draw(n_train)
-    u_test, y_test = draw(n_test)
-    return TaskSet(u_train, y_train, u_test, y_test, z.to(dtype), amp.to(dtype),
-                   phase.to(dtype))
 
 
 # --------------------------------------------------------------------------- config
@@ -148,8 +98,8 @@ def sinusoid_tasks(n_tasks: int, n_train: int, n_test: int, *, seed: int,
 
 @config_dataclass
 class SinusoidData:
-    """The task family (:func:`sinusoid_tasks`); the kernels use the first ``n_kernel``
-    training points of every task."""
+    """The task family (:func:`telescope.data.sinusoid_tasks`); the kernels use the first
+    ``n_kernel`` training points of every task."""
 
     n_tasks: PositiveInt = 8
     n_train: PositiveInt = 16          # points per task
@@ -263,7 +213,7 @@ def _plain_mlp(config: HypernetworkNTKConfig, width: int) -> inf.Layer:
                       inf.Dense(1, W_std=config.readout_std, b_std=config.b_std))
 
 
-def _data(config: HypernetworkNTKConfig, seed: int) -> TaskSet:
+def _data(config: HypernetworkNTKConfig, seed: int) -> Dataset:
     d = config.data
     return sinusoid_tasks(d.n_tasks, d.n_train, d.n_test, seed=seed,
                           amplitude=tuple(d.amplitude))  # type: ignore[arg-type]
@@ -298,21 +248,21 @@ def _taylor_point(config: HypernetworkNTKConfig, point: dict, progress: Progress
     data = _data(config, seed)
     if model_name == "mlp":
         arch = _plain_mlp(config, n)
-        k_inf = arch.kernel(data.u_train.double())["ntk"]
+        k_inf = arch.kernel(data.x_train.double())["ntk"]
         torch.manual_seed(seed)
         model: nn.Module = arch.module((X_FEATURES + Z_FEATURES,))
     else:
         hyper = _architecture(config, n, int(point["primary_width"]))
-        k_inf = hyper.kernel(data.u_train.double())["ntk"]
+        k_inf = hyper.kernel(data.x_train.double())["ntk"]
         torch.manual_seed(seed)
         model = hyper.module(Z_FEATURES)
     # GD on the mean squared error moves the linearized model's residual by (1 - 2 lr s / N)
     # along the kernel's eigenvalue s: stable for lr < N / lambda_max
-    n_train = data.u_train.shape[0]
+    n_train = data.x_train.shape[0]
     lr = config.lr_fraction * n_train / float(torch.linalg.eigvalsh(k_inf)[-1])
     model = model.to(device)
-    u, y = data.u_train.to(device), data.y_train.to(device)
-    u_test, y_test = data.u_test.to(device), data.y_test.to(device)
+    u, y = data.x_train.to(device), data.y_train.to(device)
+    u_test, y_test = data.x_test.to(device), data.y_test.to(device)
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     with Telescope(model, opt, {"test": u_test}, every=config.steps,
                    track_linearized=False) as tel:
@@ -343,7 +293,7 @@ def _kernel_point(config: HypernetworkNTKConfig, point: dict, progress: Progress
     device = _device(config.device)
     data = _data(config, seed)
     d = config.data
-    u = data.u_train.reshape(d.n_tasks, d.n_train, -1)[:, :d.n_kernel].reshape(
+    u = data.x_train.reshape(d.n_tasks, d.n_train, -1)[:, :d.n_kernel].reshape(
         d.n_tasks * d.n_kernel, -1)
     arch = _architecture(config, n, m)
     exact = arch.kernel(u.double())["ntk"]
