@@ -174,6 +174,7 @@ class ElementwiseLayer(Layer):
     def apply(self, state: State) -> State:
         one_branch(state, self)
         assert isinstance(state, Covariances)
+        state = state.with_exact_diagonal()
         v1, v2 = state.diagonal_variances()
         nngp, dot = self.expectations(state.nngp, v1, v2)
         assert dot is not None

@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 __all__ = ["Covariances", "Geometry", "LAYOUTS"]
@@ -76,6 +77,18 @@ class Covariances:
 
     def replace(self, **changes: object) -> Covariances:
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+    def with_exact_diagonal(self) -> Covariances:
+        """For a batch with itself: ``nngp[i, i]`` set to ``var1[i]`` exactly. The two hold the
+        same numbers but may round differently (different einsum/matmul shapes), and the
+        nonlinearities' angle ``atan2(sqrt(k11 k22 - k12^2), k12)`` turns a 1e-16 difference
+        on the diagonal into a 1e-8 one; a nonlinearity calls this first."""
+        if not self.symmetric:
+            return self
+        nngp = self.nngp.clone()
+        index = torch.arange(nngp.shape[0], device=nngp.device)
+        nngp[index, index] = self.var1
+        return self.replace(nngp=nngp)
 
     def diagonal_variances(self) -> tuple[Tensor, Tensor]:
         """Per-position variances of both batches, shaped to broadcast against ``nngp``.
