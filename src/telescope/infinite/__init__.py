@@ -25,6 +25,7 @@ initializations (:func:`monte_carlo_kernel`) converge to ``arch.kernel`` as the 
   network), :func:`infinite_ntk` (the fully-connected shortcut).
 """
 
+from telescope.infinite import families
 from telescope.infinite._layer import ElementwiseLayer, Layer
 from telescope.infinite.activations import (
     ABRelu,
@@ -41,6 +42,7 @@ from telescope.infinite.activations import (
 from telescope.infinite.attention import SelfAttention
 from telescope.infinite.combinators import FanInSum, FanOut, parallel, serial
 from telescope.infinite.conv import Conv
+from telescope.infinite.families import mlp, residual, transformer, with_positions
 from telescope.infinite.layers import Dense, Flatten, GlobalAvgPool, Identity, LayerNorm
 from telescope.infinite.monte_carlo import monte_carlo_kernel
 from telescope.infinite.predictions import gp_inference, gradient_descent_mse_ensemble
@@ -52,4 +54,5 @@ __all__ = [
     "Relu", "LeakyRelu", "ABRelu", "Abs", "Erf", "Gelu", "Sin", "Cos", "Tanh", "Elementwise",
     "serial", "parallel", "FanOut", "FanInSum",
     "monte_carlo_kernel", "gradient_descent_mse_ensemble", "gp_inference", "infinite_ntk",
+    "families", "transformer", "mlp", "with_positions", "residual",
 ]
