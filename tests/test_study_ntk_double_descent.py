@@ -18,13 +18,15 @@ from telescope.studies.ntk_double_descent import (
     analysis,
     bootstrap,
     formatting,
+    limit,
     predictions,
     words,
 )
 
 STUDY = get_study("ntk-double-descent")
-TINY = {"widths": "2,4", "mlp_widths": "2,8", "steps": "6", "evals": "2", "seeds": "1",
-        "data.n_train": "24", "data.n_test": "16", "warmup": "2", "telescoping": "8"}
+TINY = {"widths": "2,4", "ntk_widths": "4", "mlp_widths": "2,8", "steps": "6", "evals": "2",
+        "seeds": "1", "data.n_train": "24", "data.n_test": "16", "warmup": "2", "telescoping": "8",
+        "sample_sizes": "8,16,24", "sample_trained": "16", "sample_widths": "4"}
 
 
 def test_kernel_prediction_of_a_linear_model_is_least_squares():
@@ -66,8 +68,9 @@ def test_kernel_prediction_interpolates_when_overparametrized():
 def test_tiny_sweep_runs_and_fills_every_column():
     config = make_config(STUDY, "quick", TINY)
     pts = ndd.points(config)
-    assert [(p["model"], p["width"]) for p in pts] == [
-        ("transformer", 2), ("transformer", 4), ("mlp", 2), ("mlp", 8)]
+    assert [(p["model"], p.get("width", p.get("view"))) for p in pts] == [
+        ("transformer", 2), ("transformer", 4), ("ntk-transformer", 4), ("mlp", 2), ("mlp", 8),
+        ("ntk-transformer", "samples"), ("mlp", "samples")]
     rows = ndd.run_point(config, pts[1], Progress())
     assert [r["step"] for r in rows] == [3, 6]
     last = rows[-1]
@@ -76,8 +79,13 @@ def test_tiny_sweep_runs_and_fills_every_column():
         assert math.isfinite(last[col]), col
     # six small Adam steps barely move a transformer: the telescoping model follows it closely
     assert last["telescoping_gap"] < 0.05
-    mlp_rows = ndd.run_point(config, pts[2], Progress())
+    # the standard transformer has no closed-form limit: its infinite columns are NaN
+    assert all(math.isnan(last[c]) for c in ndd.LIMIT_COLUMNS)
+    mlp_rows = ndd.run_point(config, pts[3], Progress())
     assert mlp_rows[-1]["n_params"] == 40 * 2 + 2 + 2 + 1
+    for col in ndd.LIMIT_COLUMNS:       # Adam: converged limit, no training-time columns
+        assert math.isnan(mlp_rows[-1][col]) == (col.startswith("infinite_ntk_t_")), col
+    assert mlp_rows[-1]["infinite_time"] == math.inf
 
 
 def _jacobian_kernel(model, x1, x2):
@@ -252,11 +260,12 @@ def test_cli_run_resumes_after_losing_a_point(tmp_path, capsys):
     assert "\nanswer: Transformer: " in printed and "verdict" in printed.lower()
     first = pd.read_parquet(tmp_path / "results.parquet")
     files = sorted((tmp_path / "points").glob("*.parquet"))
-    assert len(files) == 4 and (tmp_path / "report.html").exists()
+    assert len(files) == 7 and (tmp_path / "report.html").exists()
+    assert (tmp_path / "ntk_double_descent_samples.png").exists()
     files[1].unlink()
     assert main(args) == 0
     meta = json.loads((tmp_path / "run.json").read_text())
-    assert meta["sessions"][-1]["skipped"] == 3
+    assert meta["sessions"][-1]["skipped"] == 6
     again = pd.read_parquet(tmp_path / "results.parquet")
     pd.testing.assert_frame_equal(again.drop(columns="seconds"), first.drop(columns="seconds"))
 
@@ -397,3 +406,181 @@ def test_verdict_needs_every_peak_within_noise_to_agree():
     net[:, 3] = 1.6                                           # width 8 clearly below the peak
     final = analysis.final_rows(_seeded(net, [1.3, 5.0, 2.0, 1.5, 1.2, 1.1], widths=widths))
     assert analysis.verdict(final, "transformer") == "partly"
+
+
+# --------------------------------------------------------------------------- infinite width
+
+
+@pytest.fixture(scope="module")
+def tiny_run():
+    """Every point of a tiny config (two ntk-transformer widths), as the results table."""
+    config = make_config(STUDY, "quick", {**TINY, "ntk_widths": "4,32"})
+    rows = []
+    for p in ndd.points(config):
+        rows += [{**p, **r} for r in ndd.run_point(config, p, Progress())]
+    return config, pd.DataFrame(rows)
+
+
+def _last(df, model, width):
+    part = df[(df["model"] == model) & (df["width"] == width) & df["view"].isna()]
+    return part.sort_values("step").iloc[-1]
+
+
+def _by_hand(k, k_star, k_ss, th, th_star, y, yt):
+    """The converged ensemble of Lee et al. (2019) eq. 15-16 with pseudo-inverses: the mean
+    Theta_* Theta^+ y and the covariance's trace, written out here."""
+    a = torch.linalg.pinv(th, hermitian=True)
+    mu = th_star @ a @ y
+    cov = k_ss + th_star @ a @ k @ a @ th_star.T - (th_star @ a @ k_star.T + k_star @ a @ th_star.T)
+    nngp = k_star @ torch.linalg.pinv(k, hermitian=True) @ y
+    m = yt.shape[0]
+    return {"infinite_ntk_test_mse": float((mu - yt).pow(2).mean()),
+            "infinite_ntk_test_error": float(((mu > 0) != (yt > 0)).double().mean()),
+            "infinite_nngp_test_mse": float((nngp - yt).pow(2).mean()),
+            "infinite_nngp_test_error": float(((nngp > 0) != (yt > 0)).double().mean()),
+            "infinite_ntk_draw_test_mse": float((mu - yt).pow(2).mean() + cov.trace() / m)}
+
+
+def test_mlp_limit_columns_are_kernel_regression_with_the_infinite_ntk(tiny_run):
+    """The MLP row's limit, recomputed by an independent path: telescope.infinite.infinite_ntk
+    (the fully-connected shortcut) on the flattened inputs, telescope.kernel_regression for the
+    mean, pseudo-inverses for the covariance."""
+    config, df = tiny_run
+    last = _last(df, "mlp", 8)
+    ds = ndd.load_task(config, 0)
+    x, xt = ds.x_train.flatten(1).double(), ds.x_test.flatten(1).double()
+    y, yt = ds.y_train.double(), ds.y_test.double()
+    k = telescope.infinite.infinite_ntk(x, depth=1, activation="relu")
+    kst = telescope.infinite.infinite_ntk(xt, x, depth=1, activation="relu")
+    kss = telescope.infinite.infinite_ntk(xt, depth=1, activation="relu")
+    mu = telescope.kernel_regression(k["ntk"], kst["ntk"], y)
+    assert last["infinite_ntk_test_mse"] == pytest.approx(float((mu - yt).pow(2).mean()),
+                                                          rel=1e-9)
+    want = _by_hand(k["nngp"], kst["nngp"], kss["nngp"], k["ntk"], kst["ntk"], y, yt)
+    for col, value in want.items():
+        assert last[col] == pytest.approx(value, rel=1e-7, abs=1e-12), col
+    # the limit does not depend on the width: the same numbers at every width of the row
+    assert _last(df, "mlp", 2)["infinite_ntk_test_mse"] == last["infinite_ntk_test_mse"]
+    assert last["infinite_ntk_rank"] == int(torch.linalg.matrix_rank(k["ntk"])) == 24
+    assert last["infinite_ridge"] == 0.0
+
+
+def test_ntk_transformer_limit_is_its_own_family_with_positions(tiny_run):
+    config, df = tiny_run
+    last = _last(df, "ntk-transformer", 32)
+    ds = ndd.load_task(config, 0)
+    arch = telescope.infinite.transformer(1, n_layers=config.n_layers, mlp_ratio=config.mlp_ratio)
+    x = telescope.infinite.with_positions(ds.x_train.double(), config.positions)
+    xt = telescope.infinite.with_positions(ds.x_test.double(), config.positions)
+    k, kst, kss = arch.kernel(x), arch.kernel(xt, x), arch.kernel(xt)
+    want = _by_hand(k["nngp"], kst["nngp"], kss["nngp"], k["ntk"], kst["ntk"],
+                    ds.y_train.double(), ds.y_test.double())
+    for col, value in want.items():
+        assert last[col] == pytest.approx(value, rel=1e-7, abs=1e-12), col
+
+
+def test_distance_to_ntk_theory_for_its_own_init_shrinks_with_the_width(tiny_run):
+    """Gradient descent (warmup 2, lr 0.5, 6 steps): kernel-regression time t = 2 * 0.5 *
+    (0.5 + 5) = 5.5. NTK theory's prediction for the network's own initial function at that
+    time is much closer to the width-32 network than the converged ensemble mean is, and closer
+    than to the width-4 network."""
+    config, df = tiny_run
+    wide, narrow = _last(df, "ntk-transformer", 32), _last(df, "ntk-transformer", 4)
+    assert ndd.flow_time(config, "ntk-transformer") == pytest.approx(5.5)
+    assert wide["infinite_time"] == pytest.approx(5.5)
+    assert wide["infinite_init_gap"] < 0.5 * narrow["infinite_init_gap"]
+    assert wide["infinite_init_gap"] < 0.25 * wide["infinite_gap"]
+    assert 0 < wide["infinite_gap_floor"] < 1
+    assert math.isfinite(wide["infinite_ntk_t_test_mse"])
+
+
+def test_sample_wise_view_is_the_limit_on_the_first_n_points(tiny_run):
+    """Limit rows: one per n, no width; at n = n_train they equal the width sweep's limit
+    columns (same seed, same targets), at n = 8 a regression on the first 8 points. Network rows:
+    one per trained n and width, with the distances to the limit on the same points."""
+    config, df = tiny_run
+    view = analysis.sample_rows(df)
+    assert set(view["model"]) == {"ntk-transformer", "mlp"}
+    mlp = view[view["model"] == "mlp"]
+    limit = mlp[mlp["width"].isna()].set_index("sample_size")
+    assert list(limit.index) == [8, 16, 24]
+    assert (limit["infinite_ntk_rank"] == limit.index).all()      # full rank at every n
+    sweep = _last(df, "mlp", 8)
+    for col in ("infinite_ntk_test_mse", "infinite_nngp_test_error"):
+        assert limit.loc[24, col] == pytest.approx(sweep[col], rel=1e-12)
+    ds = ndd.load_task(config, 0)
+    x, xt = ds.x_train.flatten(1).double()[:8], ds.x_test.flatten(1).double()
+    k = telescope.infinite.infinite_ntk(x, depth=1)["ntk"]
+    kst = telescope.infinite.infinite_ntk(xt, x, depth=1)["ntk"]
+    mu = telescope.kernel_regression(k, kst, ds.y_train.double()[:8])
+    assert limit.loc[8, "infinite_ntk_test_mse"] == pytest.approx(
+        float((mu - ds.y_test.double()).pow(2).mean()), rel=1e-9)
+    nets = view[view["width"].notna()]
+    assert sorted(zip(nets["model"], nets["sample_size"], nets["width"], strict=True)) == [
+        ("mlp", 16, 4), ("ntk-transformer", 16, 4)]
+    assert nets["infinite_init_gap"].notna().all() and nets["test_mse"].notna().all()
+    assert (nets["params_per_example"] == nets["n_params"] / 16).all()
+    # the width sweep's analysis never sees the sample-wise rows
+    assert analysis.final_rows(df)["width"].dtype == np.int64
+    assert len(analysis.final_rows(df)) == 6
+
+
+def test_headline_and_figures_report_the_limit(tiny_run, tmp_path):
+    config, df = tiny_run
+    h = ndd.headline(df, config)
+    assert h["transformer: infinite-width limit"].startswith("none in closed form")
+    for kind in ("ntk-transformer", "mlp"):
+        for key in ("infinite-width NTK (converged, ridgeless): test MSE",
+                    "infinite-width NNGP (readout only): test MSE",
+                    "relative distance of the trained network to NTK theory for its own "
+                    "initialization, by width",
+                    "sample-wise view, infinite-width NTK",
+                    "does the network's peak width have a counterpart in the limit?"):
+            assert f"{kind}: {key}" in h, (kind, key)
+    assert "NTK theory itself for the NTK-parametrized transformer" in h["answer"]
+    assert "no width-wise peak" in h["answer"]
+    names = [p.name for p in ndd.figures(df, config, tmp_path)]
+    assert names == ["ntk_double_descent.png", "ntk_double_descent_steps.png",
+                     "ntk_double_descent_samples.png"]
+
+
+def test_sample_config_is_checked():
+    with pytest.raises(ValueError, match="sample_sizes must lie in 1..data.n_train=24"):
+        make_config(STUDY, "quick", {**TINY, "sample_sizes": "8,30"})
+    off = make_config(STUDY, "quick", {**TINY, "sample_sizes": ""})
+    assert all("view" not in p for p in ndd.points(off))
+    few = make_config(STUDY, "quick", {**TINY, "seeds": "6", "ntk_seeds": "2"})
+    assert sum(p["model"] == "ntk-transformer" and "view" not in p
+               for p in ndd.points(few)) == 2
+
+
+def _samples(curves, kind="mlp", sizes=(10, 20, 40, 80, 160)):
+    """Sample-wise limit rows: one test-MSE curve over n per seed."""
+    return pd.DataFrame([{"model": kind, "view": "samples", "seed": seed, "sample_size": n,
+                          "infinite_ntk_test_mse": v}
+                         for seed, curve in enumerate(curves)
+                         for n, v in zip(sizes, curve, strict=True)])
+
+
+def test_sample_wise_rise_finds_a_resolved_peak_and_its_absence():
+    rng = np.random.default_rng(0)
+    bump = np.array([1.0, 0.9, 1.4, 1.0, 0.8]) + rng.normal(0, 0.02, size=(6, 5))
+    rise = limit.SampleBootstrap(_samples(bump), "mlp").rise()
+    assert (rise["valley_n"], rise["peak_n"]) == (20, 40) and rise["peaked"]
+    assert rise["ratio"] == pytest.approx(bump[:, 2].mean() / bump[:, 1].mean())
+    lo, hi = rise["ratio_ci"]
+    assert 1.4 < lo < rise["ratio"] < hi < 1.7
+    falling = np.array([1.2, 1.1, 1.0, 0.9, 0.8]) + rng.normal(0, 0.01, size=(6, 5))
+    falling.sort(axis=1)
+    assert limit.SampleBootstrap(_samples(falling[:, ::-1]), "mlp").rise() is None
+    noisy = np.array([1.0, 0.98, 1.0, 0.97, 0.95]) + rng.normal(0, 0.2, size=(6, 5))
+    r = limit.SampleBootstrap(_samples(noisy), "mlp").rise()
+    assert r is None or not r["peaked"]
+
+
+def test_limit_value_is_the_mean_over_seeds_with_its_interval():
+    final = pd.DataFrame([{"model": "mlp", "width": w, "seed": s, "infinite_ntk_test_mse": v}
+                          for s, v in enumerate([0.6, 0.7, 0.8, 0.9]) for w in (2, 8)])
+    mean, (lo, hi) = limit.limit_value(final, "mlp", "infinite_ntk_test_mse")
+    assert mean == pytest.approx(0.75) and 0.6 <= lo < mean < hi <= 0.9
+    assert limit.limit_value(final, "transformer", "infinite_ntk_test_mse") is None

@@ -29,13 +29,17 @@ from telescope.studies.ntk_double_descent.bootstrap import (
 )
 from telescope.studies.ntk_double_descent.formatting import fmt_share, fmt_widths
 
-__all__ = ["MODELS", "PREDICTIONS", "AGREEMENT", "LAZY_TOLERANCE", "RHO_SECOND_DESCENT",
-           "PEAK_RATIO", "VERDICTS", "LEVEL", "RESAMPLES", "RESAMPLE_SEED", "final_rows",
-           "mean_curves", "mse_column", "compare", "curve_intervals", "curve_row",
+__all__ = ["MODELS", "LIMITS", "NAMES", "PREDICTIONS", "AGREEMENT", "LAZY_TOLERANCE",
+           "RHO_SECOND_DESCENT", "PEAK_RATIO", "VERDICTS", "LEVEL", "RESAMPLES", "RESAMPLE_SEED",
+           "final_rows", "mean_curves", "mse_column", "compare", "curve_intervals", "curve_row",
            "lazy_valid_from", "is_double_descent", "verdict_details", "SeedBootstrap", "verdict",
-           "half_verdicts"]
+           "half_verdicts", "width_rows", "sample_rows"]
 
-MODELS = ("transformer", "mlp")   # the model rows of the study
+MODELS = ("transformer", "ntk-transformer", "mlp")   # the model rows of the study
+#: the model rows whose infinite-width limit is computed (in closed form, telescope.infinite)
+LIMITS = ("ntk-transformer", "mlp")
+NAMES = {"transformer": "Transformer", "ntk-transformer": "NTK-parametrized transformer",
+         "mlp": "MLP"}
 PREDICTIONS = {  # column prefix -> label
     "network": "trained network",
     "lazy": "NTK at init (lazy)",
@@ -51,8 +55,27 @@ _INTERVAL_STATS = ("peak", "at_largest", "at_smallest", "rho", "rho_past_peak", 
                    "gap_at_largest")
 
 
+def sample_rows(df: pd.DataFrame) -> pd.DataFrame:
+    """The rows of the sample-wise view (``view == "samples"``), with an empty frame when there
+    are none."""
+    if df.empty or "view" not in df:
+        return df.iloc[:0]
+    return df[df["view"] == "samples"].reset_index(drop=True)
+
+
+def width_rows(df: pd.DataFrame) -> pd.DataFrame:
+    """The rows of the width sweep (every row not of the sample-wise view), widths as ints."""
+    if df.empty:
+        return df
+    part = df[df["view"] != "samples"] if "view" in df else df
+    part = part.dropna(subset=["width"])
+    return part.astype({"width": "int64"})
+
+
 def final_rows(df: pd.DataFrame) -> pd.DataFrame:
-    """The last measurement of every point (the row that carries the kernel columns)."""
+    """The last measurement of every point of the width sweep (the row that carries the kernel
+    columns)."""
+    df = width_rows(df)
     if df.empty:
         return df
     idx = df.groupby(["model", "width", "seed"])["step"].idxmax()
