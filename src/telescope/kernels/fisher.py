@@ -90,7 +90,6 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
-from torch.autograd.graph import saved_tensors_hooks
 from torch.func import jvp, vjp, vmap
 
 from telescope.errors import UsageError
@@ -108,6 +107,7 @@ from telescope.kernels._functional import (
     single_fn,
     trainable_params,
 )
+from telescope.kernels.lowrank import _per_example_bytes
 
 __all__ = ["fisher_kernel", "lowrank_fisher_kernel", "fisher_information", "LogLikelihood",
            "logsumexp_log_likelihood", "DAMPING_CONVENTIONS"]
@@ -428,27 +428,6 @@ def fisher_kernel(
 # --------------------------------------------------------------------------- low rank
 
 
-def _saved_bytes_per_example(f: Callable, params: dict[str, Tensor], x: Tensor) -> int:
-    """Bytes autograd saves per example in a forward pass (one and two examples; what is saved
-    once per batch cancels in the difference)."""
-
-    def saved(xb: Tensor) -> int:
-        total = 0
-
-        def pack(t: Tensor) -> Tensor:
-            nonlocal total
-            total += t.numel() * t.element_size()
-            return t
-
-        leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
-        with torch.enable_grad(), saved_tensors_hooks(pack, lambda t: t):
-            out = f(leaves, xb)
-        return max(total, out.numel() * out.element_size())
-
-    one = saved(x[:1])
-    return one if x.shape[0] < 2 else max(saved(x[:2]) - one, 1)
-
-
 class _ScoreOperator:
     """``G^T c`` (vector-Jacobian products) and ``G v`` (Jacobian-vector products) for the
     per-example scores ``G`` of a log-likelihood module on any batch, in blocks of examples and
@@ -468,7 +447,7 @@ class _ScoreOperator:
         per_column = 3 * n_params * first.element_size()
         self.chunk = int(max(1, min(columns, (budget // 2) // per_column)))
         if block_size is None:
-            per_example = 3 * (self.chunk + 1) * _saved_bytes_per_example(f, self.params, probe)
+            per_example = 3 * (self.chunk + 1) * _per_example_bytes(f, self.params, probe)
             block_size = int(max(1, (budget // 2) // per_example))
         self.block = block_size
 
