@@ -57,6 +57,7 @@ from telescope.kernels._functional import (
     single_fn,
     trainable_params,
 )
+from telescope.kernels.distributed import RAY_BLOCK_SIZE, ray_blocked_kernel
 from telescope.kernels.structured import structured_ntk
 
 METHODS = ("auto", "jacobian", "vector", "structured")
@@ -67,12 +68,13 @@ OUTPUTS = ("trace", "full", "diagonal")
 def ntk(model: nn.Module, x1: Tensor, x2: Tensor | None = None, *, method: str = "auto",
         output: str = "trace", block_size: int | None = None,
         max_memory_gb: float | None = None, progress: bool = False, params: ParamSpec = None,
-        out: None = None) -> Tensor: ...
+        out: None = None, executor: str | None = None, address: str | None = None) -> Tensor: ...
 @overload
 def ntk(model: nn.Module, x1: Tensor, x2: Tensor | None = None, *, method: str = "auto",
         output: str = "trace", block_size: int | None = None,
         max_memory_gb: float | None = None, progress: bool = False, params: ParamSpec = None,
-        out: str | os.PathLike) -> np.ndarray: ...
+        out: str | os.PathLike, executor: str | None = None,
+        address: str | None = None) -> np.ndarray: ...
 def ntk(
     model: nn.Module,
     x1: Tensor,
@@ -85,6 +87,8 @@ def ntk(
     progress: bool = False,
     params: ParamSpec = None,
     out: str | os.PathLike | None = None,
+    executor: str | None = None,
+    address: str | None = None,
 ) -> Tensor | np.ndarray:
     """Empirical neural tangent kernel of ``model`` between ``x1`` and ``x2``.
 
@@ -126,6 +130,12 @@ def ntk(
         same call after a kill resumes where it stopped. A file holding another kernel (other
         parameters, inputs or options) is refused. ``np.load(out, mmap_mode="r")`` or
         ``torch.from_numpy`` open it later.
+    executor, address:
+        ``None``/``"local"``: this process. ``"ray"`` (with ``out``; ``pip install
+        'telescope[ray]'``): every block is a Ray task on a local instance, or on the cluster at
+        ``address``, computed by the same code in the worker and written into ``out`` by this
+        process as it arrives (resumable the same way; ``block_size`` defaults to 512
+        examples). Same numbers as the local path to round-off.
 
     Returns
     -------
@@ -138,14 +148,23 @@ def ntk(
     """
     if not isinstance(model, nn.Module):
         raise UsageError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if executor not in (None, "local", "ray"):
+        raise UsageError(f"executor must be None, 'local' or 'ray', got {executor!r}")
+    if executor == "ray" and out is None:
+        raise UsageError("executor='ray' writes the kernel block by block into a file: give "
+                         "out=PATH (a .npy the driver fills as the tasks finish)")
+    if address is not None and executor != "ray":
+        raise UsageError("address= is the Ray cluster's address: use it with executor='ray'")
     with only_params(model, select_params(model, params)):
         return _ntk(model, x1, x2, method=method, output=output, block_size=block_size,
-                    max_memory_gb=max_memory_gb, progress=progress, out=out)
+                    max_memory_gb=max_memory_gb, progress=progress, out=out,
+                    ray=executor == "ray", address=address)
 
 
 def _ntk(model: nn.Module, x1: Tensor, x2: Tensor | None, *, method: str, output: str,
          block_size: int | None, max_memory_gb: float | None, progress: bool,
-         out: str | os.PathLike | None = None) -> Tensor | np.ndarray:
+         out: str | os.PathLike | None = None, ray: bool = False,
+         address: str | None = None) -> Tensor | np.ndarray:
     if method not in METHODS:
         raise UsageError(f"method must be one of {METHODS}, got {method!r}")
     if output not in OUTPUTS:
@@ -167,8 +186,14 @@ def _ntk(model: nn.Module, x1: Tensor, x2: Tensor | None, *, method: str, output
         n1, n2 = x1.shape[0], x1.shape[0] if x2 is None else x2.shape[0]
         shape = {"trace": (n1, n2), "full": (n1, n2, n_out, n_out),
                  "diagonal": (n1, n2, n_out)}[output]
+        ray_block = block_size or RAY_BLOCK_SIZE
         sink = KernelFile(out, shape, dtype, _fingerprint(model, x1, x2, method, output,
-                                                           block_size, budget))
+                                                           ray_block if ray else block_size,
+                                                           budget, ray))
+        if ray:
+            return ray_blocked_kernel(ntk, model, x1, x2, method=method, output=output,
+                                      block_size=ray_block, max_memory_gb=max_memory_gb,
+                                      sink=sink, progress=progress, address=address)
     with ad_safe_backends(model):
         if method == "structured":
             return structured_ntk(model, x1, x2, output=output, block_size=block_size,
@@ -201,12 +226,13 @@ def _ntk(model: nn.Module, x1: Tensor, x2: Tensor | None, *, method: str, output
 
 
 def _fingerprint(model: nn.Module, x1: Tensor, x2: Tensor | None, method: str, output: str,
-                 block_size: int | None, budget: int) -> str:
+                 block_size: int | None, budget: int, ray: bool = False) -> str:
     """SHA-1 of what a kernel file holds: the trainable parameters' names and values, the
     buffers, the inputs, the method, output kind and the blocking (so a resumed computation
     is the same computation)."""
     h = hashlib.sha1()
-    h.update(repr((method, output, block_size, budget, torch.__version__)).encode())
+    h.update(repr((method, output, block_size, budget, torch.__version__)
+                  + (("ray",) if ray else ())).encode())
     tensors: list[tuple[str, Tensor]] = [
         (f"param:{n}", p) for n, p in model.named_parameters() if p.requires_grad]
     tensors += [(f"buffer:{n}", b) for n, b in model.named_buffers()]
