@@ -5,6 +5,7 @@ blocks."""
 from __future__ import annotations
 
 import json
+import signal
 
 import numpy as np
 import pytest
@@ -19,9 +20,21 @@ ray = pytest.importorskip("ray")
 
 @pytest.fixture(scope="module")
 def local_ray():
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
     yield
     ray.shutdown()
+    for sig, handler in handlers.items():   # ray.init installed its own
+        signal.signal(sig, handler)
+
+
+def test_a_call_that_starts_ray_leaves_the_signal_handlers_as_they_were(tmp_path):
+    if ray.is_initialized():
+        pytest.skip("a Ray instance is already running")
+    model, x = _model_and_data()
+    before = signal.getsignal(signal.SIGTERM)
+    telescope.ntk(model, x, out=tmp_path / "k.npy", executor="ray", block_size=6)
+    assert signal.getsignal(signal.SIGTERM) is before
 
 
 def _model_and_data():

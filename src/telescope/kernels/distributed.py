@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -65,6 +67,7 @@ def ray_blocked_kernel(compute: Callable[..., Tensor], model: nn.Module, x1: Ten
     if not todo:
         return sink.result()
     started = False
+    handlers = _signal_handlers()   # ray.init installs its own SIGTERM handler in this process
     if not ray.is_initialized():
         kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": "WARNING"}
         if address:
@@ -101,7 +104,20 @@ def ray_blocked_kernel(compute: Callable[..., Tensor], model: nn.Module, x1: Ten
         bar.close()
         if started:
             ray.shutdown()
+            _restore(handlers)
     return sink.result()
+
+
+def _signal_handlers() -> dict[int, Any]:
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+
+def _restore(handlers: dict[int, Any]) -> None:
+    for sig, handler in handlers.items():
+        if handler is not None:
+            signal.signal(sig, handler)
 
 
 def _on_cpu(model: nn.Module) -> bool:

@@ -294,6 +294,9 @@ class RayExecutor:
             return
         ray = _import_ray()
         started = False
+        # ray.init installs its own SIGTERM/SIGINT handlers in this process: put ours back after
+        handlers = ({sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+                    if threading.current_thread() is threading.main_thread() else {})
         if not ray.is_initialized():
             kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": "WARNING",
                                       "configure_logging": True}
@@ -332,6 +335,9 @@ class RayExecutor:
         finally:
             if started:
                 ray.shutdown()
+                for sig, handler in handlers.items():
+                    if handler is not None:
+                        signal.signal(sig, handler)
 
 
 def _ray_study_ref(study: Any) -> Any:
