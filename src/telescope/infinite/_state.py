@@ -85,10 +85,11 @@ class Covariances:
         on the diagonal into a 1e-8 one; a nonlinearity calls this first."""
         if not self.symmetric:
             return self
-        nngp = self.nngp.clone()
-        index = torch.arange(nngp.shape[0], device=nngp.device)
-        nngp[index, index] = self.var1
-        return self.replace(nngp=nngp)
+        # in place (no copy of a large block) unless autograd records the computation; a
+        # branch sharing this tensor gets the same, equal-in-exact-arithmetic values
+        nngp = self.nngp.clone() if self.nngp.requires_grad else self.nngp
+        torch.diagonal(nngp, 0, 0, 1).copy_(self.var1.movedim(0, -1))
+        return self if nngp is self.nngp else self.replace(nngp=nngp)
 
     def diagonal_variances(self) -> tuple[Tensor, Tensor]:
         """Per-position variances of both batches, shaped to broadcast against ``nngp``.
