@@ -13,20 +13,20 @@ writer per file and needs no filesystem shared with the workers.
 from __future__ import annotations
 
 import contextlib
-import os
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
+from telescope._threads import available_cpus
 from telescope.errors import UsageError
 from telescope.kernels._blocks import KernelFile, _progress, _transpose_block
 
-__all__ = ["ray_blocked_kernel", "RAY_BLOCK_SIZE", "import_ray"]
+__all__ = ["ray_blocked_kernel", "RAY_BLOCK_SIZE", "import_ray", "ray_session"]
 
 #: examples per block when ``executor="ray"`` is given no ``block_size``
 RAY_BLOCK_SIZE = 512
@@ -66,58 +66,64 @@ def ray_blocked_kernel(compute: Callable[..., Tensor], model: nn.Module, x1: Ten
     todo = [pair for pair in pairs if not sink.done(*pair)]
     if not todo:
         return sink.result()
+    bar = _progress(len(todo), progress)
+    cpus = max(available_cpus(), cpus_per_task)
+    try:
+        with ray_session(ray, address=address, num_cpus=cpus) as refs:
+            task = ray.remote(num_cpus=cpus_per_task, max_retries=1)(_block_task)
+            model_ref = ray.put(model.cpu() if _on_cpu(model) else model)
+            for a, b in todo:
+                xa = x1[a:a + block_size].cpu()
+                xb = None if symmetric and a == b else xb_all[b:b + block_size].cpu()
+                refs[task.remote(compute, model_ref, xa, xb, method, output, max_memory_gb,
+                                 cpus_per_task)] = (a, b)
+            pending = list(refs)
+            while pending:
+                ready, pending = ray.wait(pending, num_returns=1)
+                for ref in ready:
+                    a, b = refs.pop(ref)
+                    block = torch.from_numpy(np.array(ray.get(ref)))   # Ray's are read-only
+                    mirror = _transpose_block(block, output) if symmetric and b > a else None
+                    sink.write(a, b, block, mirror)
+                    bar.update()
+    finally:
+        bar.close()
+    return sink.result()
+
+
+@contextlib.contextmanager
+def ray_session(ray: Any, *, address: str | None = None, num_cpus: int | None = None,
+                **init_kwargs: Any) -> Iterator[dict[Any, Any]]:
+    """A Ray instance for the ``with`` block (``ray.init`` unless one is running: the cluster at
+    ``address``, else a local one with ``num_cpus``), shut down afterwards if it started here,
+    with this process's SIGTERM/SIGINT handlers put back (``ray.init`` installs its own).
+    Yields a dict for the caller's pending task refs: an exception cancels those left."""
+    handlers = ({sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+                if threading.current_thread() is threading.main_thread() else {})
     started = False
-    handlers = _signal_handlers()   # ray.init installs its own SIGTERM handler in this process
     if not ray.is_initialized():
-        kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": "WARNING"}
+        kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": "WARNING",
+                                  **init_kwargs}
         if address:
             kwargs["address"] = address
-        else:
-            kwargs["num_cpus"] = max(len(os.sched_getaffinity(0)), cpus_per_task)
+        elif num_cpus is not None:
+            kwargs["num_cpus"] = num_cpus
         ray.init(**kwargs)
         started = True
-    refs: dict[Any, tuple[int, int]] = {}
-    bar = _progress(len(todo), progress)
+    refs: dict[Any, Any] = {}
     try:
-        task = ray.remote(num_cpus=cpus_per_task, max_retries=1)(_block_task)
-        model_ref = ray.put(model.cpu() if _on_cpu(model) else model)
-        for a, b in todo:
-            xa = x1[a:a + block_size].cpu()
-            xb = None if symmetric and a == b else xb_all[b:b + block_size].cpu()
-            refs[task.remote(compute, model_ref, xa, xb, method, output, max_memory_gb,
-                             cpus_per_task)] = (a, b)
-        pending = list(refs)
-        while pending:
-            ready, pending = ray.wait(pending, num_returns=1)
-            for ref in ready:
-                a, b = refs.pop(ref)
-                block = torch.from_numpy(np.array(ray.get(ref)))   # Ray's arrays are read-only
-                mirror = _transpose_block(block, output) if symmetric and b > a else None
-                sink.write(a, b, block, mirror)
-                bar.update()
+        yield refs
     except BaseException:
         for ref in list(refs):
             with contextlib.suppress(Exception):
                 ray.cancel(ref, force=True)
         raise
     finally:
-        bar.close()
         if started:
             ray.shutdown()
-            _restore(handlers)
-    return sink.result()
-
-
-def _signal_handlers() -> dict[int, Any]:
-    if threading.current_thread() is not threading.main_thread():
-        return {}
-    return {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
-
-
-def _restore(handlers: dict[int, Any]) -> None:
-    for sig, handler in handlers.items():
-        if handler is not None:
-            signal.signal(sig, handler)
+            for sig, handler in handlers.items():
+                if handler is not None:
+                    signal.signal(sig, handler)
 
 
 def _on_cpu(model: nn.Module) -> bool:

@@ -107,7 +107,7 @@ from telescope.kernels._functional import (
     single_fn,
     trainable_params,
 )
-from telescope.kernels.lowrank import _per_example_bytes
+from telescope.kernels.lowrank import _check_int, _per_example_bytes
 
 __all__ = ["fisher_kernel", "lowrank_fisher_kernel", "fisher_information", "LogLikelihood",
            "logsumexp_log_likelihood", "DAMPING_CONVENTIONS"]
@@ -157,14 +157,6 @@ class _LogLikelihoodOf(nn.Module):
                 "a function (model, x) -> [N] (e.g. lambda m, x: torch.logsumexp(m(x), 1) for "
                 "a classifier's logits)")
         return out
-
-
-def _check_int(name: str, value: object, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise UsageError(f"{name} must be an int, got {value!r}")
-    if value < minimum:
-        raise UsageError(f"{name} must be >= {minimum}, got {value}")
-    return value
 
 
 def _check_damping(damping: object, convention: object) -> float:

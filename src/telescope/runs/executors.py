@@ -35,6 +35,7 @@ from typing import Any
 
 from telescope._threads import available_cpus, configure_threads
 from telescope.errors import TelescopeError, UsageError
+from telescope.kernels.distributed import ray_session
 
 # versions, git_commit and machine moved to telescope.runs.provenance; still importable from here
 from telescope.runs.provenance import git_commit, machine, versions
@@ -293,21 +294,9 @@ class RayExecutor:
         if not points:
             return
         ray = _import_ray()
-        started = False
-        # ray.init installs its own SIGTERM/SIGINT handlers in this process: put ours back after
-        handlers = ({sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
-                    if threading.current_thread() is threading.main_thread() else {})
-        if not ray.is_initialized():
-            kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": "WARNING",
-                                      "configure_logging": True}
-            if self.address:
-                kwargs["address"] = self.address
-            else:
-                kwargs["num_cpus"] = max(available_cpus(), self.cpus_per_point)
-            ray.init(**kwargs)
-            started = True
-        refs: dict[Any, tuple[dict[str, Any], float]] = {}
-        try:
+        with ray_session(ray, address=self.address,
+                         num_cpus=max(available_cpus(), self.cpus_per_point),
+                         configure_logging=True) as refs:
             task = ray.remote(num_cpus=self.cpus_per_point, max_retries=0)(_ray_task)
             study_ref = ray.put(_ray_study_ref(study))
             config_ref = ray.put(config)
@@ -327,18 +316,6 @@ class RayExecutor:
                                              traceback="".join(traceback.format_exception(exc)),
                                              seconds=time.perf_counter() - start)
                     on_result(result)
-        except BaseException:
-            for ref in list(refs):
-                with contextlib.suppress(Exception):
-                    ray.cancel(ref, force=True)
-            raise
-        finally:
-            if started:
-                ray.shutdown()
-                for sig, handler in handlers.items():
-                    if handler is not None:
-                        signal.signal(sig, handler)
-
 
 def _ray_study_ref(study: Any) -> Any:
     # Ray's serializer handles closures too; registered studies travel by name, which keeps
