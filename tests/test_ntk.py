@@ -335,9 +335,10 @@ def test_inputs_the_model_does_not_take_name_the_argument(method):
 
 
 def test_a_budget_that_forces_tiny_blocks_warns_with_a_better_budget():
-    """MLP 40-512-512-10 on 600 points: 0.02 GiB allows blocks of one or two examples (the
-    kernel takes many times longer than at the default); the warning names a budget that
-    allows sensible blocks, and at that budget there is no warning."""
+    """MLP 40-512-512-10 on 600 points: 0.001 GiB allows blocks of a few examples whose
+    factors are recomputed for every pair (the kernel takes many times longer than at the
+    default); the warning names a budget that allows sensible blocks, and at that budget there
+    is no warning."""
     import re
 
     torch.manual_seed(0)
@@ -347,9 +348,9 @@ def test_a_budget_that_forces_tiny_blocks_warns_with_a_better_budget():
 
     engine, n_out = structured._plan(model, x[:2])
     with pytest.warns(RuntimeWarning, match="allows blocks of only") as record:
-        structured._check_block_pairs(engine, 600, 0, n_out, "trace", int(0.02 * 2**30), 4,
+        structured._check_block_pairs(engine, 600, 0, n_out, "trace", int(0.001 * 2**30), 4,
                                       *structured._choose_blocks(engine, 600, 0, n_out, "trace",
-                                                                 int(0.02 * 2**30), 4))
+                                                                 int(0.001 * 2**30), 4))
     suggested = float(re.search(r"; max_memory_gb=([0-9.e+-]+) allows", str(record[0].message))
                       .group(1))
     blocks = structured._choose_blocks(engine, 600, 0, n_out, "trace", int(suggested * 2**30), 4)
@@ -367,7 +368,7 @@ def test_a_budget_that_forces_tiny_blocks_warns_with_a_better_budget():
         warnings.simplefilter("error")
         for method in ("structured", "jacobian"):
             with pytest.raises(RuntimeWarning, match="allows blocks of only"):
-                telescope.ntk(model, x, method=method, max_memory_gb=0.01)
+                telescope.ntk(model, x, method=method, max_memory_gb=0.001)
 
 
 def test_low_precision_jacobian_contraction_is_accurate_over_millions_of_parameters():
@@ -466,3 +467,24 @@ def test_kernel_written_to_disk_block_by_block_and_resumed(tmp_path, method, out
                        block_size=3)
     np.testing.assert_allclose(k2, telescope.ntk(model, x, x2, method=method,
                                                  output=output).numpy(), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("output", OUTPUTS)
+def test_symmetric_blocks_of_several_chunks_match_the_oracle(case, output):
+    """A symmetric block of 80 examples is accumulated on its upper triangle of example chunks
+    (32, 32, 16) and mirrored once: every entry, below the diagonal too, against the
+    per-example autograd oracle (float64, so any misplaced chunk shows)."""
+    from telescope.kernels import _contractions
+
+    make, draw, _ = CASES[case]
+    model = make().double()
+    g = torch.Generator().manual_seed(3)
+    x = draw(g)
+    x = torch.cat([draw(g) for _ in range(-(-80 // x.shape[0]))])[:80]
+    x = x.double() if x.is_floating_point() else x
+    assert len(_contractions._chunks(80)) == 3
+    k = telescope.ntk(model, x, method="structured", output=output)
+    ref = oracle_ntk(model, x, x, output)
+    torch.testing.assert_close(k, ref, rtol=1e-10, atol=1e-10 * float(ref.abs().max()))
+    assert torch.equal(k, k.transpose(0, 1) if output != "full" else k.permute(1, 0, 3, 2))

@@ -6,8 +6,11 @@ layer the cheaper of two contractions (:func:`_accumulate` weighs them),
 - *per-example gradients* (:func:`_contract_grads`): ``G = sum_s d_s a_s^T`` then ``<G, G'>``
   -- cost ``B^2 m out in``,
 
-added into the trace, diagonal or full kernel; :func:`gram` multiplies only the upper block
-triangle of a symmetric Gram.
+added into the trace, diagonal or full kernel. A symmetric block (``xb is None``) is
+accumulated over every layer on its upper triangle of example chunks only (:func:`_chunks`), and
+mirrored once at the end (:func:`_mirror`): about half the multiplications and none of the
+per-layer transposed copies. :func:`gram` multiplies only the upper block triangle of a
+symmetric Gram (the token contractions use it).
 """
 
 from __future__ import annotations
@@ -47,8 +50,11 @@ def _block_kernel_fn(engine: _Engine, n_out: int, output: str, outputs: Tensor |
         shape = {"trace": (b1, b2), "diagonal": (b1, b2, n_sel),
                  "full": (b1, n_sel, b2, n_sel)}[output]
         acc = torch.zeros(shape, dtype=engine.dtype, device=xa.device)
+        chunks = _chunks(b1) if same else None
         for f1, f2 in zip(fa, fb, strict=True):
-            _accumulate(acc, f1, f2, output, same)
+            _accumulate(acc, f1, f2, output, same, chunks)
+        if chunks is not None:
+            _mirror(acc, chunks, output)
         return (acc.permute(0, 2, 1, 3) if output == "full" else acc), fa, fb
 
     return kernel
@@ -71,11 +77,65 @@ def gram(x: Tensor, y: Tensor | None = None) -> Tensor:
     return out
 
 
-def _contract_grads(acc: Tensor, g1: Tensor, g2: Tensor, output: str, same: bool) -> None:
-    """Add the kernel of per-example gradients ``g [B, O, P]`` to ``acc``."""
+Chunks = list[tuple[int, int]]
+"""Example chunks ``(start, stop)`` of a symmetric block: only rows ``start:stop`` times columns
+``start:`` are accumulated."""
+
+SYMMETRIC_CHUNKS = 8
+MIN_CHUNK = 32
+
+
+def _chunks(b: int) -> Chunks:
+    """At most :data:`SYMMETRIC_CHUNKS` chunks of at least :data:`MIN_CHUNK` examples: the upper
+    triangle costs ``(k + 1) / 2k`` of the square for ``k`` chunks, while chunks of a few dozen
+    rows still multiply at the full matmul rate."""
+    size = max(MIN_CHUNK, -(-b // SYMMETRIC_CHUNKS))
+    return [(i, min(i + size, b)) for i in range(0, b, size)]
+
+
+def _mirror(acc: Tensor, chunks: Chunks, output: str) -> None:
+    """Fill the lower chunk triangle of a symmetric block from the upper one, and the lower
+    triangle of each diagonal chunk from its upper triangle (a matmul's ``(i, j)`` and ``(j, i)``
+    entries may round differently), so that the block is exactly symmetric."""
+    b = acc.shape[0]
+    o = acc.shape[1] if output == "full" else 1
+    square = acc.view(b * o, b * o) if output == "full" else acc  # [B O, B O] / [B, B(, O)]
+    for start, stop in chunks:
+        if stop < b:
+            if output == "full":   # [B, O, B, O]
+                acc[stop:, :, start:stop] = acc[start:stop, :, stop:].permute(2, 3, 0, 1)
+            else:                  # [B, B] or [B, B, O]
+                acc[stop:, start:stop] = acc[start:stop, stop:].transpose(0, 1)
+        rows, cols = torch.tril_indices((stop - start) * o, (stop - start) * o, -1,
+                                        device=acc.device)
+        block = square[start * o:stop * o, start * o:stop * o]
+        block[rows, cols] = block[cols, rows]
+
+
+def _upper_gram(acc2d: Tensor, x: Tensor, chunks: Chunks, rows: int = 1,
+                scale: Tensor | None = None) -> None:
+    """``acc2d += x @ x.T`` (times ``scale``, elementwise) on the upper chunk triangle; chunk
+    bounds are in examples, ``rows`` rows of ``x`` (and of ``acc2d``) per example."""
+    for start, stop in chunks:
+        part = x[start * rows:stop * rows] @ x[start * rows:].T
+        target = acc2d[start * rows:stop * rows, start * rows:]
+        if scale is None:
+            target += part
+        else:
+            target.addcmul_(scale[start * rows:stop * rows, start * rows:], part)
+
+
+def _contract_grads(acc: Tensor, g1: Tensor, g2: Tensor, output: str, same: bool,
+                    chunks: Chunks | None = None) -> None:
+    """Add the kernel of per-example gradients ``g [B, O, P]`` to ``acc`` (only its upper
+    chunk triangle with ``chunks``)."""
     b1, o = g1.shape[:2]
     b2 = g2.shape[0]
-    if output == "trace":
+    if chunks is not None and output == "trace":
+        _upper_gram(acc, g1.reshape(b1, -1), chunks)
+    elif chunks is not None and output == "full":
+        _upper_gram(acc.view(b1 * o, b1 * o), g1.reshape(b1 * o, -1), chunks, rows=o)
+    elif output == "trace":
         acc += gram(g1.reshape(b1, -1), None if same else g2.reshape(b2, -1))
     elif output == "full":
         acc += gram(g1.reshape(b1 * o, -1), None if same else g2.reshape(b2 * o, -1)).view(
@@ -84,9 +144,12 @@ def _contract_grads(acc: Tensor, g1: Tensor, g2: Tensor, output: str, same: bool
         acc += torch.bmm(g1.transpose(0, 1), g2.permute(1, 2, 0)).permute(1, 2, 0)
 
 
-def _accumulate(acc: Tensor, f1, f2, output: str, same: bool) -> None:
+def _accumulate(acc: Tensor, f1, f2, output: str, same: bool,
+                chunks: Chunks | None = None) -> None:
+    """Add one layer's kernel to ``acc``; with ``chunks`` (a symmetric block) the upper chunk
+    triangle is exact and the rest is left for :func:`_mirror`."""
     if isinstance(f1, GradFactor):
-        _contract_grads(acc, f1.g, f2.g, output, same)
+        _contract_grads(acc, f1.g, f2.g, output, same, chunks)
         return
     b1, s1, o, p = f1.d.shape
     b2, s2 = f2.d.shape[:2]
@@ -97,9 +160,27 @@ def _accumulate(acc: Tensor, f1, f2, output: str, same: bool) -> None:
     if cost_grad < cost_gram:
         g1 = f1.grads().reshape(b1, o, -1)
         g2 = g1 if same else f2.grads().reshape(b2, o, -1)
-        _contract_grads(acc, g1, g2, output, same)
+        _contract_grads(acc, g1, g2, output, same, chunks)
+    elif chunks is not None and s1 == s2 == 1 and f1.a is not None and output != "diagonal":
+        _dense_upper(acc, f1, output, chunks)
     else:
         _token_gram(acc, f1, f2, output, same)
+
+
+def _dense_upper(acc: Tensor, f: TokenFactor, output: str, chunks: Chunks) -> None:
+    """``<a, a'> <d, d'>`` of a one-token dense layer on the upper chunk triangle of ``acc``."""
+    assert f.a is not None  # a dense factor
+    b, _, o, p = f.d.shape
+    a = f.a.reshape(b, -1)
+    for start, stop in chunks:
+        ga = a[start:stop] @ a[start:].T
+        if output == "trace":
+            gd = f.d[start:stop].reshape(stop - start, o * p) @ f.d[start:].reshape(-1, o * p).T
+            acc[start:stop, start:].addcmul_(ga, gd)
+        else:
+            d = f.d.reshape(b * o, p)
+            gd = (d[start * o:stop * o] @ d[start * o:].T).view(stop - start, o, b - start, o)
+            acc[start:stop, :, start:].addcmul_(ga.view(stop - start, 1, b - start, 1), gd)
 
 
 def _token_gram(acc: Tensor, f1: TokenFactor, f2: TokenFactor, output: str, same: bool) -> None:

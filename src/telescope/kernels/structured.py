@@ -74,13 +74,18 @@ __all__ = ["structured_ntk", "ntk_to_subset", "explain", "gram", "FALLBACK_WARN_
 
 def _sizes(engine: _Engine) -> tuple[int, int, int]:
     """Per-example element counts: deltas per output, inputs, and the largest per-example
-    gradient of one layer per output (rough upper bounds, for choosing blocks)."""
+    gradient of one layer per output (rough upper bounds, for choosing blocks). A layer whose
+    every call has one token (an output shape of one axis) never forms per-example gradients:
+    its Gram contraction is always the cheaper one (``_contractions._accumulate``)."""
     per_output, inputs, widest = 0, 0, 1
     for mname, module in engine.modules:
-        for shp in engine.call_shapes(mname):
+        shapes = engine.call_shapes(mname)
+        for shp in shapes:
             numel = int(torch.Size(shp).numel())
             per_output += numel
             inputs += 2 * numel
+        if all(not isinstance(shp, list) and len(shp) == 1 for shp in shapes):
+            continue  # (a composite rule's call is a list of shapes)
         for name in engine.covers(mname, module):
             weight = engine.params[name]
             if weight.ndim >= 2:
