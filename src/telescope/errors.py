@@ -14,7 +14,7 @@ keeps catching it.
 from __future__ import annotations
 
 __all__ = ["TelescopeError", "UsageError", "UnsupportedModelError", "UnsupportedOptimizerError",
-           "DivergedError", "check_positive_int", "check_std"]
+           "DivergedError", "NotConvergedError", "check_positive_int", "check_std"]
 
 
 class TelescopeError(Exception):
@@ -37,6 +37,12 @@ class UnsupportedOptimizerError(UsageError):
 
 class DivergedError(TelescopeError, FloatingPointError):
     """Training produced NaN or infinite values (lower the learning rate)."""
+
+
+class NotConvergedError(TelescopeError, RuntimeError):
+    """An iterative solver did not reach its tolerance within its iteration budget (the message
+    gives the residual reached and the fixes: a larger ridge, a better preconditioner, more
+    iterations or a looser tolerance); no unconverged result is returned."""
 
 
 def check_positive_int(value: object, name: str) -> int:

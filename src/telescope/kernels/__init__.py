@@ -26,6 +26,12 @@ from telescope.kernels.smoothing import (
     max_kernel_weight_norm,
     smoother_weights,
 )
+from telescope.kernels.solvers import (
+    KernelSolve,
+    kernel_diagonal,
+    kernel_matmul,
+    solve_kernel_system,
+)
 from telescope.kernels.structured import explain
 
 __all__ = [
@@ -45,6 +51,10 @@ __all__ = [
     "effective_parameters",
     "kernel_weight_norms",
     "max_kernel_weight_norm",
+    "solve_kernel_system",
+    "KernelSolve",
+    "kernel_matmul",
+    "kernel_diagonal",
     "alignment",
     "kernel_distance",
     "kernel_target_alignment",

@@ -66,15 +66,29 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 import warnings
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from telescope.errors import UsageError
+from telescope.kernels.solvers import (
+    KernelLike,
+    check_solver_options,
+    kernel_dtype,
+    kernel_matmul,
+    solve_kernel_system,
+)
 
-__all__ = ["KernelRegressor", "kernel_regression", "kernel_descent"]
+__all__ = ["KernelRegressor", "kernel_regression", "kernel_descent", "SOLVERS"]
+
+SOLVERS = ("eigh", "cg")
+"""``solver=`` of :func:`kernel_regression` and :func:`telescope.kernels.smoother_weights`: one
+eigendecomposition in memory, or conjugate gradients streaming the kernel
+(:func:`telescope.kernels.solve_kernel_system`)."""
 
 TimeLike = float | int | Sequence[float] | Tensor | None
 StepsLike = int | Sequence[int] | Tensor
@@ -90,6 +104,27 @@ def _as_matrix(k: object, name: str) -> Tensor:
     if not bool(torch.isfinite(k).all()):
         raise UsageError(f"{name} contains NaN or infinite values")
     return k.detach()
+
+
+def _check_solver(solver: object) -> str:
+    if not isinstance(solver, str) or solver not in SOLVERS:
+        raise UsageError(f"solver must be one of {SOLVERS} (an eigendecomposition in memory, or "
+                         f"conjugate gradients streaming the kernel), got {solver!r}")
+    return solver
+
+
+def _eigh_kernel(k: object, name: str) -> Tensor:
+    """A kernel for ``solver="eigh"``, which takes tensors only (as it always has): a path or a
+    ``numpy.memmap`` is refused with the way to stream it (``solver="cg"``) or load it."""
+    if isinstance(k, Tensor):
+        return k
+    if isinstance(k, (str, os.PathLike, np.memmap)):
+        what = f"the path {str(k)!r}" if isinstance(k, (str, os.PathLike)) else (
+            f"a numpy.memmap of {k.filename}")
+        raise UsageError(f"{name} must be a torch.Tensor for solver='eigh' (which decomposes the "
+                         f"kernel in memory), got {what}: pass solver='cg' to stream it from its "
+                         f"file, or load it (torch.from_numpy(np.load(path)))")
+    raise UsageError(f"{name} must be a torch.Tensor, got {type(k).__name__}")
 
 
 def _as_targets(y: object, name: str, rows: int, rows_name: str, outputs: int | None) -> Tensor:
@@ -355,8 +390,8 @@ class KernelRegressor:
 
 
 def kernel_regression(
-    k_train_train: Tensor,
-    k_test_train: Tensor,
+    k_train_train: KernelLike,
+    k_test_train: KernelLike,
     y_train: Tensor,
     *,
     f0_train: Tensor | None = None,
@@ -366,6 +401,8 @@ def kernel_regression(
     ridge: float = 0.0,
     return_train: bool = False,
     rcond: float | None = None,
+    solver: str = "eigh",
+    solver_options: dict | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Predictions of gradient flow with a fixed kernel on ``0.5 * mean ||f - y||^2`` (+ ridge).
 
@@ -381,27 +418,54 @@ def kernel_regression(
     regression; with ``ridge=0`` the inverse is the pseudo-inverse on the range of ``K``
     (minimum-norm interpolant). See the module docstring for the full convention.
 
+    Two solvers compute it. ``solver="eigh"`` (default) decomposes ``K`` once in float64
+    (:class:`KernelRegressor`): any ``t``, ``ridge = 0`` on a singular ``K`` (pseudo-inverse),
+    but ``O(n^3)`` time and several ``n x n`` float64 copies of ``K`` in memory. ``solver="cg"``
+    solves ``(K + ridge I) alpha = y - f_0(X)`` by preconditioned conjugate gradients
+    (:func:`telescope.kernels.solve_kernel_system`), reading ``K`` in row blocks, and returns
+    ``f_0(x_*) + K_* alpha``: converged predictions only (``t=None``), a positive definite
+    ``K + ridge I`` (``ridge > 0``, or a positive definite ``K``), and ``K`` and ``K_*`` may be
+    ``.npy`` paths or ``numpy.memmap`` s (``telescope.ntk(..., out=PATH)``) streamed from disk
+    with one block in memory at a time. Its cost is one pass over ``K`` per iteration (plus one
+    for the Nyström sketch and one for the final residual check), one pass over ``K_*``, and one
+    more over ``K`` with ``return_train=True``.
+
     Parameters
     ----------
-    k_train_train : Tensor
-        ``K`` ``[n, n]`` between training points.
-    k_test_train : Tensor
-        ``K_*`` ``[m, n]`` between test and training points.
+    k_train_train : Tensor, numpy array, numpy.memmap, str or PathLike
+        ``K`` ``[n, n]`` between training points. ``solver="eigh"`` takes a tensor only (a
+        memmap or a path is refused with the way to load it, or to stream it with
+        ``solver="cg"``); ``solver="cg"`` also takes a numpy array, and streams a memmap or a
+        ``.npy`` path (C-ordered float16/32/64) from its file.
+    k_test_train : Tensor, numpy array, numpy.memmap, str or PathLike
+        ``K_*`` ``[m, n]`` between test and training points (as ``k_train_train``).
     y_train : Tensor
         Targets ``[n]`` or ``[n, O]``; every output column uses the same kernel.
     f0_train, f0_test : Tensor, optional
         Initial network outputs on train ``[n(, O)]`` and test ``[m(, O)]`` (default 0).
     t : float, sequence, 1-D tensor, or None
         Training time(s) ``>= 0`` in units of steps of size ``lr`` (``None``/``inf``:
-        converged). A sequence gives a leading time axis.
+        converged). A sequence gives a leading time axis. ``solver="cg"``: ``None`` (or
+        ``inf``) only.
     lr : float
         Learning rate ``> 0``.
     ridge : float
         ``lambda >= 0``.
     return_train : bool
-        Also return the training-set predictions ``f_t(X)``.
+        Also return the training-set predictions ``f_t(X)`` (with ``solver="cg"``
+        ``f_0(X) + K alpha``, one more pass over ``K``).
     rcond : float, optional
         Relative eigenvalue cutoff of ``K`` (default ``n * eps``), see :class:`KernelRegressor`.
+        Only with ``solver="eigh"``.
+    solver : {"eigh", "cg"}
+        An eigendecomposition in memory, or conjugate gradients streaming ``K`` (above).
+    solver_options : dict, optional
+        Only with ``solver="cg"``: keywords of :func:`telescope.kernels.solve_kernel_system`,
+        ``tol`` (default ``1e-8``, on the relative residual of every output column),
+        ``max_iter`` (1000), ``preconditioner`` (``"nystrom"``, ``"jacobi"`` or ``None``),
+        ``rank`` (of the Nyström sketch, default ``min(n, 100)``), ``block_rows`` /
+        ``max_memory_gb`` (the rows of a block, also for ``K_*``), ``seed``, ``progress``;
+        anything else is refused.
 
     Returns
     -------
@@ -413,26 +477,103 @@ def kernel_regression(
     ------
     ValueError
         Mismatched shapes (the message names the dimensions), NaN/inf values, negative ``t`` or
-        ``ridge``, non-positive ``lr``.
+        ``ridge``, non-positive ``lr``, an unknown solver, options of the other solver.
+    telescope.errors.NotConvergedError
+        ``solver="cg"`` did not reach ``tol`` within ``max_iter`` iterations (the message names
+        the fixes).
     """
-    if isinstance(k_test_train, Tensor) and isinstance(k_train_train, Tensor):
+    if _check_solver(solver) == "cg":
+        return _cg_regression(k_train_train, k_test_train, y_train, f0_train=f0_train,
+                              f0_test=f0_test, t=t, lr=lr, ridge=ridge,
+                              return_train=return_train, rcond=rcond,
+                              solver_options=solver_options)
+    if solver_options is not None:
+        raise UsageError("solver_options are options of solver='cg' (the iterative solver); "
+                         "solver='eigh' takes none: drop them or pass solver='cg'")
+    k_train = _eigh_kernel(k_train_train, "k_train_train")
+    k_test = _eigh_kernel(k_test_train, "k_test_train")
+    if isinstance(k_test, Tensor) and isinstance(k_train, Tensor):
         # Checked before the eigendecomposition (KernelRegressor validates everything else).
-        square = k_train_train.dim() == 2 and k_train_train.shape[0] == k_train_train.shape[1]
-        if square and k_test_train.dim() == 2 and (
-            k_test_train.shape[1] != k_train_train.shape[0]
+        square = k_train.dim() == 2 and k_train.shape[0] == k_train.shape[1]
+        if square and k_test.dim() == 2 and (
+            k_test.shape[1] != k_train.shape[0]
         ):
             raise UsageError(
-                f"k_test_train has {k_test_train.shape[1]} columns but k_train_train has "
-                f"{k_train_train.shape[0]} rows: both must index the same n training points "
-                f"(shapes {tuple(k_test_train.shape)} and {tuple(k_train_train.shape)})"
+                f"k_test_train has {k_test.shape[1]} columns but k_train_train has "
+                f"{k_train.shape[0]} rows: both must index the same n training points "
+                f"(shapes {tuple(k_test.shape)} and {tuple(k_train.shape)})"
             )
     reg = KernelRegressor(
-        k_train_train, y_train, f0_train=f0_train, lr=lr, ridge=ridge, rcond=rcond
+        k_train, y_train, f0_train=f0_train, lr=lr, ridge=ridge, rcond=rcond
     )
-    test = reg.predict(k_test_train, t, f0_test=f0_test)
+    test = reg.predict(k_test, t, f0_test=f0_test)
     if return_train:
         return test, reg.predict_train(t)
     return test
+
+
+def _cg_regression(k: KernelLike, ks: KernelLike, y_train: Tensor, *, f0_train: Tensor | None,
+                   f0_test: Tensor | None, t: TimeLike, lr: float, ridge: float,
+                   return_train: bool, rcond: float | None,
+                   solver_options: dict | None) -> Tensor | tuple[Tensor, Tensor]:
+    """:func:`kernel_regression` with ``solver="cg"``: ``f_0(x_*) + K_* alpha``, ``(K + ridge
+    I) alpha = y - f_0(X)`` solved by :func:`solve_kernel_system`."""
+    if rcond is not None:
+        raise UsageError("rcond is the eigenvalue cutoff of solver='eigh'; solver='cg' solves "
+                         "(K + ridge I) alpha = y - f0 iteratively and has no cutoff (its "
+                         "accuracy is solver_options['tol']): drop rcond")
+    times, single = _as_times(t)
+    if not single or bool(torch.isfinite(times).any()):
+        raise UsageError(f"solver='cg' gives the converged predictions only (t=None); for the "
+                         f"predictions at a finite time t use solver='eigh', got t={t!r}")
+    _check_scalar(lr, "lr", positive=True)
+    ridge = _check_scalar(ridge, "ridge", positive=False)
+    options = check_solver_options(solver_options, "kernel_regression")
+    k_dtype, k_shape = kernel_dtype(k, "k_train_train")
+    n = k_shape[0]
+    if k_shape[1] != n:
+        raise UsageError(f"k_train_train must be square [n, n], got shape {k_shape}")
+    if n == 0:
+        raise UsageError("k_train_train is empty: need at least one training point")
+    _, ks_shape = kernel_dtype(ks, "k_test_train")
+    if ks_shape[1] != n:
+        raise UsageError(
+            f"k_test_train has {ks_shape[1]} columns but k_train_train has {n} rows: both must "
+            f"index the same n training points (shapes {ks_shape} and {k_shape})")
+    m = ks_shape[0]
+    y = _as_targets(y_train, "y_train", n, "n", None)
+    vector = y_train.dim() == 1
+    outputs = y.shape[1]
+    if f0_train is not None:
+        if not isinstance(f0_train, Tensor):
+            raise UsageError(f"f0_train must be a torch.Tensor, got {type(f0_train).__name__}")
+        if f0_train.shape != y_train.shape:
+            raise UsageError(f"f0_train must have the shape of y_train {tuple(y_train.shape)}"
+                             f", got {tuple(f0_train.shape)}")
+        f0 = _as_targets(f0_train, "f0_train", n, "n", outputs)
+    else:
+        f0 = torch.zeros_like(y)
+    if f0_test is not None:
+        f0s = _as_initial(f0_test, "f0_test", y_train, m, "m (rows of k_test_train)", outputs)
+    else:
+        f0s = torch.zeros(m, outputs, dtype=torch.float64)
+    dtypes = [d for d in (k_dtype, y_train.dtype) if d.is_floating_point]
+    dtype = torch.promote_types(*dtypes) if len(dtypes) == 2 else (
+        dtypes[0] if dtypes else torch.get_default_dtype()
+    )
+
+    alpha = solve_kernel_system(k, y - f0, ridge=ridge, **options).solution    # [n, O]
+    device = alpha.device
+    blocks = {key: options[key] for key in ("block_rows", "max_memory_gb") if key in options}
+    test = kernel_matmul(ks, alpha, **blocks).to(device) + f0s.to(device)
+
+    def finish(out: Tensor) -> Tensor:
+        return (out.squeeze(-1) if vector else out).to(dtype)
+
+    if return_train:
+        train = kernel_matmul(k, alpha, **blocks).to(device) + f0.to(device)
+        return finish(test), finish(train)
+    return finish(test)
 
 
 def kernel_descent(

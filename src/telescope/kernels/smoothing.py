@@ -26,6 +26,10 @@ Codes differ in what they call the ridge; :func:`smoother_weights` takes the con
 With ``lambda = 0`` the inverse is the pseudo-inverse on the range of ``K`` (the minimum-norm
 interpolant; ``S = K K^+`` is then the orthogonal projector onto the range of ``K``).
 
+For a kernel too large to decompose, ``smoother_weights(..., solver="cg")`` solves for the
+weights of the points of ``k_test`` by conjugate gradients, reading ``K`` (a tensor, an array, a
+``numpy.memmap`` or a ``.npy`` path) in row blocks (:mod:`telescope.kernels.solvers`).
+
 From the smoother weights of a set of points ``I`` come (Curth, Jeffares & van der Schaar,
 NeurIPS 2023, "A U-turn on double descent: rethinking parameter counting in statistical
 learning"; used for networks by Jeffares, Curth & van der Schaar, NeurIPS 2024, "Deep Learning
@@ -52,7 +56,21 @@ import torch
 from torch import Tensor
 
 from telescope.errors import UsageError
-from telescope.kernels.regression import KernelRegressor, _as_matrix, _check_scalar
+from telescope.kernels.regression import (
+    KernelRegressor,
+    _as_matrix,
+    _check_scalar,
+    _check_solver,
+    _eigh_kernel,
+)
+from telescope.kernels.solvers import (
+    KernelLike,
+    check_solver_options,
+    dense_kernel,
+    diagonal_of,
+    kernel_dtype,
+    solve_kernel_system,
+)
 
 __all__ = ["RIDGE_CONVENTIONS", "absolute_ridge", "smoother_weights", "kernel_weight_norms",
            "effective_parameters", "max_kernel_weight_norm"]
@@ -72,7 +90,7 @@ def _train_kernel(k_train: object) -> Tensor:
     return k
 
 
-def absolute_ridge(k_train: Tensor, ridge: float, ridge_convention: str) -> float:
+def absolute_ridge(k_train: KernelLike, ridge: float, ridge_convention: str) -> float:
     """The ``lambda`` of ``S = K_* (K + lambda I)^{-1}`` for a ridge given in a convention.
 
     .. math::
@@ -87,8 +105,10 @@ def absolute_ridge(k_train: Tensor, ridge: float, ridge_convention: str) -> floa
 
     Parameters
     ----------
-    k_train : Tensor
-        The train kernel ``K`` ``[n, n]``.
+    k_train : Tensor, numpy array, numpy.memmap, str or PathLike
+        The train kernel ``K`` ``[n, n]``. A memmap or a ``.npy`` path (a kernel for
+        ``smoother_weights(..., solver="cg")``) is not loaded: ``"relative_trace"`` reads its
+        diagonal from the file (:func:`telescope.kernels.kernel_diagonal`).
     ridge : float
         ``>= 0``, in the units of ``ridge_convention``.
     ridge_convention : {"absolute", "per_example", "relative_trace"}
@@ -102,21 +122,36 @@ def absolute_ridge(k_train: Tensor, ridge: float, ridge_convention: str) -> floa
         raise UsageError(f"ridge_convention must be one of {RIDGE_CONVENTIONS} (see "
                          f"telescope.kernels.smoothing), got {ridge_convention!r}")
     ridge = _check_scalar(ridge, "ridge", positive=False)
-    k = _train_kernel(k_train)
+    k: Tensor | None = None
+    if isinstance(k_train, Tensor):
+        k = _train_kernel(k_train)
+        n = k.shape[0]
+    else:   # an array, a memmap or a path: its shape from the header, its diagonal streamed
+        _, shape = kernel_dtype(k_train, "k_train")
+        if shape[0] != shape[1]:
+            raise UsageError(f"k_train must be square [n, n] (the kernel between the n training "
+                             f"points), got shape {shape}")
+        if shape[0] == 0:
+            raise UsageError("k_train is empty: need at least one training point")
+        n = shape[0]
     if ridge_convention == "absolute":
         return ridge
     if ridge_convention == "per_example":
-        return k.shape[0] * ridge
-    scale = float(k.to(torch.float64).diagonal().mean())
+        return n * ridge
+    if k is not None:
+        scale = float(k.to(torch.float64).diagonal().mean())
+    else:
+        scale = float(diagonal_of(k_train, "k_train").mean())
     if scale < 0:
         raise UsageError(f"ridge_convention='relative_trace' needs a kernel with a non-negative "
                          f"mean diagonal (a PSD kernel), got tr(K)/n = {scale:.3g}")
     return ridge * scale
 
 
-def smoother_weights(k_train: Tensor, k_test: Tensor | None = None, *, ridge: float,
+def smoother_weights(k_train: KernelLike, k_test: KernelLike | None = None, *, ridge: float,
                      ridge_convention: str, return_train: bool = False,
-                     rcond: float | None = None) -> Tensor | tuple[Tensor, Tensor]:
+                     rcond: float | None = None, solver: str = "eigh",
+                     solver_options: dict | None = None) -> Tensor | tuple[Tensor, Tensor]:
     """Smoother weights of kernel ridge regression, ``S_* = K_* (K + lambda I)^{-1}``.
 
     ``lambda`` comes from ``ridge`` in the named ``ridge_convention`` (:func:`absolute_ridge`):
@@ -132,21 +167,44 @@ def smoother_weights(k_train: Tensor, k_test: Tensor | None = None, *, ridge: fl
     ``S_* = K_* V diag(1 / (d + lambda)) V^T`` and, on the training points, ``S = V diag(d / (d
     + lambda)) V^T`` (zero weight where ``d + lambda = 0``).
 
+    ``solver="cg"`` instead solves ``(K + lambda I) X = K_*^T`` by preconditioned conjugate
+    gradients (:func:`telescope.kernels.solve_kernel_system`, the ``m`` columns together) and
+    returns ``S_* = X^T``, reading ``K`` in row blocks: for a kernel too large to decompose, e.g.
+    a ``.npy`` path or the ``numpy.memmap`` of ``telescope.ntk(..., out=PATH)``, streamed from
+    its file. It needs ``k_test`` (the training points' own ``S`` would be ``n`` right-hand
+    sides and a dense ``[n, n]`` result: use ``solver="eigh"`` for it) and a positive definite
+    ``K + lambda I``. Cost: one pass over ``K`` per iteration (plus one for the Nyström sketch and
+    one for the final residual check), for all ``m`` columns at once; memory: one block of ``K``,
+    ``K_*`` and about six ``[n, m]`` float64 arrays.
+
     Parameters
     ----------
-    k_train : Tensor
+    k_train : Tensor, numpy array, numpy.memmap, str or PathLike
         ``K`` ``[n, n]`` between the training points (PSD; one output, e.g. a trace NTK).
-    k_test : Tensor, optional
+        ``solver="eigh"`` takes a tensor only; ``solver="cg"`` also an array, and streams a
+        memmap or a ``.npy`` path (C-ordered float16/32/64) from its file.
+    k_test : Tensor, numpy array, numpy.memmap, str or PathLike, optional
         ``K_*`` ``[m, n]`` between the points to weigh and the training points. ``None``: the
-        weights of the training points themselves, ``S = K (K + lambda I)^{-1}`` ``[n, n]``.
+        weights of the training points themselves, ``S = K (K + lambda I)^{-1}`` ``[n, n]``
+        (``solver="eigh"`` only).
     ridge : float
         ``>= 0``, in the units of ``ridge_convention``.
     ridge_convention : {"absolute", "per_example", "relative_trace"}
-        Required: how ``ridge`` becomes ``lambda`` (module docstring).
+        Required: how ``ridge`` becomes ``lambda`` (module docstring); ``"relative_trace"``
+        reads the diagonal of a kernel file from the file.
     return_train : bool
-        With ``k_test``, also return the training points' weights (one decomposition for both).
+        With ``k_test``, also return the training points' weights (one decomposition for both;
+        ``solver="eigh"`` only).
     rcond : float, optional
-        Relative eigenvalue cutoff of ``K`` (default ``n * eps`` of its dtype).
+        Relative eigenvalue cutoff of ``K`` (default ``n * eps`` of its dtype); ``solver="eigh"``
+        only.
+    solver : {"eigh", "cg"}
+        An eigendecomposition in memory, or conjugate gradients streaming ``K`` (above).
+    solver_options : dict, optional
+        Only with ``solver="cg"``: keywords of :func:`telescope.kernels.solve_kernel_system`
+        (``tol``, default ``1e-8`` on the relative residual of every column of ``K_*^T``;
+        ``max_iter``, ``preconditioner``, ``rank``, ``block_rows``, ``max_memory_gb``, ``seed``,
+        ``progress``); anything else is refused.
 
     Returns
     -------
@@ -159,9 +217,20 @@ def smoother_weights(k_train: Tensor, k_test: Tensor | None = None, *, ridge: fl
     ------
     UsageError
         An unknown convention, a negative or non-finite ridge, a kernel that is not a finite real
-        matrix, ``k_test`` without ``n`` columns, ``return_train`` without ``k_test``.
+        matrix, ``k_test`` without ``n`` columns, ``return_train`` without ``k_test``, an unknown
+        solver, options of the other solver.
+    telescope.errors.NotConvergedError
+        ``solver="cg"`` did not reach ``tol`` within ``max_iter`` iterations (the message names
+        the fixes).
     """
-    k = _train_kernel(k_train)
+    if _check_solver(solver) == "cg":
+        return _cg_weights(k_train, k_test, ridge=ridge, ridge_convention=ridge_convention,
+                           return_train=return_train, rcond=rcond,
+                           solver_options=solver_options)
+    if solver_options is not None:
+        raise UsageError("solver_options are options of solver='cg' (the iterative solver); "
+                         "solver='eigh' takes none: drop them or pass solver='cg'")
+    k = _train_kernel(_eigh_kernel(k_train, "k_train"))
     lam = absolute_ridge(k, ridge, ridge_convention)
     n = k.shape[0]
     if k_test is None:
@@ -169,7 +238,7 @@ def smoother_weights(k_train: Tensor, k_test: Tensor | None = None, *, ridge: fl
             raise UsageError("return_train=True needs k_test (with k_test=None the result is "
                              "already the training points' weights)")
     else:
-        ks = _as_matrix(k_test, "k_test")
+        ks = _as_matrix(_eigh_kernel(k_test, "k_test"), "k_test")
         if ks.shape[1] != n:
             raise UsageError(f"k_test has {ks.shape[1]} columns but k_train has {n} rows: both "
                              f"must index the same n training points (shapes "
@@ -179,8 +248,41 @@ def smoother_weights(k_train: Tensor, k_test: Tensor | None = None, *, ridge: fl
     reg = KernelRegressor(k, eye, ridge=lam, rcond=rcond)
     if k_test is None:
         return reg.predict_train()
-    test = reg.predict(k_test)
+    test = reg.predict(_eigh_kernel(k_test, "k_test"))
     return (test, reg.predict_train()) if return_train else test
+
+
+def _cg_weights(k_train: KernelLike, k_test: KernelLike | None, *, ridge: float,
+                ridge_convention: str, return_train: bool, rcond: float | None,
+                solver_options: dict | None) -> Tensor:
+    """:func:`smoother_weights` with ``solver="cg"``: ``S_* = X^T``, ``(K + lambda I) X = K_*^T``
+    solved by :func:`solve_kernel_system`."""
+    if k_test is None:
+        raise UsageError("smoother_weights(solver='cg') needs k_test: the training points' own "
+                         "smoother S = K (K + lambda I)^{-1} has n right-hand sides (n solves, a "
+                         "dense [n, n] result); use solver='eigh' for it, or pass the points to "
+                         "weigh as k_test")
+    if return_train:
+        raise UsageError("return_train=True is not available with solver='cg' (the training "
+                         "points' smoother S has n right-hand sides); use solver='eigh', or pass "
+                         "the training kernel itself as k_test")
+    if rcond is not None:
+        raise UsageError("rcond is the eigenvalue cutoff of solver='eigh'; solver='cg' has no "
+                         "cutoff (its accuracy is solver_options['tol']): drop rcond")
+    options = check_solver_options(solver_options, "smoother_weights")
+    lam = absolute_ridge(k_train, ridge, ridge_convention)
+    k_dtype, k_shape = kernel_dtype(k_train, "k_train")
+    n = k_shape[0]
+    _, ks_shape = kernel_dtype(k_test, "k_test")
+    if ks_shape[1] != n:
+        raise UsageError(f"k_test has {ks_shape[1]} columns but k_train has {n} rows: both "
+                         f"must index the same n training points (shapes {ks_shape} and "
+                         f"{k_shape})")
+    blocks = {key: options[key] for key in ("block_rows", "max_memory_gb") if key in options}
+    rhs = dense_kernel(k_test, "k_test", **blocks).T                  # K_*^T, [n, m]
+    x = solve_kernel_system(k_train, rhs, ridge=lam, **options).solution
+    dtype = k_dtype if k_dtype.is_floating_point else torch.float64
+    return x.T.to(dtype).contiguous()
 
 
 def _outputs(shape: tuple[int, ...], name: str) -> int:
