@@ -3,11 +3,13 @@
 The kernel's example-pair blocks (the upper triangle for ``x2=None``) are independent: each Ray
 task gets the model (``ray.put`` once), its two input blocks and the options, computes its block
 with the same code the local path runs (``telescope.ntk`` on the two blocks, in the worker), and
-returns it. The driver writes every block into the memory-mapped ``.npy`` as it arrives and
-records it in ``PATH.progress.json`` (the :class:`~telescope.kernels._blocks.KernelFile` of the
-local out-of-core path), so a killed run loses only the blocks in flight, and running the same
-call again computes only the missing blocks. Writing on the driver (not in the tasks) keeps one
-writer per file and needs no filesystem shared with the workers.
+returns it. At most twice as many tasks as the cluster has CPU slots are in flight (so the object
+store, and the driver that maps it, hold a bounded number of blocks). The driver writes every
+block into the ``.npy`` as it arrives and records it in ``PATH.progress.json`` (the
+:class:`~telescope.kernels._blocks.KernelFile` of the local out-of-core path), so a killed run
+loses only the blocks in flight, and running the same call again computes only the missing
+blocks. Writing on the driver (not in the tasks) keeps one writer per file and needs no
+filesystem shared with the workers.
 """
 
 from __future__ import annotations
@@ -72,20 +74,37 @@ def ray_blocked_kernel(compute: Callable[..., Tensor], model: nn.Module, x1: Ten
         with ray_session(ray, address=address, num_cpus=cpus) as refs:
             task = ray.remote(num_cpus=cpus_per_task, max_retries=1)(_block_task)
             model_ref = ray.put(model.cpu() if _on_cpu(model) else model)
-            for a, b in todo:
-                xa = x1[a:a + block_size].cpu()
-                xb = None if symmetric and a == b else xb_all[b:b + block_size].cpu()
+            # at most `window` blocks in flight: the object store (which the driver maps, so its
+            # touched pages count in the driver's memory) holds a bounded number of results
+            slots = int(ray.cluster_resources().get("CPU", cpus)) // cpus_per_task
+            window = max(4, 2 * slots)
+            queue = iter(todo)
+
+            def submit() -> bool:
+                pair = next(queue, None)
+                if pair is None:
+                    return False
+                a, b = pair
+                # copies, not views: a view would send its whole parent tensor's storage
+                xa = x1[a:a + block_size].cpu().clone()
+                xb = (None if symmetric and a == b
+                      else xb_all[b:b + block_size].cpu().clone())
                 refs[task.remote(compute, model_ref, xa, xb, method, output, max_memory_gb,
                                  cpus_per_task)] = (a, b)
-            pending = list(refs)
-            while pending:
-                ready, pending = ray.wait(pending, num_returns=1)
+                return True
+
+            while len(refs) < window and submit():
+                pass
+            while refs:
+                ready, _ = ray.wait(list(refs), num_returns=1)
                 for ref in ready:
                     a, b = refs.pop(ref)
                     block = torch.from_numpy(np.array(ray.get(ref)))   # Ray's are read-only
+                    del ref
                     mirror = _transpose_block(block, output) if symmetric and b > a else None
                     sink.write(a, b, block, mirror)
                     bar.update()
+                    submit()
     finally:
         bar.close()
     return sink.result()
