@@ -94,7 +94,7 @@ DEFAULT_RANK = 100
 NYSTROM_FLOOR = 1e-10
 """The Nyström denominators ``L_i + mu`` are floored at this fraction of ``L_1`` (or the
 sketch's shift ``nu``, if larger): what keeps ``ridge=0`` safe."""
-DEFAULT_MEMORY_GB = 1.0
+DEFAULT_MEMORY_GB = 0.25
 """Memory for one block (the float64 block plus its copy in the file's dtype) when neither
 ``block_rows`` nor ``max_memory_gb`` is given."""
 
@@ -457,7 +457,7 @@ def kernel_matmul(k: KernelLike, x: Tensor | np.ndarray, *, block_rows: int | No
     x : Tensor or numpy array
         ``[n]`` or ``[n, r]``.
     block_rows : int, optional
-        Rows of ``K`` per block; chosen from ``max_memory_gb`` (default 1 GiB for the float64
+        Rows of ``K`` per block; chosen from ``max_memory_gb`` (default 0.25 GiB for the float64
         block and its copy in the file's dtype) when ``None``.
     max_memory_gb : float, optional
         Memory for one block, when ``block_rows`` is not given.
@@ -674,7 +674,7 @@ def solve_kernel_system(
     block_rows : int, optional
         Rows of ``K`` per block; chosen from ``max_memory_gb`` when ``None``.
     max_memory_gb : float, optional
-        Memory for one block, the float64 block plus its copy in the file's dtype (default 1
+        Memory for one block, the float64 block plus its copy in the file's dtype (default 0.25
         GiB). The iteration's vectors (about six ``[n, r]`` float64 arrays) and the sketch (two
         ``[n, rank]``) come on top.
     seed : int
