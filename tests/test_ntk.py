@@ -488,3 +488,39 @@ def test_symmetric_blocks_of_several_chunks_match_the_oracle(case, output):
     ref = oracle_ntk(model, x, x, output)
     torch.testing.assert_close(k, ref, rtol=1e-10, atol=1e-10 * float(ref.abs().max()))
     assert torch.equal(k, k.transpose(0, 1) if output != "full" else k.permute(1, 0, 3, 2))
+
+
+@pytest.mark.parametrize("route", ["token_gram", "per_example_gradients"])
+@pytest.mark.parametrize("case", ["cnn", "transformer"])
+@pytest.mark.parametrize("output", OUTPUTS)
+def test_both_contractions_of_token_layers_match_the_oracle(monkeypatch, route, case, output):
+    """Layers with tokens (sequence positions, conv patches) take the cheaper of the token Gram
+    and the per-example-gradient contraction; each route, forced through the cost model's
+    write cost, against the per-example autograd oracle, symmetric and not."""
+    from telescope.kernels import _contractions
+
+    monkeypatch.setattr(_contractions, "WRITE_COST",
+                        10**12 if route == "token_gram" else -10**12)
+    from telescope.kernels._rule_protocol import TokenFactor
+
+    make, draw1, draw2 = CASES[case]
+    model = make().double()
+    g = torch.Generator().manual_seed(5)
+    x1, x2 = draw1(g), draw2(g)
+    if x1.is_floating_point():
+        x1, x2 = x1.double(), x2.double()
+    telescope.ntk(model, x1[:2], method="structured")   # plan and autograd check, once
+    used = []
+    for owner, name in ((_contractions, "_token_gram"), (TokenFactor, "grads")):
+        original = getattr(owner, name)
+
+        def spy(*args, original=original, name=name, **kwargs):
+            used.append(name)
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(owner, name, spy)
+    for b in (None, x2):
+        k = telescope.ntk(model, x1, b, method="structured", output=output)
+        ref = oracle_ntk(model, x1, x1 if b is None else b, output)
+        torch.testing.assert_close(k, ref, rtol=1e-10, atol=1e-10 * float(ref.abs().max()))
+    assert set(used) == {"_token_gram" if route == "token_gram" else "grads"}

@@ -4,7 +4,7 @@ layer the cheaper of two contractions (:func:`_accumulate` weighs them),
 - *token Gram* (:func:`_token_gram`): ``sum_{s,s'} k(s, s') <d_s, d'_s'>`` -- cost
   ``(B S)^2 (in + m out)``;
 - *per-example gradients* (:func:`_contract_grads`): ``G = sum_s d_s a_s^T`` then ``<G, G'>``
-  -- cost ``B^2 m out in``,
+  -- cost ``B^2 m out in``, plus the memory-bound writing of ``G`` (:data:`WRITE_COST`),
 
 added into the trace, diagonal or full kernel. A symmetric block (``xb is None``) is
 accumulated over every layer on its upper triangle of example chunks only (:func:`_chunks`), and
@@ -77,6 +77,15 @@ def gram(x: Tensor, y: Tensor | None = None) -> Tensor:
     return out
 
 
+WRITE_COST = 64
+"""Multiply-adds that writing one element of the per-example gradients costs, in the cost model
+of :func:`_accumulate`: forming ``G = sum_s d_s a_s^T`` contracts only the ``s`` tokens per
+output element, so it runs at the memory's pace, not the matmul rate (measured on a 2-core AVX2
+machine: 13 % of the matmul rate at 16 tokens, 35 % at 64, 64 % at 256; at 16 tokens 1.2 ns per
+element written, the time of about 64 multiply-adds on one thread and 124 on two). Without it,
+the 2-layer transformer of ``bench/bench_ntk.py`` (16 tokens) took the gradient route for most
+layers and its trace kernel took 51 s instead of 25 s."""
+
 Chunks = list[tuple[int, int]]
 """Example chunks ``(start, stop)`` of a symmetric block: only rows ``start:stop`` times columns
 ``start:`` are accumulated."""
@@ -112,17 +121,12 @@ def _mirror(acc: Tensor, chunks: Chunks, output: str) -> None:
         block[rows, cols] = block[cols, rows]
 
 
-def _upper_gram(acc2d: Tensor, x: Tensor, chunks: Chunks, rows: int = 1,
-                scale: Tensor | None = None) -> None:
-    """``acc2d += x @ x.T`` (times ``scale``, elementwise) on the upper chunk triangle; chunk
-    bounds are in examples, ``rows`` rows of ``x`` (and of ``acc2d``) per example."""
+def _upper_gram(acc2d: Tensor, x: Tensor, chunks: Chunks, rows: int = 1) -> None:
+    """``acc2d += x @ x.T`` on the upper chunk triangle; chunk bounds are in examples, ``rows``
+    rows of ``x`` (and of ``acc2d``) per example."""
     for start, stop in chunks:
-        part = x[start * rows:stop * rows] @ x[start * rows:].T
-        target = acc2d[start * rows:stop * rows, start * rows:]
-        if scale is None:
-            target += part
-        else:
-            target.addcmul_(scale[start * rows:stop * rows, start * rows:], part)
+        acc2d[start * rows:stop * rows, start * rows:] += (x[start * rows:stop * rows]
+                                                           @ x[start * rows:].T)
 
 
 def _contract_grads(acc: Tensor, g1: Tensor, g2: Tensor, output: str, same: bool,
@@ -156,7 +160,8 @@ def _accumulate(acc: Tensor, f1, f2, output: str, same: bool,
     q = f1.q
     m = o * o if output == "full" else o
     cost_gram = b1 * s1 * b2 * s2 * ((q if f1.a is not None else 1) + m * p)
-    cost_grad = o * (b1 * s1 + b2 * s2) * p * q + b1 * b2 * m * p * q
+    cost_grad = (o * (b1 * s1 + b2 * s2) * p * q + b1 * b2 * m * p * q
+                 + WRITE_COST * o * (b1 + b2) * p * q)
     if cost_grad < cost_gram:
         g1 = f1.grads().reshape(b1, o, -1)
         g2 = g1 if same else f2.grads().reshape(b2, o, -1)
