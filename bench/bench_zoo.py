@@ -90,7 +90,7 @@ def timed(fn, repeat: int = 1) -> tuple[float, torch.Tensor]:
 
 
 def bench(name: str, model: nn.Module, x: torch.Tensor, baseline: bool,
-          jacobian_gb: float | None) -> None:
+          jacobian_gb: float | None) -> list[dict]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         df = explain(model, x)
@@ -100,7 +100,7 @@ def bench(name: str, model: nn.Module, x: torch.Tensor, baseline: bool,
     n_params = int(df["numel"].sum())
     print(f"\n{name}: N = {x.shape[0]}, {n_params:,} parameters, {on_rules:.1%} on per-layer "
           f"rules")
-    rows = []
+    rows, failed = [], []
     methods = {"structured": lambda: telescope.ntk(model, x, method="structured")}
     if jacobian_gb:
         methods["jacobian"] = lambda: telescope.ntk(model, x, method="jacobian",
@@ -114,6 +114,8 @@ def bench(name: str, model: nn.Module, x: torch.Tensor, baseline: bool,
                 seconds, k = timed(fn)
             except RuntimeError as err:  # e.g. vmap and a data-dependent pad-token check
                 print(f"  {label:<26} fails: {str(err).splitlines()[0][:90]}")
+                failed.append(dict(model=name, n=int(x.shape[0]), method=label,
+                                   failed=str(err).splitlines()[0][:200]))
                 continue
         err = float((k.double() - ref).abs().max() / ref.abs().max())
         rows.append((label, seconds, err))
@@ -122,6 +124,9 @@ def bench(name: str, model: nn.Module, x: torch.Tensor, baseline: bool,
         ratios = ", ".join(f"{base[other] / seconds:.1f}x faster than {other}"
                            for other in base if other != label and base[other] > seconds)
         print(f"  {label:<26} {seconds:8.2f} s   rel. error vs float64 {err:.1e}   {ratios}")
+    return [dict(model=name, n=int(x.shape[0]), parameters=n_params, on_rules=on_rules,
+                 method=label, seconds=seconds, relative_error=err)
+            for label, seconds, err in rows] + failed
 
 
 def main() -> None:
@@ -138,17 +143,24 @@ def main() -> None:
     ap.add_argument("--jacobian-memory-gb", type=float, default=12.0,
                     help="max_memory_gb of the jacobian method (enough to keep every block's "
                          "Jacobians of ResNet-18 at N = 16: each computed once)")
+    ap.add_argument("--save", help="also write the rows as a JSON record (tools/readme_bench.py)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    rows: list[dict] = []
     print(f"torch {torch.__version__}, {args.threads} thread(s)")
     if "gpt2" in args.models:
-        bench("GPT-2 (d 128, 4 layers, seq 16, pad token)", *gpt2(), not args.no_baseline,
-              args.jacobian_memory_gb)
+        rows += bench("GPT-2 (d 128, 4 layers, seq 16, pad token)", *gpt2(),
+                      not args.no_baseline, args.jacobian_memory_gb)
     if "resnet18" in args.models:
         for n in args.resnet_n:
             small = n <= args.baseline_max_n
-            bench("ResNet-18 (32x32, BatchNorm in eval)", *resnet18(n),
-                  not args.no_baseline and small, args.jacobian_memory_gb if small else None)
+            rows += bench("ResNet-18 (32x32, BatchNorm in eval)", *resnet18(n),
+                          not args.no_baseline and small,
+                          args.jacobian_memory_gb if small else None)
+    if args.save:
+        from _records import save_record
+
+        save_record(args.save, rows, threads=args.threads)
 
 
 if __name__ == "__main__":
