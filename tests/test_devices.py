@@ -74,3 +74,22 @@ def test_fit_and_telescope_on_the_device(device):
         gap = (lens.telescoping("x") - model(x[:4])).abs().max()
     assert lens.telescoping("x").device.type == dev.type
     assert float(gap) < 0.05   # five small steps: first order is close
+
+
+def test_kernel_on_disk_and_cg_regression_from_the_device(device, tmp_path):
+    """``out=`` with a model on the device writes the CPU kernel's numbers; ``solver="cg"`` on a
+    kernel tensor on the device solves there and matches the eigendecomposition on the CPU."""
+    dev = _on(device)
+    torch.manual_seed(0)
+    model = MLP(6, [32], 3, activation="relu").double()
+    x = torch.randn(40, 6, dtype=torch.float64)
+    ref = telescope.ntk(model, x)
+    on_disk = telescope.ntk(model.to(dev), x.to(dev), out=tmp_path / "k.npy", block_size=16)
+    torch.testing.assert_close(torch.from_numpy(on_disk.copy()), ref, rtol=1e-10, atol=1e-12)
+    y = torch.randn(40, 2, dtype=torch.float64)
+    k_test = ref[:7]
+    eigh = telescope.kernel_regression(ref, k_test, y, ridge=1e-2)
+    cg = telescope.kernel_regression(ref.to(dev), k_test.to(dev), y.to(dev), ridge=1e-2,
+                                     solver="cg", solver_options={"tol": 1e-12})
+    assert cg.device.type == dev.type
+    torch.testing.assert_close(cg.cpu(), eigh, rtol=1e-8, atol=1e-10)
