@@ -226,6 +226,17 @@ def _as_initial(f0: object, name: str, y_train: Tensor, rows: int, rows_name: st
     return _as_targets(f0, name, rows, rows_name, outputs)
 
 
+def _as_initial_train(f0_train: object, y_train: Tensor, n: int, outputs: int) -> Tensor:
+    """Validate the initial function on the training points (the shape of ``y_train``): float64
+    ``[n, O]``."""
+    if not isinstance(f0_train, Tensor):
+        raise UsageError(f"f0_train must be a torch.Tensor, got {type(f0_train).__name__}")
+    if f0_train.shape != y_train.shape:
+        raise UsageError(f"f0_train must have the shape of y_train {tuple(y_train.shape)}"
+                         f", got {tuple(f0_train.shape)}")
+    return _as_targets(f0_train, "f0_train", n, "n", outputs)
+
+
 class KernelRegressor:
     """Gradient-flow kernel regression with a cached eigendecomposition of the train kernel.
 
@@ -274,12 +285,7 @@ class KernelRegressor:
         self.outputs = y.shape[1]
         r = y
         if f0_train is not None:
-            if not isinstance(f0_train, Tensor):
-                raise UsageError(f"f0_train must be a torch.Tensor, got {type(f0_train).__name__}")
-            if f0_train.shape != y_train.shape:
-                raise UsageError(f"f0_train must have the shape of y_train {tuple(y_train.shape)}"
-                                 f", got {tuple(f0_train.shape)}")
-            f0 = _as_targets(f0_train, "f0_train", n, "n", self.outputs)
+            f0 = _as_initial_train(f0_train, y_train, n, self.outputs)
             r = y - f0
         else:
             f0 = torch.zeros_like(y)
@@ -545,12 +551,7 @@ def _cg_regression(k: KernelLike, ks: KernelLike, y_train: Tensor, *, f0_train: 
     vector = y_train.dim() == 1
     outputs = y.shape[1]
     if f0_train is not None:
-        if not isinstance(f0_train, Tensor):
-            raise UsageError(f"f0_train must be a torch.Tensor, got {type(f0_train).__name__}")
-        if f0_train.shape != y_train.shape:
-            raise UsageError(f"f0_train must have the shape of y_train {tuple(y_train.shape)}"
-                             f", got {tuple(f0_train.shape)}")
-        f0 = _as_targets(f0_train, "f0_train", n, "n", outputs)
+        f0 = _as_initial_train(f0_train, y_train, n, outputs)
     else:
         f0 = torch.zeros_like(y)
     if f0_test is not None:
