@@ -51,12 +51,13 @@ def setup():
     return model, x, {"full": k_full, "trace": k_trace}
 
 
+@pytest.mark.parametrize("method", ["structured", "vector"])
 @pytest.mark.parametrize("output", ["trace", "full"])
-def test_exact_when_subspace_is_everything(setup, output):
+def test_exact_when_subspace_is_everything(setup, output, method):
     model, x, kernels = setup
     k = kernels[output]
     m = k.shape[0]
-    u, s = lowrank_ntk(model, x, m, oversample=0, n_iter=0, output=output)
+    u, s = lowrank_ntk(model, x, m, oversample=0, n_iter=0, output=output, method=method)
     assert u.shape == (m, m) and s.shape == (m,)
     assert u.dtype == torch.float64 and s.dtype == torch.float64
     evals, _ = _top_eig(k)
@@ -66,12 +67,13 @@ def test_exact_when_subspace_is_everything(setup, output):
     assert torch.all(s[:-1] >= s[1:])
 
 
+@pytest.mark.parametrize("method", ["structured", "vector"])
 @pytest.mark.parametrize("output", ["trace", "full"])
-def test_top_eigenpairs_with_power_iterations(setup, output):
+def test_top_eigenpairs_with_power_iterations(setup, output, method):
     model, x, kernels = setup
     evals, evecs = _top_eig(kernels[output])
     rank = 5
-    u, s = lowrank_ntk(model, x, rank, oversample=5, n_iter=10, output=output)
+    u, s = lowrank_ntk(model, x, rank, oversample=5, n_iter=10, output=output, method=method)
     assert u.shape == (kernels[output].shape[0], rank)
     rel = (s - evals[:rank]).abs() / evals[:rank]
     assert rel.max() < 1e-6
@@ -207,8 +209,74 @@ def test_bad_arguments(setup):
         lowrank_ntk(model, x, 2, n_iter=-1)
     with pytest.raises(ValueError, match="block_size"):
         lowrank_ntk(model, x, 2, block_size=0)
+    with pytest.raises(ValueError, match="method must be one of"):
+        lowrank_ntk(model, x, 2, method="jacobian")
     with pytest.raises(ValueError):
         lowrank_ntk(model, torch.zeros(0, 8, dtype=torch.float64), 1)
     bn = nn.Sequential(nn.Linear(8, 4), nn.BatchNorm1d(4), nn.Linear(4, 1)).double()
     with pytest.raises(UnsupportedModelError):
         lowrank_ntk(bn, x, 2)
+
+
+def _models():
+    from telescope.models import ConvNet1d, TinyTransformer
+
+    torch.manual_seed(3)
+    g = torch.Generator().manual_seed(4)
+    norm = nn.Sequential(nn.Linear(5, 12), nn.LayerNorm(12), nn.Tanh(), nn.Linear(12, 3))
+    return {
+        "mlp+layernorm": (norm.double(), torch.randn(11, 5, generator=g, dtype=torch.float64)),
+        "cnn": (ConvNet1d(in_channels=2, length=10, channels=4, out_features=3).double(),
+                torch.randn(9, 2, 10, generator=g, dtype=torch.float64)),
+        "transformer": (TinyTransformer(vocab=11, d_model=16, n_heads=2, n_layers=2, seq_len=6,
+                                        out_features=4).double(),
+                        torch.randint(0, 11, (7, 6), generator=g)),
+    }
+
+
+@pytest.mark.parametrize("case", ["mlp+layernorm", "cnn", "transformer"])
+@pytest.mark.parametrize("output", ["trace", "full"])
+def test_both_products_equal_the_oracle_kernel_times_omega(case, output):
+    """``K Omega`` of the factor route (dense, conv patches, embedding tables, attention,
+    LayerNorm's per-example gradients) and of the autograd route, blocks not dividing N,
+    against the autograd-loop kernel."""
+    from telescope.kernels.lowrank import _FactorOperator, _NTKOperator
+
+    model, x = _models()[case]
+    k_full, k_trace = _exact_kernels(model, x)
+    k = k_full if output == "full" else k_trace
+    n_out = k_full.shape[0] // x.shape[0]
+    omega = torch.randn(k.shape[0], 6, generator=torch.Generator().manual_seed(0),
+                        dtype=torch.float64)
+    ref = k @ omega
+    for operator in (_FactorOperator, _NTKOperator):
+        got = operator(model, x, n_out, output, 4, None, 6).matmul(omega)
+        torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-10 * float(ref.abs().max()))
+
+
+def test_auto_takes_the_factor_route_only_when_every_parameter_has_a_rule(monkeypatch):
+    from telescope.kernels import lowrank
+
+    class Scale(nn.Module):   # a parameter used elementwise: no per-layer rule
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.ones(6))
+
+        def forward(self, h):
+            return h * self.w
+
+    built = []
+    for name in ("_FactorOperator", "_NTKOperator"):
+        cls = getattr(lowrank, name)
+
+        def init(self, *args, cls=cls, name=name, **kwargs):
+            built.append(name)
+            cls.__init__(self, *args, **kwargs)
+
+        monkeypatch.setattr(lowrank, name, type(name, (cls,), {"__init__": init}))
+    x = torch.randn(8, 4, dtype=torch.float64)
+    lowrank_ntk(_mlp((4, 6, 2)), x, 3)
+    torch.manual_seed(0)
+    ruled_out = nn.Sequential(nn.Linear(4, 6), Scale(), nn.Tanh(), nn.Linear(6, 2)).double()
+    lowrank_ntk(ruled_out, x, 3)
+    assert built == ["_FactorOperator", "_NTKOperator"]

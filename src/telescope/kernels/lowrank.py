@@ -34,7 +34,18 @@ outputs through ``J^T`` gives ``sum_o J_o^T w`` and would wrongly add cross term
 ``w e_o^T`` (``w`` on output ``o``, zero elsewhere), ``J (J^T (w e_o^T))`` is formed for each ``o``
 and only its output-``o`` entries are kept and summed over ``o``. (Equivalently
 ``K_tr = J~ J~^T`` with ``J~ in R^{N x OP}`` the per-example Jacobian flattened over outputs and
-parameters.) A trace-kernel product therefore costs ``O`` full-kernel products.
+parameters.) A trace-kernel product therefore costs ``O`` full-kernel products on this route.
+
+**Two routes to a product.** ``method="vector"`` is the above: a vmapped VJP and JVP through the
+whole model per column (and per output, for the trace kernel). ``method="structured"`` (the
+default when every parameter has a per-layer rule) reads the structured engine's factors of each
+block of examples (the deltas ``d`` of every layer for all ``O`` outputs from one backward pass,
+and the layer inputs ``a``), so ``J^T Omega`` is, per layer, a weighted sum of per-example
+gradients ``sum_{b,s} omega_b d_{b,s} a_{b,s}^T`` and ``J M`` is ``sum_s d_{b,s} . (M a_{b,s})``:
+matmuls only, with the backward pass shared by every column. Neither route removes the ``O`` of
+the trace kernel: ``K_tr = J~ J~^T`` has ``O P`` features per example, so an exact product holds
+``O`` parameter-sized sums per column (a cost linear in ``N``; only forming the ``N x N`` kernel
+avoids it).
 
 **Randomized eigendecomposition** (Halko, Martinsson & Tropp 2011, Algorithms 4.3/4.4 and 5.3):
 with ``k = min(rank + oversample, M)`` (``M = N * O`` or ``N``) and a Gaussian
@@ -75,6 +86,7 @@ from telescope.errors import UsageError
 from telescope.kernels._functional import (
     ParamSpec,
     ad_safe_backends,
+    at_least_two,
     batched_fn,
     checked_call,
     frozen_state,
@@ -83,10 +95,13 @@ from telescope.kernels._functional import (
     select_params,
     trainable_params,
 )
+from telescope.kernels._rule_protocol import GradFactor, TokenFactor
+from telescope.kernels.structured import _plan, _sizes
 
 __all__ = ["lowrank_ntk"]
 
 _OUTPUTS = ("trace", "full")
+_METHODS = ("auto", "structured", "vector")
 
 
 def _check_int(name: str, value: object, minimum: int) -> int:
@@ -219,6 +234,114 @@ class _NTKOperator:
             return out.T
 
 
+class _FactorOperator:
+    """``Omega -> K Omega`` from the structured engine's per-layer factors.
+
+    A layer's per-example gradient is ``G_{b,o} = sum_s d[b,s,o] a[b,s]^T`` (a gather layer's,
+    ``G_{b,o}[v] = sum_{s: idx[b,s]=v} d[b,s,o]``), so ``J^T`` of a column is the weighted sum
+
+    .. math::
+
+        M = \\sum_{b,o} \\omega_{b,o} G_{b,o}  \\quad (\\text{full}), \\qquad
+        M_o = \\sum_b \\omega_b G_{b,o} \\quad (\\text{trace, one per output}),
+
+    and ``J`` of it is ``<G_{b,o}, M> = sum_s d[b,s,o] . (M a[b,s])``. The deltas ``d`` of a
+    block come from one backward pass over the ``O`` outputs shared by every column, where the
+    autograd route (:class:`_NTKOperator`) runs a backward and a forward-mode pass through the
+    whole model per column and output. The trace kernel's ``O`` matrices ``M_o`` per column are
+    what its feature space costs (``K_tr = J~ J~^T`` with ``O P`` features per example).
+    """
+
+    def __init__(self, model: nn.Module, x: Tensor, n_outputs: int, output: str,
+                 block_size: int | None, max_memory_gb: float | None, n_columns: int) -> None:
+        self.engine, _ = _plan(model, at_least_two(x[:2]))
+        self.model, self.x, self.n, self.n_out, self.output = model, x, x.shape[0], n_outputs, \
+            output
+        budget = parse_memory(max_memory_gb)
+        itemsize = torch.finfo(self.engine.dtype).bits // 8
+        per_output, inputs, _ = _sizes(self.engine)
+        n_params = sum(p.numel() for p in self.engine.params.values())
+        m = n_outputs if output == "trace" else 1
+        # the weighted sums M of every layer for a chunk of columns: a quarter of the budget
+        self.col_chunk = int(max(1, min(n_columns, (budget // 4) // (m * n_params * itemsize))))
+        factor_bytes = (n_outputs * per_output + inputs) * itemsize
+        work_bytes = 2 * self.col_chunk * m * per_output * itemsize
+        if block_size is None:
+            block_size = int(max(1, min(self.n, (budget // 4) // (factor_bytes + work_bytes))))
+        self.block_size = block_size
+        self.blocks = [slice(i, min(i + block_size, self.n)) for i in range(0, self.n, block_size)]
+        # every block's factors kept when they fit in a quarter of the budget, else recomputed
+        self.cache: dict[int, list] | None = ({} if self.n * factor_bytes <= budget // 4
+                                              else None)
+
+    def _factors(self, i: int) -> list:
+        if self.cache is not None and i in self.cache:
+            return self.cache[i]
+        with ad_safe_backends(self.model):
+            f = self.engine.factors(self.x[self.blocks[i]], self.n_out)
+        if self.cache is not None:
+            self.cache[i] = f
+        return f
+
+    def _pull(self, f: TokenFactor | GradFactor, w: Tensor) -> Tensor:
+        """This block's part of ``M`` for the columns ``w`` (``[b, c]`` trace, ``[b, O, c]``
+        full): ``[c, O, P]`` / ``[c, P]`` (GradFactor), ``[c O p, q]`` / ``[c p, q]`` (dense),
+        a ``[q, c O p]`` / ``[q, c p]`` table (gather)."""
+        if isinstance(f, GradFactor):
+            spec = "bc,boP->coP" if self.output == "trace" else "boc,boP->cP"
+            return torch.einsum(spec, w, f.g)
+        b, s, o, p = f.d.shape
+        if self.output == "trace":   # [b, s, c, o, p]: column c on output o
+            wd = (w[:, None, :, None, None] * f.d[:, :, None]).reshape(b * s, -1)
+        else:                        # sum over the outputs first: [b, s, c, p]
+            wd = torch.einsum("boc,bsop->bscp", w, f.d).reshape(b * s, -1)
+        if f.a is not None:
+            return wd.T @ f.a.reshape(b * s, -1)
+        assert f.idx is not None  # a factor holds a or idx
+        idx = f.idx.reshape(-1)
+        valid = idx >= 0
+        table = wd.new_zeros(f.q, wd.shape[1])
+        return table.index_add_(0, idx[valid], wd[valid])
+
+    def _push(self, f: TokenFactor | GradFactor, mat: Tensor, c: int) -> Tensor:
+        """``<G_{b,o}, M>`` of this block: ``[b, c]`` (trace) or ``[b, O, c]`` (full)."""
+        if isinstance(f, GradFactor):
+            spec = "boP,coP->bc" if self.output == "trace" else "boP,cP->boc"
+            return torch.einsum(spec, f.g, mat)
+        b, s, o, p = f.d.shape
+        if f.a is not None:
+            y = f.a.reshape(b * s, -1) @ mat.T            # M a for every token and column
+        else:
+            assert f.idx is not None  # a factor holds a or idx
+            idx = f.idx.reshape(-1)
+            y = mat[idx.clamp(min=0)] * (idx >= 0).unsqueeze(1).to(mat.dtype)
+        if self.output == "trace":
+            return torch.einsum("bsop,bscop->bc", f.d, y.view(b, s, c, o, p))
+        return torch.einsum("bsop,bscp->boc", f.d, y.view(b, s, c, p))
+
+    def matmul(self, omega: Tensor) -> Tensor:
+        """``K @ omega`` with ``omega`` of shape ``[M, k]`` (``M = N*O`` full, ``N`` trace)."""
+        n, n_out, k = self.n, self.n_out, omega.shape[1]
+        full = self.output == "full"
+        w = omega.reshape(n, n_out, k) if full else omega
+        out = omega.new_zeros(w.shape)
+        with torch.no_grad():
+            for c0 in range(0, k, self.col_chunk):
+                wc = w[..., c0:c0 + self.col_chunk]
+                c = wc.shape[-1]
+                mats: list[Tensor] | None = None
+                for i, sl in enumerate(self.blocks):
+                    parts = [self._pull(f, wc[sl]) for f in self._factors(i)]
+                    mats = parts if mats is None else [m.add_(p) for m, p in
+                                                       zip(mats, parts, strict=True)]
+                assert mats is not None  # at least one block
+                for i, sl in enumerate(self.blocks):
+                    res = [self._push(f, m, c) for f, m in
+                           zip(self._factors(i), mats, strict=True)]
+                    out[sl, ..., c0:c0 + c] = torch.stack(res).sum(0)
+        return out.reshape(n * n_out, k) if full else out
+
+
 def lowrank_ntk(
     model: nn.Module,
     x: Tensor,
@@ -231,6 +354,7 @@ def lowrank_ntk(
     block_size: int | None = None,
     max_memory_gb: float | None = None,
     params: ParamSpec = None,
+    method: str = "auto",
 ) -> tuple[Tensor, Tensor]:
     r"""Top-``rank`` eigenpairs of the empirical NTK on ``x``, without ever forming the kernel.
 
@@ -245,10 +369,15 @@ def lowrank_ntk(
 
     The eigenpairs are found by a randomized range finder with ``n_iter`` subspace iterations and a
     Rayleigh-Ritz step (Halko, Martinsson & Tropp 2011), the Neural Fisher Kernel construction of
-    Zhang et al. (2021); every product ``K Omega = J (J^T Omega)`` is a vmapped vector-Jacobian
-    product followed by a vmapped Jacobian-vector product (see the module docstring for the math,
-    in particular for the trace kernel). It costs ``n_iter + 2`` kernel products, each of
-    ``rank + oversample`` columns (times ``O`` for the trace kernel).
+    Zhang et al. (2021); every product is ``K Omega = J (J^T Omega)``. It costs ``n_iter + 2``
+    kernel products, each of ``rank + oversample`` columns. ``method="structured"`` forms them
+    from the structured engine's per-layer factors (:class:`_FactorOperator`): one backward pass
+    over the outputs per block of examples, shared by every column, then per layer the weighted
+    sums of per-example gradients ``J^T Omega`` and their products with the factors.
+    ``method="vector"`` runs a vmapped vector-Jacobian product and a vmapped Jacobian-vector
+    product per column (and per output for the trace kernel: see the module docstring). Both give
+    the same products to round-off. The trace kernel has ``O P`` features per example
+    (``K_tr = J~ J~^T``), so either way its product holds ``O`` parameter-sized sums per column.
 
     Parameters
     ----------
@@ -277,6 +406,10 @@ def lowrank_ntk(
     params : optional
         The kernel of a subset of the parameters (names, glob patterns or a predicate), as in
         :func:`telescope.ntk`.
+    method : {"auto", "structured", "vector"}
+        How each product is formed (above); ``"auto"`` takes ``"structured"`` when every
+        parameter is on a per-layer rule (``telescope.kernels.explain`` says), else ``"vector"``
+        (a parameter without a rule would need per-example Jacobians).
 
     Returns
     -------
@@ -303,16 +436,19 @@ def lowrank_ntk(
         raise UsageError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     with only_params(model, select_params(model, params)):
         return _lowrank_ntk(model, x, rank, oversample=oversample, n_iter=n_iter, output=output,
-                            seed=seed, block_size=block_size, max_memory_gb=max_memory_gb)
+                            seed=seed, block_size=block_size, max_memory_gb=max_memory_gb,
+                            method=method)
 
 
 def _lowrank_ntk(model: nn.Module, x: Tensor, rank: int, *, oversample: int, n_iter: int,
                  output: str, seed: int, block_size: int | None,
-                 max_memory_gb: float | None) -> tuple[Tensor, Tensor]:
+                 max_memory_gb: float | None, method: str) -> tuple[Tensor, Tensor]:
     with ad_safe_backends(model):
         x, _ = checked_call(model, x)
     if output not in _OUTPUTS:
         raise UsageError(f"output must be one of {_OUTPUTS}, got {output!r}")
+    if method not in _METHODS:
+        raise UsageError(f"method must be one of {_METHODS}, got {method!r}")
     _check_int("oversample", oversample, 0)
     _check_int("n_iter", n_iter, 0)
     _check_int("seed", seed, 0)
@@ -334,7 +470,11 @@ def _lowrank_ntk(model: nn.Module, x: Tensor, rank: int, *, oversample: int, n_i
         )
     k = min(rank + oversample, m)
 
-    op = _NTKOperator(model, x, n_out, output, block_size, max_memory_gb, k)
+    if method == "auto":
+        engine, _ = _plan(model, at_least_two(x[:2]), quiet=True)
+        method = "vector" if engine.fallback else "structured"
+    operator = _FactorOperator if method == "structured" else _NTKOperator
+    op = operator(model, x, n_out, output, block_size, max_memory_gb, k)
     gen = torch.Generator(device="cpu").manual_seed(seed)
     omega = torch.randn(m, k, generator=gen, dtype=dtype).to(device)
 
