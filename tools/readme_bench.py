@@ -111,8 +111,8 @@ def out_of_core(record: dict) -> list[str]:
         ray = ", ".join(f"{_g(v, 2)} min with {k}" for k, v in p["ray_minutes"].items())
         lines += ["", f"Projected for N = {p['n']:,} ({p['gigabytes']:.1f} GB, "
                   f"{p['block_pairs']} block pairs; the work grows as N^2): this machine "
-                  f"{p['this_machine_minutes']:.0f} min; on a Ray cluster of machines like this one "
-                  f"{ray} (compute only: the driver also writes the file); one GPU "
+                  f"{p['this_machine_minutes']:.0f} min; on a Ray cluster of machines like this "
+                  f"one {ray} (compute only: the driver also writes the file); one GPU "
                   f"{_g(p['gpu_seconds'], 2)} s of Gram contractions at an assumed "
                   f"{p['gpu_tflops']:g} TFLOP/s sustained ({p['tflop']:.0f} TFLOP; not measured: "
                   f"no GPU was available)."]
