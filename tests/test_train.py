@@ -211,3 +211,23 @@ def test_progress_counts_steps():
     p = Progress()
     fit(model, torch.optim.SGD(model.parameters(), lr=0.1), x, y, steps=5, progress=p)
     assert p.total == 5 and p.n == 5
+
+
+def test_an_update_that_leaves_the_weights_non_finite_is_divergence_not_a_failed_measurement():
+    """The loss before the update is finite, the update overflows the weights: at an
+    evaluation step fit says that training diverged (or stops), instead of running the
+    measurements on non-finite weights."""
+    x, y = _data()
+    model = _net()
+    opt = torch.optim.SGD(model.parameters(), lr=math.inf)   # the first update overflows
+    seen = []
+    with pytest.raises(DivergedError, match="parameters are not finite after the update of "
+                                            "step 1.*lower the learning rate"):
+        fit(model, opt, x, y, steps=3, eval_at=[1], evaluate=lambda m: seen.append(1) or {})
+    assert seen == []
+    model = _net()
+    opt = torch.optim.SGD(model.parameters(), lr=math.inf)
+    hist = fit(model, opt, x, y, steps=3, eval_at=[1, 2], on_nonfinite="stop",
+               evaluate=lambda m: {"w": float(next(m.parameters()).sum())})
+    assert hist.diverged_at == 1 and math.isnan(hist.diverged_loss) and hist.steps_done == 1
+    assert hist.rows == []

@@ -242,7 +242,9 @@ def fit(
     on_nonfinite:
         A step whose loss is NaN or infinite: ``"raise"`` a :class:`~telescope.errors.
         DivergedError` (naming the step and the fix), or ``"stop"`` training there (without
-        that step's update) and set :attr:`History.diverged_at`.
+        that step's update) and set :attr:`History.diverged_at`. The same for an update that
+        leaves a parameter non-finite, checked at the steps of ``eval_at`` before measuring
+        (``diverged_loss`` is then NaN; the update is not undone).
     progress:
         A :class:`~telescope.train.Progress` to count steps on (its total is set to ``steps`` if
         unset), ``True`` for a tqdm bar, or ``None``/``False`` for none.
@@ -341,6 +343,18 @@ def fit(
             if scheduler is not None:
                 scheduler.step()
             call("after_update")
+            if step in evals and not all(bool(torch.isfinite(p).all())
+                                         for p in model.parameters()):
+                # the loss before this update was finite, the update was not: say so here
+                # rather than let the measurements fail on non-finite weights
+                if on_nonfinite == "raise":
+                    raise DivergedError(
+                        f"the parameters are not finite after the update of step {step} (its "
+                        "loss was finite): training diverged; lower the learning rate, add "
+                        "warmup or gradient clipping")
+                history.diverged_at, history.diverged_loss = step, math.nan
+                history.steps_done = step
+                break
             history.steps_done = step
             bar.update()
             if step in evals:
