@@ -71,6 +71,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--save", help="also write the figures as a JSON record "
+                                   "(tools/readme_bench.py)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     run(2, True)  # warm-up
@@ -88,6 +90,12 @@ def main() -> None:
           f"({naive / max(update, 1e-9):.1f}x the whole smoother update)")
     print(f"projected 5000 steps          {5000 * with_sm / 60:8.2f} min (target < 5 min); "
           f"naive kernel alone {5000 * naive / 60:.1f} min")
+    if args.save:
+        from _records import save_record
+
+        save_record(args.save, [dict(train_ms=train * 1e3, with_smoother_ms=with_sm * 1e3,
+                                     naive_kernel_ms=naive * 1e3)],
+                    threads=args.threads, steps=args.steps)
 
 
 if __name__ == "__main__":

@@ -53,6 +53,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--save", help="also write the rows as a JSON record "
+                                       "(tools/readme_bench.py)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     g = torch.Generator().manual_seed(0)
@@ -83,10 +85,17 @@ def main() -> None:
 
     print(f"threads {args.threads}, {args.steps} steps per measurement")
     print(f"{'case':<46} {'bare ms':>9} {'+lens ms':>9} {'ratio':>6}")
+    rows = []
     for name, make, xx, yy, batch, probes in cases:
         bare = step_time(*make(), xx, yy, batch, args.steps)
         lens = step_time(*make(), xx, yy, batch, args.steps, probes)
         print(f"{name:<46} {bare * 1e3:9.2f} {lens * 1e3:9.2f} {lens / bare:6.2f}")
+        rows.append(dict(case=name, bare_ms=bare * 1e3, lens_ms=lens * 1e3, batch=batch,
+                         probes=int(probes["test"].shape[0])))
+    if args.save:
+        from _records import save_record
+
+        save_record(args.save, rows, threads=args.threads, steps=args.steps)
 
 
 if __name__ == "__main__":
