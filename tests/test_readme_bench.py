@@ -26,6 +26,12 @@ Prose between.
 
 <!-- bench-zoo:begin -->
 <!-- bench-zoo:end -->
+
+<!-- bench-telescope-lens:begin -->
+<!-- bench-telescope-lens:end -->
+
+<!-- bench-smoother:begin -->
+<!-- bench-smoother:end -->
 """
 
 
@@ -70,7 +76,12 @@ def _write_records(results: Path) -> None:
     ]
     for name, record in (("ntk_speed", _record(speed)), ("ntk_speed_transformer", _record(tr)),
                          ("out_of_core", _record(ooc, projection=projection)),
-                         ("zoo", _record(zoo))):
+                         ("zoo", _record(zoo)),
+                         ("telescope_lens", _record([{"case": "net", "bare_ms": 1.0,
+                                                      "lens_ms": 3.0, "batch": 200,
+                                                      "probes": 1000}], threads=1)),
+                         ("smoother", _record([{"train_ms": 1.0, "with_smoother_ms": 28.0,
+                                                "naive_kernel_ms": 540.0}], threads=2))):
         (results / f"{name}.json").write_text(json.dumps(record))
 
 
@@ -95,6 +106,8 @@ def test_blocks_come_from_the_records_and_check_catches_edits(tmp_path, capsys):
     assert "commit abc1234" in text
     assert ("| GPT-2, 0.9M parameters, N = 32 | 0.15 s | 1.29 s (9x) | fails | 100% "
             "| 2.8e-07 / 1.5e-07 / - |") in text
+    assert "| net | 1 ms | 3 ms | 3.0x | 0.4x |" in text      # (3 - 1) / 1000 over 1 / 200
+    assert "| 2 | 1 ms | 28 ms | 2.3 min | 540 ms (20x the smoother's update) |" in text
     assert rb.main(["--readme", str(readme), "--results", str(results), "--check"]) == 0
     readme.write_text(text.replace("113 iterations", "100 iterations"))
     assert rb.main(["--readme", str(readme), "--results", str(results), "--check"]) == 1

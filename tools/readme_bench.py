@@ -1,7 +1,7 @@
 #!/usr/bin/env python
-"""Write the README's benchmark tables for the NTK's speed, for kernels out of core and for the
-model zoo from the saved benchmark records, so that every number in them comes from a run of a
-script in bench/.
+"""Write the README's benchmark tables (the NTK's speed, kernels out of core, the model zoo, the
+telescoping lens, the Smoother) from the saved benchmark records, so that every number in them
+comes from a run of a script in bench/.
 
 Usage (from the repository root)::
 
@@ -11,11 +11,14 @@ Usage (from the repository root)::
         --transformer-methods structured --save bench/results/ntk_speed_transformer.json
     .venv/bin/python bench/bench_out_of_core.py --save bench/results/out_of_core.json
     .venv/bin/python bench/bench_zoo.py --save bench/results/zoo.json
+    .venv/bin/python bench/bench_telescope.py --save bench/results/telescope_lens.json
+    .venv/bin/python bench/bench_smoother.py --save bench/results/smoother.json
     .venv/bin/python tools/readme_bench.py            # rewrite the README's two blocks
     .venv/bin/python tools/readme_bench.py --check    # compare only
 
 Each block sits between the marker lines ``<!-- bench-NAME:begin -->`` and
-``<!-- bench-NAME:end -->`` (``NAME`` = ``ntk-speed``, ``out-of-core``, ``zoo``) and is rebuilt
+``<!-- bench-NAME:end -->`` (``NAME`` = ``ntk-speed``, ``out-of-core``, ``zoo``, ``telescope-lens``,
+``smoother``) and is rebuilt
 from the records of :data:`BLOCKS` (``bench/results/*.json``, ``{"argv", "commit", "machine",
 "date", "rows": [...]}``, as the scripts' ``--save`` writes them). ``--check`` writes nothing
 and exits 1 if the README differs (printing a diff), 2 if a record or a marker is missing.
@@ -147,9 +150,34 @@ def zoo(record: dict) -> list[str]:
     return lines
 
 
+def telescope_lens(record: dict) -> list[str]:
+    lines = [_header(record), "",
+             "| case | bare step | with `Telescope` | ratio | per probe point / per batch "
+             "example |", "|---|---|---|---|---|"]
+    for r in record["rows"]:
+        per_probe = (r["lens_ms"] - r["bare_ms"]) / r["probes"]
+        per_example = r["bare_ms"] / r["batch"]
+        lines.append(f"| {r['case']} | {_g(r['bare_ms'])} ms | {_g(r['lens_ms'])} ms "
+                     f"| {r['lens_ms'] / r['bare_ms']:.1f}x | {per_probe / per_example:.1f}x |")
+    return lines
+
+
+def smoother(record: dict) -> list[str]:
+    r = record["rows"][0]
+    update = r["with_smoother_ms"] - r["train_ms"]
+    return [_header(record), "",
+            "| threads | training step | training + `Smoother` | 5000 steps | per-example "
+            "Jacobians alone, per step |", "|---|---|---|---|---|",
+            f"| {record['threads']} | {_g(r['train_ms'])} ms | {_g(r['with_smoother_ms'])} ms "
+            f"| {5000 * r['with_smoother_ms'] / 6e4:.1f} min | {_g(r['naive_kernel_ms'])} ms "
+            f"({r['naive_kernel_ms'] / update:.0f}x the smoother's update) |"]
+
+
 BLOCKS = {"ntk-speed": (ntk_speed, ["ntk_speed", "ntk_speed_transformer"]),
           "out-of-core": (out_of_core, ["out_of_core"]),
-          "zoo": (zoo, ["zoo"])}
+          "zoo": (zoo, ["zoo"]),
+          "telescope-lens": (telescope_lens, ["telescope_lens"]),
+          "smoother": (smoother, ["smoother"])}
 """Each README block, its builder and the records (``bench/results/NAME.json``) whose rows it
 shows, in order."""
 
