@@ -35,11 +35,10 @@ SCRIPT = textwrap.dedent("""
             write(self, *args)
         _blocks.KernelFile.write = slow
     executor = None if sys.argv[2] == "local" else "ray"
-    kwargs = {"address": None} if executor else {}
     if executor:
         import ray
         ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
-    telescope.ntk(model, x, out=sys.argv[1], block_size=6, executor=executor, **kwargs)
+    telescope.ntk(model, x, out=sys.argv[1], block_size=6, executor=executor)
 """)
 
 
