@@ -78,6 +78,7 @@ from telescope.errors import UsageError
 from telescope.kernels.solvers import (
     KernelLike,
     check_solver_options,
+    check_square,
     kernel_dtype,
     kernel_matmul,
     solve_kernel_system,
@@ -272,11 +273,7 @@ class KernelRegressor:
         rcond: float | None = None,
     ) -> None:
         k = _as_matrix(k_train_train, "k_train_train")
-        n = k.shape[0]
-        if k.shape[1] != n:
-            raise UsageError(f"k_train_train must be square [n, n], got shape {tuple(k.shape)}")
-        if n == 0:
-            raise UsageError("k_train_train is empty: need at least one training point")
+        n = check_square(tuple(k.shape), "k_train_train")
         self.n = n
         self.lr = _check_scalar(lr, "lr", positive=True)
         self.ridge = _check_scalar(ridge, "ridge", positive=False)
@@ -536,11 +533,7 @@ def _cg_regression(k: KernelLike, ks: KernelLike, y_train: Tensor, *, f0_train: 
     ridge = _check_scalar(ridge, "ridge", positive=False)
     options = check_solver_options(solver_options, "kernel_regression")
     k_dtype, k_shape = kernel_dtype(k, "k_train_train")
-    n = k_shape[0]
-    if k_shape[1] != n:
-        raise UsageError(f"k_train_train must be square [n, n], got shape {k_shape}")
-    if n == 0:
-        raise UsageError("k_train_train is empty: need at least one training point")
+    n = check_square(k_shape, "k_train_train")
     _, ks_shape = kernel_dtype(ks, "k_test_train")
     if ks_shape[1] != n:
         raise UsageError(
@@ -638,11 +631,7 @@ def kernel_descent(
         non-integer ``steps``, non-positive ``lr``.
     """
     k = _as_matrix(k_train_train, "k_train_train")
-    n = k.shape[0]
-    if k.shape[1] != n:
-        raise UsageError(f"k_train_train must be square [n, n], got shape {tuple(k.shape)}")
-    if n == 0:
-        raise UsageError("k_train_train is empty: need at least one training point")
+    n = check_square(tuple(k.shape), "k_train_train")
     ks = _as_matrix(k_test_train, "k_test_train")
     if ks.shape[1] != n:
         raise UsageError(

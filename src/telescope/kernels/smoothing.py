@@ -66,6 +66,7 @@ from telescope.kernels.regression import (
 from telescope.kernels.solvers import (
     KernelLike,
     check_solver_options,
+    check_square,
     dense_kernel,
     diagonal_of,
     kernel_dtype,
@@ -82,11 +83,7 @@ Weights = Tensor | np.ndarray
 
 def _train_kernel(k_train: object) -> Tensor:
     k = _as_matrix(k_train, "k_train")
-    if k.shape[0] != k.shape[1]:
-        raise UsageError(f"k_train must be square [n, n] (the kernel between the n training "
-                         f"points), got shape {tuple(k.shape)}")
-    if k.shape[0] == 0:
-        raise UsageError("k_train is empty: need at least one training point")
+    check_square(tuple(k.shape), "k_train")
     return k
 
 
@@ -127,13 +124,7 @@ def absolute_ridge(k_train: KernelLike, ridge: float, ridge_convention: str) -> 
         k = _train_kernel(k_train)
         n = k.shape[0]
     else:   # an array, a memmap or a path: its shape from the header, its diagonal streamed
-        _, shape = kernel_dtype(k_train, "k_train")
-        if shape[0] != shape[1]:
-            raise UsageError(f"k_train must be square [n, n] (the kernel between the n training "
-                             f"points), got shape {shape}")
-        if shape[0] == 0:
-            raise UsageError("k_train is empty: need at least one training point")
-        n = shape[0]
+        n = check_square(kernel_dtype(k_train, "k_train")[1], "k_train")
     if ridge_convention == "absolute":
         return ridge
     if ridge_convention == "per_example":

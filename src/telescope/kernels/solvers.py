@@ -86,7 +86,7 @@ from torch import Tensor
 from telescope.errors import NotConvergedError, UsageError
 
 __all__ = ["KernelSolve", "solve_kernel_system", "kernel_matmul", "kernel_diagonal",
-           "PRECONDITIONERS", "KernelLike", "CG_OPTIONS", "check_solver_options"]
+           "PRECONDITIONERS", "KernelLike", "CG_OPTIONS", "check_solver_options", "check_square"]
 
 PRECONDITIONERS = ("nystrom", "jacobi", None)
 DEFAULT_RANK = 100
@@ -352,15 +352,24 @@ def _open(k: object, name: str) -> _Source:
                      f"of a .npy file, got {type(k).__name__}")
 
 
+def check_square(shape: tuple[int, ...], name: str) -> int:
+    """``n`` of a train kernel's shape ``[n, n]``; a :class:`UsageError` naming ``name`` for a
+    shape that is not square or is empty."""
+    if len(shape) != 2 or shape[0] != shape[1]:
+        raise UsageError(f"{name} must be square [n, n] (the kernel between the n training "
+                         f"points), got shape {tuple(shape)}")
+    if shape[0] == 0:
+        raise UsageError(f"{name} is empty: need at least one training point")
+    return shape[0]
+
+
 def _open_square(k: object, name: str) -> _Source:
     source = _open(k, name)
-    if source.rows != source.cols:
+    try:
+        check_square((source.rows, source.cols), name)
+    except UsageError:
         source.close()
-        raise UsageError(f"{name} must be square [n, n] (the kernel between the n training "
-                         f"points), got shape ({source.rows}, {source.cols})")
-    if source.rows == 0:
-        source.close()
-        raise UsageError(f"{name} is empty: need at least one training point")
+        raise
     return source
 
 
