@@ -28,35 +28,12 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
+from _memory import peak_during
+
 HERE = Path(__file__).resolve().parent
-
-
-def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _peak_during(fn):
-    """``(result, seconds, peak RSS growth in bytes)`` of one call."""
-    base, top, stop = _rss(), [0], threading.Event()
-
-    def sample():
-        while not stop.is_set():
-            top[0] = max(top[0], _rss())
-            time.sleep(0.01)
-
-    thread = threading.Thread(target=sample, daemon=True)
-    thread.start()
-    t0 = time.perf_counter()
-    out = fn()
-    seconds = time.perf_counter() - t0
-    stop.set()
-    thread.join()
-    return out, seconds, max(top[0], _rss()) - base
 
 
 def _architectures():
@@ -125,7 +102,7 @@ def part_two(args: argparse.Namespace) -> dict:
     x = torch.randn(args.n, 3, 8, 8, generator=torch.Generator().manual_seed(1),
                     dtype=torch.float64)
     arch = _architectures()["cnn_gap"]
-    out, seconds, peak = _peak_during(
+    out, seconds, peak = peak_during(
         lambda: arch.kernel(x, max_memory_gb=args.max_memory_gb, progress=args.progress))
     dense_gb = args.n**2 * 8**4 * 8 / 2**30
     row = {"case": "cnn_gap_large", "n": args.n, "threads": args.threads,

@@ -32,15 +32,11 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 
+from _memory import peak_during
+
 MODELS = ("mlp", "mlp1", "transformer")
-
-
-def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def measure(fn, repeat: int):
@@ -48,25 +44,8 @@ def measure(fn, repeat: int):
     fn()  # warm-up: plan, verification, allocator
     best, peak = float("inf"), 0
     for _ in range(repeat):
-        base = _rss()
-        top = [base]
-        stop = threading.Event()
-
-        def sample(top=top, stop=stop):
-            while not stop.is_set():
-                top[0] = max(top[0], _rss())
-                time.sleep(0.002)
-
-        th = threading.Thread(target=sample, daemon=True)
-        th.start()
-        t0 = time.perf_counter()
-        out = fn()
-        dt = time.perf_counter() - t0
-        stop.set()
-        th.join()
-        top[0] = max(top[0], _rss())
-        del out
-        best, peak = min(best, dt), max(peak, top[0] - base)
+        _, dt, grown = peak_during(fn, interval=0.002)
+        best, peak = min(best, dt), max(peak, grown)
     return best, peak
 
 

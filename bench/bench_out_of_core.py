@@ -39,6 +39,8 @@ import sys
 import time
 from pathlib import Path
 
+from _memory import peak_rss_gb
+
 LAYERS = (512, 512, 10)   # hidden widths and outputs of the MLP
 IN_FEATURES = 40
 
@@ -53,16 +55,6 @@ def _model_and_data(n: int, n_test: int):
     model = MLP(IN_FEATURES, list(LAYERS[:-1]), LAYERS[-1], activation="relu")
     data = load_mnist1d(n_train=n, n_test=n_test, cache_dir=os.environ.get("MNIST1D_CACHE"))
     return model, data
-
-
-def _peak_rss_gb() -> float:
-    """This process's peak resident set (``VmHWM``; ``ru_maxrss`` would carry over the peak of
-    the process that spawned it across ``exec``)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 2**20   # kB
-    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def worker(phase: str, args: dict) -> dict:
@@ -112,7 +104,7 @@ def worker(phase: str, args: dict) -> dict:
         record["test_accuracy"] = float((pred.argmax(1) == data.y_test).double().mean())
         record["n_test"] = args["n_test"]
     record["seconds"] = time.perf_counter() - start
-    record["peak_rss_gb"] = _peak_rss_gb()
+    record["peak_rss_gb"] = peak_rss_gb()
     return record
 
 
