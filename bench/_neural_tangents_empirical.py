@@ -20,9 +20,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 
-from _neural_tangents_infinite import _set_threads
+from _neural_tangents_infinite import _set_threads, timed_calls
 
 
 def main() -> None:
@@ -55,14 +54,8 @@ def main() -> None:
         def call(fn=fn):
             return jax.block_until_ready(fn(x, None, params))
 
-        start = time.perf_counter()
-        shape = call().shape
-        first = time.perf_counter() - start
-        times = []
-        for _ in range(args.repeat):
-            start = time.perf_counter()
-            call()
-            times.append(time.perf_counter() - start)
+        result, first, times = timed_calls(call, args.repeat)
+        shape = result.shape
         print(json.dumps({"output": output, "seconds": min(times),
                           "median": sorted(times)[len(times) // 2], "n": int(x.shape[0]),
                           "shape": list(shape), "first_call_seconds": first,

@@ -53,6 +53,20 @@ def _set_threads(threads: int) -> None:
         os.sched_setaffinity(0, allowed[:threads])
 
 
+def timed_calls(call, repeat: int):
+    """``(first result, seconds of the first call (compile + run), [seconds of each of
+    repeat later calls])``."""
+    start = time.perf_counter()
+    first = call()
+    compile_seconds = time.perf_counter() - start
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return first, compile_seconds, times
+
+
 def main() -> None:
     args = _parse()
     if args.repeat < 3:
@@ -105,14 +119,7 @@ def main() -> None:
         def call(x=x, jitted=jitted):
             return jax.block_until_ready(jitted(x))
 
-        start = time.perf_counter()
-        call()  # compile + first run
-        compile_seconds = time.perf_counter() - start
-        times = []
-        for _ in range(args.repeat):
-            start = time.perf_counter()
-            call()
-            times.append(time.perf_counter() - start)
+        _, compile_seconds, times = timed_calls(call, args.repeat)
         record = {
             "case": case,
             "seconds": statistics.median(times),
