@@ -77,6 +77,7 @@ from torch import Tensor
 from telescope.errors import UsageError
 from telescope.kernels.solvers import (
     KernelLike,
+    check_real,
     check_solver_options,
     check_square,
     kernel_dtype,
@@ -148,13 +149,8 @@ def _as_targets(y: object, name: str, rows: int, rows_name: str, outputs: int | 
 
 
 def _check_scalar(value: object, name: str, *, positive: bool) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise UsageError(f"{name} must be a real number, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value) or value < 0 or (positive and value == 0):
-        bound = "> 0" if positive else ">= 0"
-        raise UsageError(f"{name} must be finite and {bound}, got {value}")
-    return value
+    """A finite real ``> 0`` (``positive``) or ``>= 0``."""
+    return check_real(value, name, low=0.0, low_ok=not positive)
 
 
 def _as_times(t: TimeLike) -> tuple[Tensor, bool]:

@@ -86,7 +86,8 @@ from torch import Tensor
 from telescope.errors import NotConvergedError, UsageError
 
 __all__ = ["KernelSolve", "solve_kernel_system", "kernel_matmul", "kernel_diagonal",
-           "PRECONDITIONERS", "KernelLike", "CG_OPTIONS", "check_solver_options", "check_square"]
+           "PRECONDITIONERS", "KernelLike", "CG_OPTIONS", "check_solver_options", "check_square",
+           "check_real"]
 
 PRECONDITIONERS = ("nystrom", "jacobi", None)
 DEFAULT_RANK = 100
@@ -376,8 +377,10 @@ def _open_square(k: object, name: str) -> _Source:
 # ------------------------------------------------------------------------------ argument checks
 
 
-def _check_real(value: object, name: str, *, low: float, low_ok: bool,
-                high: float = math.inf) -> float:
+def check_real(value: object, name: str, *, low: float, low_ok: bool,
+               high: float = math.inf) -> float:
+    """``value`` as a float if it is a finite real (not a bool) ``>= low`` (``> low`` unless
+    ``low_ok``) and ``< high``, else a :class:`UsageError` naming ``name`` and the bound."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise UsageError(f"{name} must be a real number, got {type(value).__name__}")
     value = float(value)
@@ -403,7 +406,7 @@ def _block_rows(source: _Source, block_rows: object, max_memory_gb: object) -> i
                          "max_memory_gb when it is None)")
     if block_rows is not None:
         return min(_check_int(block_rows, "block_rows", 1), max(source.rows, 1))
-    gb = DEFAULT_MEMORY_GB if max_memory_gb is None else _check_real(
+    gb = DEFAULT_MEMORY_GB if max_memory_gb is None else check_real(
         max_memory_gb, "max_memory_gb", low=0.0, low_ok=False)
     per_row = source.cols * source.copy_bytes
     if per_row == 0:
@@ -715,8 +718,8 @@ def solve_kernel_system(
     iteration, one for the Nyström sketch and one for the final residual check, each ``O(n^2
     r)`` flops; CG needs about ``sqrt`` of the preconditioned condition number iterations.
     """
-    ridge = _check_real(ridge, "ridge", low=0.0, low_ok=True)
-    tol = _check_real(tol, "tol", low=0.0, low_ok=False, high=1.0)
+    ridge = check_real(ridge, "ridge", low=0.0, low_ok=True)
+    tol = check_real(tol, "tol", low=0.0, low_ok=False, high=1.0)
     max_iter = _check_int(max_iter, "max_iter", 1)
     seed = _check_int(seed, "seed", 0)
     if not isinstance(progress, bool):
